@@ -1,0 +1,106 @@
+"""The contract between an objective and the one training loop (`fdistill.train`).
+
+An objective is a small object built from the experiment config. The loop owns everything else
+(mesh, data placement, jit, logging, checkpoints, evaluation cadence, NaN checks, results.json).
+
+    @register("score")
+    class ScoreObjective(Objective):
+        def __init__(self, config): ...
+        def init(self, key) -> (state, frozen)
+        def train_step(self, state, frozen, batch) -> (state, metrics)   # pure, jitted by the loop
+        def batch(self, step, process_index, process_count) -> dict of numpy arrays
+        def evaluate(self, state, frozen, key) -> dict of floats
+
+Conventions:
+  * `state` is a pytree (a `flax.struct.dataclass`) with an integer `step` field; it is replicated
+    on the mesh, checkpointed and donated to the step.
+  * `frozen` is a pytree of frozen parameters (teacher, reference policy); replicated, passed as an
+    argument (never closed over as a constant), never donated, never checkpointed.
+  * `batch(step, ...)` returns this process's slice of the global batch for `step`; the global batch
+    must be a deterministic function of (config, step) only, so runs on any number of devices or
+    processes follow the same trajectory and a resumed run sees the same data.
+  * Randomness inside the step comes from `jax.random.fold_in(state.rng, state.step)`.
+  * `metrics` is a flat dict of scalar arrays; training rows must contain `loss`.
+
+Adding an objective means adding one module under `fdistill/objectives/` (auto-discovered) and one
+config file with `config.objective = '<name>'`.
+"""
+from __future__ import annotations
+
+import abc
+import importlib
+import pkgutil
+from typing import Any, Callable
+
+import numpy as np
+
+Pytree = Any
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register(name: str) -> Callable[[type], type]:
+    """Class decorator registering an `Objective` under `name` (the value of `config.objective`)."""
+
+    def deco(cls: type) -> type:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"objective {name!r} registered twice ({_REGISTRY[name]} and {cls})")
+        _REGISTRY[name] = cls
+        cls.name = name
+        return cls
+
+    return deco
+
+
+def _discover() -> None:
+    """Imports every module in `fdistill.objectives` so that their `@register` calls run."""
+    import fdistill.objectives as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if not info.name.startswith("_") and info.name != "base":
+            importlib.import_module(f"fdistill.objectives.{info.name}")
+
+
+def available() -> list[str]:
+    _discover()
+    return sorted(_REGISTRY)
+
+
+def build(config) -> "Objective":
+    """Builds the objective named by `config.objective`; unknown names list the allowed ones."""
+    _discover()
+    name = config.get("objective", None)
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"config.objective={name!r} is not a known objective; allowed: {sorted(_REGISTRY)}"
+        )
+    return _REGISTRY[name](config)
+
+
+class Objective(abc.ABC):
+    """Base class: see the module docstring for the contract."""
+
+    name: str = "?"
+
+    def __init__(self, config):
+        self.config = config
+
+    @abc.abstractmethod
+    def init(self, key) -> tuple[Pytree, Pytree]:
+        """Returns `(state, frozen)` for a fresh run."""
+
+    @abc.abstractmethod
+    def train_step(self, state: Pytree, frozen: Pytree, batch: dict) -> tuple[Pytree, dict]:
+        """One pure update; the loop jits it with state donated."""
+
+    @abc.abstractmethod
+    def batch(self, step: int, process_index: int, process_count: int) -> dict[str, np.ndarray]:
+        """This process's slice of the global batch for `step` (leading axis = batch)."""
+
+    @abc.abstractmethod
+    def evaluate(self, state: Pytree, frozen: Pytree, key) -> dict[str, float]:
+        """Final/periodic evaluation metrics (flat dict of Python floats)."""
+
+    def plot(self, state: Pytree, frozen: Pytree, plot_dir: str, step: int) -> list[str]:
+        """Optionally writes figures into `plot_dir`; returns the paths written."""
+        return []
