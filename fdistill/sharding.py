@@ -102,10 +102,12 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     sharding = replicated(mesh)
 
     def put(x):
-        x = np.asarray(x) if not isinstance(x, jax.Array) else x
+        # Always from a host copy: leaves that share a buffer (e.g. params and their EMA at
+        # initialisation) must become distinct device buffers, or donating the state fails.
+        x = np.asarray(jax.device_get(x))
         if jax.process_count() == 1:
             return jax.device_put(x, sharding)
-        return jax.make_array_from_process_local_data(sharding, np.asarray(jax.device_get(x)))
+        return jax.make_array_from_process_local_data(sharding, x)
 
     return jax.tree.map(put, tree)
 

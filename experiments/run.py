@@ -1,0 +1,49 @@
+"""The experiment CLI: train and evaluate one config in one workdir.
+
+    python -m experiments.run --config ml_collections_configs/gmm_score.py --workdir runs/gmm_score \
+        [--config.train.num_steps=500]
+
+Re-running the same command resumes from the latest checkpoint in the workdir. Multi-process runs
+pass --coordinator_address/--num_processes/--process_id (or FDISTILL_* environment variables; on
+TPU pods and SLURM set FDISTILL_AUTO_DISTRIBUTED=1).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, plots and results.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+_CACHE = flags.DEFINE_string(
+    "compilation_cache", os.path.join(os.path.expanduser("~"), ".cache", "fdistill_jax"),
+    "Persistent JAX compilation cache directory ('' disables it).",
+)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    import jax
+
+    if _CACHE.value:
+        jax.config.update("jax_compilation_cache_dir", _CACHE.value)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    from fdistill import sharding, train
+
+    if _COORDINATOR.value:
+        sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if results is None:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    app.run(main)
