@@ -197,7 +197,8 @@ def train_and_evaluate(config, workdir: str, num_devices: int | None = None) -> 
                 state, metrics = compiled(state, frozen, batch)
                 step += 1
                 bar.update(1)
-                save_now = ckpt.should_save(step) or step == num_steps or stop.requested
+                stop_now = stop.requested  # read once: the signal may arrive at any moment
+                save_now = ckpt.should_save(step) or step == num_steps or stop_now
                 if step % tc.log_every == 0 or save_now:
                     values = _to_floats(metrics)
                     _check_finite(values, step)
@@ -211,7 +212,7 @@ def train_and_evaluate(config, workdir: str, num_devices: int | None = None) -> 
                         raise NonFiniteError(f"training stopped: the state has NaN/inf values at step {step}; "
                                              "not checkpointed, the last good checkpoint remains")
                     ckpt.save(step, state)
-                if stop.requested:
+                if stop_now:
                     stopped = True
                     break
                 if tc.eval_every and step % tc.eval_every == 0 and step < num_steps:
