@@ -49,7 +49,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 10000
     c.train.checkpoint_every = 5000
     c.train.keep_checkpoints = 2
-    c.train.compute_dtype = "float32"
+    c.train.compute_dtype = "float32"  # float32 | bfloat16 (activations; params stay float32)
+    c.train.grad_accum_steps = 1  # micro-batches per step (divides batch_size)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.num_samples = 8192

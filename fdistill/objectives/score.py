@@ -24,6 +24,7 @@ import optax
 from fdistill import diffusion, models
 from fdistill import data as data_lib
 from fdistill.objectives.base import Objective, register
+from fdistill.objectives.common import accumulated_value_and_grad
 
 
 @flax.struct.dataclass
@@ -84,6 +85,15 @@ def edm_dsm_loss(denoiser: Denoiser, params, x0, sigma, noise, **kw) -> jax.Arra
     return diffusion.loss_weight(sigma, denoiser.sigma_data) * err
 
 
+def grad_accum_steps(config) -> int:
+    """`config.train.grad_accum_steps` (default 1), checked against the global batch size."""
+    k = int(config.train.get("grad_accum_steps", 1))
+    if k < 1 or config.train.batch_size % k:
+        raise ValueError(f"config.train.grad_accum_steps={k} must be >= 1 and divide "
+                         f"config.train.batch_size={config.train.batch_size}")
+    return k
+
+
 def ema_update(ema, params, decay):
     return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
 
@@ -115,6 +125,7 @@ class ScoreObjective(Objective):
                 f"config.eval.sampler={config.eval.sampler!r} is not known; allowed: {list(diffusion.SAMPLERS)}"
             )
         self.p_mean, self.p_std = d.p_mean, d.p_std
+        self.grad_accum_steps = grad_accum_steps(config)
 
     # ----- contract -------------------------------------------------------------------------
     def init(self, key):
@@ -131,17 +142,27 @@ class ScoreObjective(Objective):
         )
         return state, {}
 
-    def loss(self, params, batch, key):
+    def noised_inputs(self, batch, key) -> dict:
+        """Per-example (x0, sigma, noise, labels) for the whole batch, drawn once so that gradient
+        accumulation over micro-batches sees exactly the draws of the full batch."""
         x0 = batch["x"]
         k_sigma, k_noise = jax.random.split(key)
-        sigma = diffusion.sample_lognormal_sigma(k_sigma, x0.shape[:1], self.p_mean, self.p_std)
-        noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
-        per_example = edm_dsm_loss(self.denoiser, params, x0, sigma, noise, **label_kwargs(self.config, batch))
-        return jnp.mean(per_example)
+        inputs = {
+            "x0": x0,
+            "sigma": diffusion.sample_lognormal_sigma(k_sigma, x0.shape[:1], self.p_mean, self.p_std),
+            "noise": jax.random.normal(k_noise, x0.shape, x0.dtype),
+        }
+        inputs.update(label_kwargs(self.config, batch))
+        return inputs
+
+    def loss(self, params, inputs) -> jax.Array:
+        kw = {"labels": inputs["labels"]} if "labels" in inputs else {}
+        return jnp.mean(edm_dsm_loss(self.denoiser, params, inputs["x0"], inputs["sigma"], inputs["noise"], **kw))
 
     def train_step(self, state, frozen, batch):
         key = jax.random.fold_in(state.rng, state.step)
-        loss, grads = jax.value_and_grad(self.loss)(state.params, batch, key)
+        inputs = self.noised_inputs(batch, key)
+        loss, grads = accumulated_value_and_grad(self.loss, state.params, inputs, self.grad_accum_steps)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = ema_update(state.ema_params, params, self.config.train.ema_decay)
