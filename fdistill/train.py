@@ -72,7 +72,12 @@ class MetricWriter:
 
 
 def _jsonable(v):
-    v = float(v) if isinstance(v, (np.floating, np.integer, float, int)) else v
+    """Python scalars for JSON; integers stay integers, NaN/inf become strings."""
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    v = float(v) if isinstance(v, (float, np.floating)) else v
     return v if not isinstance(v, float) or math.isfinite(v) else str(v)
 
 
