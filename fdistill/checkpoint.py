@@ -85,15 +85,21 @@ def restore_tree(workdir: str, step: int | None = None) -> dict:
     directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{workdir!r} has no checkpoints/ directory; is it a finished run's workdir?")
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
+                                    item_handlers=ocp.StandardCheckpointHandler())
     steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
     if not steps:
         raise FileNotFoundError(f"no checkpoint found under {directory}")
+    # An explicit single-device target: the saved shardings name the devices of the saving run
+    # ("Topology mismatch" when the device or process count differs, e.g. a multi-process run).
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     errors = []
     try:
         for s in steps:
             try:
-                restored = manager.restore(s, args=ocp.args.StandardRestore())
+                target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local),
+                                      manager.item_metadata(s))
+                restored = manager.restore(s, args=ocp.args.StandardRestore(target))
                 return jax.tree.map(np.asarray, restored)
             except Exception as e:  # noqa: BLE001
                 errors.append(f"step {s}: {type(e).__name__}: {e}")

@@ -60,9 +60,19 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
         if num_devices > len(devices):
             raise ValueError(f"asked for {num_devices} devices but only {len(devices)} are visible")
         devices = devices[:num_devices]
-    return jax.make_mesh(
+    mesh = jax.make_mesh(
         (len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
     )
+    order = [d.process_index for d in mesh.devices.flat]
+    if order != sorted(order):
+        # Process p loads rows `process_slice(batch, p, P)` of every global batch, and
+        # `make_array_from_process_local_data` puts them on p's devices in mesh order: keep each
+        # process's devices together and in process order (a stable sort keeps the order chosen
+        # by `make_mesh` inside each process), so that the global batch is the same array on any
+        # number of processes.
+        flat = sorted(mesh.devices.flat, key=lambda d: d.process_index)
+        mesh = Mesh(np.array(flat), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+    return mesh
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -120,3 +130,15 @@ def to_host(tree: Any) -> Any:
         return np.asarray(jax.device_get(x))
 
     return jax.tree.map(get, tree)
+
+
+def any_process(flag: bool) -> bool:
+    """True in every process if `flag` is True in any process (a collective: every process must
+    call it at the same point). Used to stop all processes at the same step on SIGTERM; with one
+    process it returns `flag` without communicating."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.array([int(bool(flag))], np.int32))
+    return bool(np.any(flags))

@@ -203,6 +203,10 @@ def train_and_evaluate(config, workdir: str, num_devices: int | None = None) -> 
                 step += 1
                 bar.update(1)
                 stop_now = stop.requested  # read once: the signal may arrive at any moment
+                if pcount > 1:
+                    # All processes must stop at the same step, or the others block forever in
+                    # the next step's collectives: agree on log steps (already host-synchronous).
+                    stop_now = step % tc.log_every == 0 and sharding.any_process(stop_now)
                 save_now = ckpt.should_save(step) or step == num_steps or stop_now
                 if step % tc.log_every == 0 or save_now:
                     values = _to_floats(metrics)

@@ -1,0 +1,208 @@
+"""f-distill divergence table at toy scale (arXiv 2502.15681): one-step students of an imbalanced
+Gaussian-mixture teacher, one row per f-divergence, averaged over seeds.
+
+    python -m experiments.tables.fdistill_gmm --workdir runs/fdistill_table [--seeds 2] \
+        [--divergences rkl,sf,js,sh,kl,jf] [--num_steps 2000] [--config.distill.lambda_gan=0]
+
+Every (divergence, seed) trains through `fdistill.train.train_and_evaluate` in
+`WORKDIR/<divergence>/seed_<s>` (re-running resumes or reuses finished runs), starting from
+`ml_collections_configs/gmm_fdistill.py` with the overrides below. Writes `WORKDIR/table.md`,
+`WORKDIR/table.json` (per divergence: mean and std of every metric over seeds, and the per-seed
+values) and `WORKDIR/samples.png` (one scatter panel per divergence, seed 0, over teacher data).
+The numbers are whatever came out; the table never edits them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from fdistill import divergences, objectives
+from fdistill.configs import CONFIG_DIR
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(CONFIG_DIR, "gmm_fdistill.py"), "Base config (gmm_fdistill.py).", lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (one sub-workdir per divergence and seed).")
+_SEEDS = flags.DEFINE_integer("seeds", 2, "Number of training seeds per divergence (train.seed = 0..N-1).")
+_DIVERGENCES = flags.DEFINE_list("divergences", ["rkl", "sf", "js", "sh", "kl", "jf"],
+                                 f"Divergences to train; allowed: {divergences.names()}.")
+_NUM_STEPS = flags.DEFINE_integer("num_steps", None, "Generator updates per run (default: the config's train.num_steps).")
+flags.mark_flags_as_required(["workdir"])
+
+# Columns of table.md: (metric key, header, format, higher is better?)
+COLUMNS = [
+    ("mode_coverage", "mode coverage", "{:.3f}", True),
+    ("mode_weight_tv", "mode-weight TV", "{:.3f}", False),
+    ("high_quality_frac", "high-quality frac", "{:.3f}", True),
+    ("mmd", "MMD", "{:.4f}", False),
+    ("ratio_spearman", "ratio Spearman", "{:.3f}", True),
+    ("speedup", "speedup vs 35-NFE", "{:.1f}", True),
+]
+SMALL_MODE_KEY = "small_mode_mass"
+
+
+def run_config(base, divergence: str, seed: int, num_steps: int):
+    c = base.copy_and_resolve_references()
+    c.distill.divergence = divergence
+    c.train.seed = seed
+    c.train.num_steps = num_steps
+    c.train.checkpoint_every = num_steps
+    c.train.log_every = max(num_steps // 10, 1)
+    c.train.eval_every = 0
+    return c
+
+
+def small_mode_mass(objective, x: np.ndarray, k: int = 2) -> float:
+    """Student mass on the k lightest modes divided by their true mass (1 = exact, 0 = dropped)."""
+    from fdistill.evaluation.samples import mode_histogram
+
+    gmm = objective.source.gmm
+    w = np.asarray(gmm.weights)
+    small = np.argsort(w)[:k]
+    return float(mode_histogram(x, gmm)[small].sum() / w[small].sum())
+
+
+def final_samples(objective, workdir: str, n: int) -> np.ndarray:
+    """Student samples from the run's last checkpoint (the same key as its evaluation)."""
+    from fdistill import checkpoint
+
+    tree = checkpoint.restore_tree(workdir)
+    gen = jax.tree.map(jnp.asarray, tree["params"]["gen"])
+    x, _ = objective.student_samples(gen, jax.random.PRNGKey(0), n)
+    return x
+
+
+def summarise(per_seed: list[dict]) -> dict:
+    keys = sorted(set().union(*per_seed))
+    out = {}
+    for k in keys:
+        vals = np.array([r[k] for r in per_seed if isinstance(r.get(k), (int, float))], np.float64)
+        if len(vals):
+            out[k] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=0)), "n": int(len(vals))}
+    return out
+
+
+def write_markdown(path: str, table: dict, teacher: dict, meta: dict) -> None:
+    cols = COLUMNS + [(SMALL_MODE_KEY, "mass on 2 smallest modes / true", "{:.2f}", True)]
+    lines = [
+        f"# f-distill on an imbalanced {meta['num_modes']}-mode ring (largest/smallest weight "
+        f"{meta['imbalance']:g}), 1-NFE students",
+        "",
+        f"{meta['seeds']} seed(s) per divergence, {meta['num_steps']} generator updates, batch "
+        f"{meta['batch_size']}, {meta['fake_updates_per_gen']} critic updates per generator update, "
+        f"lambda_gan={meta['lambda_gan']:g}, MLP width {meta['width']}. Mean +- std over seeds. "
+        f"Wall time {meta['wall_seconds'] / 60:.1f} min.",
+        "",
+        "| divergence | h(r) | " + " | ".join(h for _, h, _, _ in cols) + " |",
+        "|---|---|" + "---|" * len(cols),
+    ]
+    h_text = {"rkl": "1", "kl": "r", "js": "r/(1+r)", "sh": "sqrt(r)", "jf": "1+r", "sf": "1/(1+r)",
+              "pearson": "r^2", "neyman": "1/r", "alpha": f"r^{meta.get('alpha', 0.5)}"}
+    for name, stats in table.items():
+        cells = []
+        for key, _, fmt, _ in cols:
+            if key in stats:
+                cells.append(fmt.format(stats[key]["mean"]) + " +- " + fmt.format(stats[key]["std"]))
+            else:
+                cells.append("-")
+        lines.append(f"| {name} | {h_text.get(name, '?')} | " + " | ".join(cells) + " |")
+    tcells = []
+    for key, _, fmt, _ in cols:
+        v = teacher.get(f"teacher/{key}", teacher.get(key))
+        tcells.append(fmt.format(v) if v is not None else "-")
+    lines.append(f"| teacher ({int(teacher.get('teacher/nfe', 35))}-NFE Heun) | exact | " + " | ".join(tcells) + " |")
+    lines.append("")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def plot_panels(path: str, objective, samples: dict, title_extra: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(samples)
+    ncol = min(len(names), 4)
+    nrow = int(np.ceil(len(names) / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 3.2 * nrow), squeeze=False)
+    ref = objective.source.reference(4096)
+    lim = float(np.abs(ref[:, :2]).max()) * 1.3
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, name in zip(axes.ravel(), names):
+        x = samples[name]
+        ax.axis("on")
+        ax.scatter(ref[:, 0], ref[:, 1], s=1, alpha=0.3, c="tab:gray")
+        ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.3, c="tab:red")
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"{name}  {title_extra.get(name, '')}", fontsize=9)
+    fig.suptitle("1-step students (red) over teacher data (grey)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from fdistill import train
+
+    base = _CONFIG.value
+    num_steps = int(_NUM_STEPS.value or base.train.num_steps)
+    for d in _DIVERGENCES.value:
+        divergences.get(d, **({"alpha": base.distill.alpha} if d == "alpha" else {}))  # fail early
+    workdir = os.path.abspath(_WORKDIR.value)
+    os.makedirs(workdir, exist_ok=True)
+    t0 = time.perf_counter()
+    table, per_run, samples, teacher = {}, {}, {}, {}
+    for d in _DIVERGENCES.value:
+        rows = []
+        for seed in range(_SEEDS.value):
+            c = run_config(base, d, seed, num_steps)
+            sub = os.path.join(workdir, d, f"seed_{seed}")
+            print(f"[fdistill_gmm] {d} seed {seed} -> {sub}", flush=True)
+            results = dict(train.train_and_evaluate(c, sub))
+            objective = objectives.build(c)
+            x = final_samples(objective, sub, int(c.eval.num_samples))
+            results[SMALL_MODE_KEY] = small_mode_mass(objective, x)
+            rows.append(results)
+            teacher = {k: v for k, v in results.items() if k.startswith("teacher/")}
+            if seed == 0:
+                samples[d] = x
+        per_run[d] = rows
+        table[d] = summarise(rows)
+        print(f"[fdistill_gmm] {d}: " + ", ".join(
+            f"{k}={table[d][k]['mean']:.3f}" for k, *_ in COLUMNS if k in table[d]), flush=True)
+    wall = time.perf_counter() - t0
+    # teacher's small-mode mass, for reference
+    ref_obj = objectives.build(run_config(base, _DIVERGENCES.value[0], 0, num_steps))
+    meta = {
+        "num_modes": int(base.data.num_modes), "imbalance": float(base.data.get("imbalance", 1.0)),
+        "seeds": _SEEDS.value, "num_steps": num_steps, "batch_size": int(base.train.batch_size),
+        "fake_updates_per_gen": int(base.distill.fake_updates_per_gen), "lambda_gan": float(base.distill.lambda_gan),
+        "width": int(base.model.width), "alpha": float(base.distill.get("alpha", 0.5)), "wall_seconds": wall,
+    }
+    teacher[f"teacher/{SMALL_MODE_KEY}"] = 1.0
+    out = {"meta": meta, "teacher": teacher, "divergences": table, "per_seed": per_run}
+    with open(os.path.join(workdir, "table.json"), "w") as f:
+        json.dump(out, f, indent=2, sort_keys=True, default=float)
+    write_markdown(os.path.join(workdir, "table.md"), table, teacher, meta)
+    extra = {d: f"cov {table[d]['mode_coverage']['mean']:.2f}" for d in table}
+    plot_panels(os.path.join(workdir, "samples.png"), ref_obj, samples, extra)
+    print(open(os.path.join(workdir, "table.md")).read(), flush=True)
+    print(f"[fdistill_gmm] wrote {workdir}/table.md, table.json, samples.png in {wall / 60:.1f} min", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

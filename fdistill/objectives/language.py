@@ -1,0 +1,569 @@
+"""Language-model objectives on the known-reward synthetic language (`fdistill.data.preference`).
+
+* `'sft'`: supervised fine-tuning, i.e. next-token cross-entropy on demonstrator responses,
+      L(theta) = - sum_{b, t} m_{b,t} log p_theta(y_{b,t} | y_{b,<t}) / sum_{b, t} m_{b,t},
+  with m the response mask (prompt and padding excluded), averaged over the global batch's tokens.
+* `'po'`: preference optimisation of the SFT policy on pairs of its own responses labelled by the
+  true reward, with any loss of `fdistill.objectives.preference` (`config.po.loss`). The SFT policy
+  is the frozen reference (`frozen['ref']`) and the initial policy. With `po.precompute_ref=True`
+  the reference log-probabilities of every pair are computed once (jitted) when the objective is
+  built and travel in the batch; otherwise the step computes them from `frozen['ref']`.
+
+Sequences are [BOS, a, b, SEP, words..., EOS, PAD...]; log-probabilities are summed over the
+response tokens (words and EOS), lengths count them. For benchmarks, `build_po_setup(config)`
+returns (objective, state, frozen, batch) ready for `objective.train_step`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from fdistill.data import preference as prefdata
+from fdistill.evaluation import preference as prefeval
+from fdistill.models.transformer import TransformerLM, generate, param_count
+from fdistill.objectives import preference as prefloss
+from fdistill.objectives.base import Objective, register
+from fdistill.objectives.score import TrainState, ema_update, make_optimizer
+
+REFERENCES = ("sft", "init")
+MODEL_FIELDS = ("width", "depth", "num_heads", "mlp_ratio")
+
+
+# ----------------------------------------------------------------------------------------------
+# Model, sampling and scoring
+# ----------------------------------------------------------------------------------------------
+def build_model(model_config, task: prefdata.SyntheticLanguage, compute_dtype: str = "float32") -> TransformerLM:
+    """The decoder-only LM of `config.model` sized for `task` (vocabulary and context from the task)."""
+    from fdistill import models
+
+    name = model_config.get("name", "transformer")
+    if name != "transformer":
+        raise ValueError(f"config.model.name={name!r} is not supported by the language objectives; "
+                         f"allowed: ['transformer']")
+    unknown = sorted(set(model_config.keys()) - set(MODEL_FIELDS) - {"name"})
+    if unknown:
+        raise ValueError(f"config.model has unknown field(s) {unknown}; allowed: {list(MODEL_FIELDS)}")
+    kw = {k: int(model_config[k]) for k in MODEL_FIELDS if k in model_config}
+    for k, v in kw.items():
+        if v <= 0:
+            raise ValueError(f"config.model.{k} must be positive, got {v}")
+    if kw.get("width", 64) % kw.get("num_heads", 4):
+        raise ValueError(f"config.model.width={kw.get('width', 64)} is not divisible by "
+                         f"config.model.num_heads={kw.get('num_heads', 4)}")
+    return TransformerLM(vocab_size=task.vocab_size, max_len=task.seq_len, dtype=models.compute_dtype(compute_dtype),
+                         **kw)
+
+
+_POLICY_FNS: dict = {}
+
+
+class LMPolicy:
+    """Jitted sampling and scoring of a `TransformerLM` on `task`, in fixed-size chunks.
+
+    Sampling and `score` use the task's grammar (responses are words then EOS), so the log-probs
+    they return are those of the distribution actually sampled; `logps` (used by the training
+    losses) scores with the raw softmax. The jitted functions are shared by every policy with the
+    same model and task (one compile per process, e.g. for all the runs of a table)."""
+
+    def __init__(self, model: TransformerLM, task: prefdata.SyntheticLanguage, chunk: int = 1024):
+        self.model, self.task, self.chunk = model, task, int(chunk)
+        bias_np = task.grammar_bias()
+        cache_key = (repr(model), hashlib.sha256(bias_np.tobytes()).hexdigest())
+        if cache_key not in _POLICY_FNS:
+            bias, T = jnp.asarray(bias_np), task.seq_len
+
+            def sample(params, prompts, key, temperature):
+                """temperature > 0: sampling; temperature == 0: greedy (one compiled function)."""
+                run = lambda greedy: generate(model, params, prompts, key, T, temperature, bias, prefdata.EOS,
+                                              prefdata.PAD, greedy=greedy)
+                return jax.lax.cond(temperature > 0, lambda: run(False), lambda: run(True))
+
+            def score(params, tokens, mask, biased):
+                logits = model.apply({"params": params}, tokens)
+                if biased:
+                    logits = logits + bias[None, : tokens.shape[1]]
+                return prefloss.sequence_logps(logits, tokens, mask)
+
+            _POLICY_FNS[cache_key] = (jax.jit(sample), jax.jit(score, static_argnames=("biased",)))
+        self._sample, self._score = _POLICY_FNS[cache_key]
+
+    def _chunks(self, n):
+        return [(s, min(s + self.chunk, n)) for s in range(0, n, self.chunk)]
+
+    @staticmethod
+    def _pad(x, size):
+        x = np.asarray(x)
+        if len(x) == size:
+            return x
+        return np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)])
+
+    def sample(self, params, prompts: np.ndarray, key, temperature: float = 1.0, greedy: bool = False):
+        """(tokens [n, T], logp [n]) of one response per prompt row (NumPy); greedy decoding when
+        `greedy` (logp is then that of the greedy response under the policy)."""
+        toks, lps = [], []
+        t = jnp.float32(0.0 if greedy else temperature)
+        for i, (s, e) in enumerate(self._chunks(len(prompts))):
+            p = jnp.asarray(self._pad(prompts[s:e], self.chunk))
+            tok, lp = self._sample(params, p, jax.random.fold_in(key, i), t)
+            toks.append(np.asarray(tok)[: e - s])
+            lps.append(np.asarray(lp)[: e - s])
+        return np.concatenate(toks), np.concatenate(lps)
+
+    def _scored(self, params, tokens, mask, biased):
+        out = []
+        for s, e in self._chunks(len(tokens)):
+            lp = self._score(params, jnp.asarray(self._pad(tokens[s:e], self.chunk)),
+                             jnp.asarray(self._pad(mask[s:e], self.chunk)), biased)
+            out.append(np.asarray(lp)[: e - s])
+        return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+    def score(self, params, tokens: np.ndarray) -> np.ndarray:
+        """Grammar-constrained log-probability of each generated sequence's response."""
+        words, num = self.task.split_responses(tokens)
+        _, mask, _ = self.task.sequences(tokens[:, : prefdata.PROMPT_LEN], words, num)
+        return self._scored(params, tokens, mask, True)
+
+    def logps(self, params, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Raw (unconstrained) summed response log-probabilities, as the training losses see them."""
+        return self._scored(params, tokens, mask, False)
+
+
+def init_params(model: TransformerLM, key) -> dict:
+    """Fresh parameters (initialised under jit: eager Flax init compiles every op separately)."""
+    return jax.jit(lambda k: model.init(k, jnp.zeros((1, model.max_len), jnp.int32))["params"])(key)
+
+
+def token_nll(model, params, tokens, loss_mask) -> jax.Array:
+    """Mean next-token NLL over the masked response tokens of the whole batch."""
+    logits = model.apply({"params": params}, tokens)
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    tok = jnp.take_along_axis(logp, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
+    m = loss_mask[:, 1:].astype(jnp.float32)
+    return -jnp.sum(tok * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def _eval_prompts(task, samples_per_prompt: int) -> np.ndarray:
+    if samples_per_prompt < 1:
+        raise ValueError(f"config.eval.samples_per_prompt must be >= 1, got {samples_per_prompt}")
+    return np.repeat(task.heldout_prompts, samples_per_prompt, axis=0)
+
+
+def _key_bytes(key) -> bytes:
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    return np.asarray(key).tobytes()
+
+
+def _plot_lengths(path: str, title: str, series: dict[str, tuple[np.ndarray, np.ndarray]], max_words: int) -> str:
+    """Histogram of response lengths and mean true reward per length, one line per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    bins = np.arange(0, max_words + 1)
+    for name, (lengths, rewards) in series.items():
+        counts = np.array([np.mean(lengths == b) for b in bins])
+        axes[0].plot(bins, counts, marker="o", label=name)
+        mean_r = [np.mean(rewards[lengths == b]) if np.any(lengths == b) else np.nan for b in bins]
+        axes[1].plot(bins, mean_r, marker="o", label=name)
+    axes[0].set(xlabel="response length (words)", ylabel="fraction")
+    axes[1].set(xlabel="response length (words)", ylabel="mean true reward")
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _check_positive(config, fields: tuple[str, ...], section: str) -> None:
+    for f in fields:
+        if f in config and not float(config[f]) > 0:
+            raise ValueError(f"config.{section}.{f} must be positive, got {config[f]}")
+
+
+# ----------------------------------------------------------------------------------------------
+# SFT
+# ----------------------------------------------------------------------------------------------
+@register("sft")
+class SFTObjective(Objective):
+    """Next-token training on the synthetic demonstrator (config.task, config.model, config.train,
+    config.eval); evaluates the held-out NLL and the true reward of sampled responses."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        for section in ("task", "model", "eval"):
+            if section not in config:
+                raise ValueError(f"config.{section} is missing; the 'sft' objective needs task, model, train, eval")
+        self.task = prefdata.SyntheticLanguage(config.task)
+        self.model = build_model(config.model, self.task, config.train.get("compute_dtype", "float32"))
+        self.policy = LMPolicy(self.model, self.task, int(config.eval.get("chunk", 1024)))
+        self.tx = make_optimizer(config.train)
+        self.heldout = self.task.heldout_demonstrations(int(config.eval.get("num_heldout", 2048)))
+        self._nll = jax.jit(lambda p, t, m: token_nll(self.model, p, t, m))
+
+    def init(self, key):
+        k_init, k_rng = jax.random.split(key)
+        params = init_params(self.model, k_init)
+        state = TrainState(step=jnp.zeros((), jnp.int32), rng=k_rng, params=params, opt_state=self.tx.init(params),
+                           ema_params=params)
+        return state, {}
+
+    def train_step(self, state, frozen, batch):
+        loss_fn = lambda p: token_nll(self.model, p, batch["tokens"], batch["loss_mask"])
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = ema_update(state.ema_params, params, self.config.train.get("ema_decay", 0.0))
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
+
+    def batch(self, step, process_index=0, process_count=1):
+        return self.task.sft_batch(step, self.config.train.batch_size, self.config.train.seed, process_index,
+                                   process_count)
+
+    def evaluate(self, state, frozen, key):
+        e = self.config.eval
+        params = state.ema_params
+        h = self.heldout
+        metrics = {"nll_heldout": float(self._nll(params, jnp.asarray(h["tokens"]), jnp.asarray(h["loss_mask"]))),
+                   "demo/true_reward": float(np.mean(h["reward"])),
+                   "demo/mean_length": float(np.mean(h["num_words"])),
+                   "best_reward": self.task.best_reward(),
+                   "num_params": float(param_count(params))}
+        prompts = _eval_prompts(self.task, int(e.samples_per_prompt))
+        tokens, _ = self.policy.sample(params, prompts, key, float(e.get("temperature", 1.0)))
+        m, r = prefeval.response_metrics(self.task, prompts, tokens)
+        metrics.update(m)
+        gtokens, _ = self.policy.sample(params, self.task.heldout_prompts, key, greedy=True)
+        metrics["greedy/true_reward"] = prefeval.response_metrics(self.task, self.task.heldout_prompts, gtokens)[0][
+            "true_reward"]
+        self._last = {"policy": (self.task.split_responses(tokens)[1], r),
+                      "demonstrator": (h["num_words"], h["reward"])}
+        return metrics
+
+    def plot(self, state, frozen, plot_dir, step):
+        if not hasattr(self, "_last"):
+            return []
+        return [_plot_lengths(os.path.join(plot_dir, f"lengths_{step:07d}.png"), f"SFT policy, step {step}",
+                              self._last, self.task.response_len - 1)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Preference optimisation
+# ----------------------------------------------------------------------------------------------
+def loss_params(po_config) -> dict[str, float]:
+    return {k: float(po_config[k]) for k in prefloss.KNOWN_PARAMS if k in po_config}
+
+
+def validate_po_config(config) -> None:
+    """Fails at start-up naming the bad field and the allowed values."""
+    for section in ("po", "eval"):
+        if section not in config:
+            raise ValueError(f"config.{section} is missing; the 'po' objective needs po, train, eval")
+    po = config.po
+    prefloss.check_params(po.get("loss"), po.get("beta", 0.0), loss_params(po), field="config.po")
+    if po.get("reference", "sft") not in REFERENCES:
+        raise ValueError(f"config.po.reference={po.get('reference')!r} is not known; allowed: {list(REFERENCES)}")
+    if not po.get("sft_workdir") and "sft" not in po:
+        raise ValueError("config.po.sft_workdir is empty and config.po.sft (the SFT config to train the "
+                         "reference from) is missing; set one of them")
+    if "pairs" not in po:
+        raise ValueError("config.po.pairs is missing (num_pairs, num_test_pairs, bt_temperature, "
+                         "sample_temperature, seed)")
+    for f in ("num_pairs", "num_test_pairs"):
+        if int(po.pairs.get(f, 0)) <= 0:
+            raise ValueError(f"config.po.pairs.{f} must be positive, got {po.pairs.get(f)}")
+    _check_positive(po.pairs, ("bt_temperature", "sample_temperature"), "po.pairs")
+    if config.train.batch_size > int(po.pairs.num_pairs):
+        raise ValueError(f"config.train.batch_size={config.train.batch_size} exceeds "
+                         f"config.po.pairs.num_pairs={po.pairs.num_pairs}")
+
+
+def default_sft_cache() -> str:
+    root = os.environ.get("FDISTILL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fdistill"))
+    return os.path.join(root, "sft")
+
+
+def _config_hash(cfg) -> str:
+    d = cfg.to_dict() if hasattr(cfg, "to_dict") else cfg
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _finished_step(workdir: str):
+    path = os.path.join(workdir, "results.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("step")
+
+
+def ensure_sft(config) -> str:
+    """The SFT (reference) workdir.
+
+    `config.po.sft_workdir` set: it must hold a finished 'sft' run (config.json + results.json),
+    otherwise a FileNotFoundError says which command trains it. Empty: the run described by
+    `config.po.sft` is trained once into `<po.sft_cache>/sft-<config hash>` (default
+    $FDISTILL_CACHE/sft or ~/.cache/fdistill/sft) and reused by every later run with the same SFT
+    config, so DPO, IPO, ... runs share one reference.
+    """
+    po = config.po
+    if po.get("sft_workdir"):
+        wd = os.path.abspath(os.path.expanduser(po.sft_workdir))
+        cfg_path = os.path.join(wd, "config.json")
+        if not os.path.exists(cfg_path) or _finished_step(wd) is None:
+            raise FileNotFoundError(
+                f"config.po.sft_workdir={po.sft_workdir!r} is not a finished SFT run (needs config.json and "
+                f"results.json); train it with: python -m experiments.run --config "
+                f"ml_collections_configs/synthetic_sft.py --workdir {po.sft_workdir} "
+                f"(or leave config.po.sft_workdir empty to train config.po.sft automatically)")
+        with open(cfg_path) as f:
+            objective = json.load(f).get("objective")
+        if objective != "sft":
+            raise ValueError(f"config.po.sft_workdir={po.sft_workdir!r} holds a {objective!r} run, expected 'sft'")
+        return wd
+    sft = po.sft
+    root = po.get("sft_cache", "") or default_sft_cache()
+    wd = os.path.abspath(os.path.join(os.path.expanduser(root), f"sft-{_config_hash(sft)}"))
+    if _finished_step(wd) != int(sft.train.num_steps):
+        from fdistill import train  # local import: train imports the objectives package
+
+        print(f"[fdistill] config.po.sft_workdir is empty: training the SFT reference (config.po.sft) into {wd}; "
+              "later runs with the same SFT config reuse it", flush=True)
+        train.train_and_evaluate(sft, wd)
+    return wd
+
+
+def load_sft(workdir: str):
+    """(task, model, reference params, SFT config) of a finished SFT run."""
+    from fdistill import checkpoint
+
+    with open(os.path.join(workdir, "config.json")) as f:
+        sft_config = ml_collections.ConfigDict(json.load(f))
+    task = prefdata.SyntheticLanguage(sft_config.task)
+    model = build_model(sft_config.model, task)
+    tree = checkpoint.restore_tree(workdir)
+    params = jax.tree.map(jnp.asarray, tree["ema_params"])
+    return task, model, params, sft_config
+
+
+def pairs_spec(config, sft_dir: str | None, sft_config) -> dict:
+    """Everything that determines the preference pairs (hashed into the dataset name)."""
+    pairs = config.po.pairs.to_dict()
+    return {"sft_workdir": sft_dir, "sft_step": _finished_step(sft_dir) if sft_dir else None,
+            "task": sft_config.task.to_dict(), "model": sft_config.model.to_dict(), "pairs": pairs,
+            "format": 1}
+
+
+def ensure_pairs(config, sft_dir: str, sft_config, task, policy: LMPolicy, ref_params) -> dict[str, dict]:
+    """{split: arrays} of the preference dataset for this SFT policy and `config.po.pairs`, written
+    first (by process 0) as a local TFDS dataset when absent:
+
+        prompts ~ Uniform(training prompts) ('train') or Uniform(held-out prompts) ('test'),
+        y_a, y_b ~ pi_SFT(. | x) at `sample_temperature`, Bradley-Terry label on the true reward.
+
+    The dataset lives in `config.po.data_dir` (default `<sft workdir>/preference_data`) under a name
+    hashing `pairs_spec`, so it is deterministic and reused by every loss.
+    """
+    pc = config.po.pairs
+    spec = json.dumps(pairs_spec(config, sft_dir, sft_config), sort_keys=True, default=str)
+    name = "p" + hashlib.sha256(spec.encode()).hexdigest()[:12]
+    data_dir = config.po.get("data_dir", "") or os.path.join(sft_dir, "preference_data")
+    if not prefdata.is_prepared(data_dir, name):
+        if jax.process_index() == 0:
+            t0 = time.perf_counter()
+            seed = int(pc.seed)
+            records = {}
+            for i, (split, pool, n) in enumerate((("train", task.train_prompts, int(pc.num_pairs)),
+                                                  ("test", task.heldout_prompts, int(pc.num_test_pairs)))):
+                rng = np.random.default_rng([seed, 8, i])
+                prompts = pool[rng.integers(0, len(pool), n)]
+                key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
+                t_a, _ = policy.sample(ref_params, prompts, jax.random.fold_in(key, 0), float(pc.sample_temperature))
+                t_b, _ = policy.sample(ref_params, prompts, jax.random.fold_in(key, 1), float(pc.sample_temperature))
+                pairs = prefdata.make_pairs(task, prompts, t_a, t_b, float(pc.bt_temperature), seed + 1000 * i)
+                records[split] = prefdata.to_records(pairs)
+            path = prefdata.write_pairs(data_dir, name, records, spec)
+            with open(os.path.join(path, "spec.json"), "w") as f:
+                f.write(spec)
+            print(f"[fdistill] wrote {pc.num_pairs} + {pc.num_test_pairs} preference pairs to {path} "
+                  f"in {time.perf_counter() - t0:.1f}s", flush=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("fdistill_lm_preference_pairs_written")
+    arrays = prefdata.read_pairs(data_dir, name, task)
+    arrays["_path"] = os.path.join(data_dir, "synthetic_preference_pairs", name)
+    return arrays
+
+
+def demonstrator_pairs(config, task) -> dict[str, dict]:
+    """In-memory pairs of demonstrator responses (for `po.reference='init'`: no SFT run, no TFDS)."""
+    pc = config.po.pairs
+    out = {}
+    for i, (split, pool, n) in enumerate((("train", task.train_prompts, int(pc.num_pairs)),
+                                          ("test", task.heldout_prompts, int(pc.num_test_pairs)))):
+        rng = np.random.default_rng([int(pc.seed), 9, i])
+        prompts = pool[rng.integers(0, len(pool), n)]
+        seqs = []
+        for _ in range(2):
+            words, num = task.demonstrations(rng, prompts)
+            seqs.append(task.sequences(prompts, words, num)[0])
+        pairs = prefdata.make_pairs(task, prompts, seqs[0], seqs[1], float(pc.bt_temperature), int(pc.seed) + 1000 * i)
+        out[split] = prefdata.records_to_arrays(prefdata.to_records(pairs), task, f"demonstrator pairs {split}")
+    out["_path"] = "<in-memory demonstrator pairs>"
+    return out
+
+
+@register("po")
+class PreferenceObjective(Objective):
+    """Preference optimisation (config.po.loss) of the SFT policy against itself as reference.
+
+    config.po: loss, beta, label_smoothing (cdpo), gamma (simpo), alpha (rpo), lambda_ (orpo),
+    precompute_ref, reference ('sft' | 'init'), sft_workdir / sft / sft_cache, data_dir, pairs.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        validate_po_config(config)
+        po = config.po
+        self.loss_name, self.beta, self.params = po.loss, float(po.beta), loss_params(po)
+        self.reference_free = self.loss_name in prefloss.REFERENCE_FREE
+        self.precompute_ref = bool(po.get("precompute_ref", True))
+        chunk = int(config.eval.get("chunk", 1024))
+        if po.get("reference", "sft") == "sft":
+            self.sft_dir = ensure_sft(config)
+            self.task, self.model, ref_params, self.sft_config = load_sft(self.sft_dir)
+            self.policy = LMPolicy(self.model, self.task, chunk)
+            self._ref_init = None
+            arrays = ensure_pairs(config, self.sft_dir, self.sft_config, self.task, self.policy, ref_params)
+        else:  # 'init': a randomly initialised reference, demonstrator pairs (benchmarks, quick tests)
+            self.sft_dir, self.sft_config = None, po.sft
+            self.task = prefdata.SyntheticLanguage(po.sft.task)
+            self.model = build_model(po.sft.model, self.task)
+            self.policy = LMPolicy(self.model, self.task, chunk)
+            ref_params = init_params(self.model, jax.random.PRNGKey(int(po.get("init_seed", 0))))
+            arrays = demonstrator_pairs(config, self.task)
+        self.ref_params = ref_params
+        seed = int(config.train.seed)
+        self.pairs = prefdata.PreferencePairs(arrays["train"], self.task, seed, arrays["_path"])
+        self.test_pairs = prefdata.PreferencePairs(arrays["test"], self.task, seed, arrays["_path"])
+        if self.precompute_ref and not self.reference_free:
+            t0 = time.perf_counter()
+            for pairs in (self.pairs, self.test_pairs):
+                pairs.set_reference_logps(*self._dataset_logps(ref_params, pairs))
+            self.precompute_seconds = time.perf_counter() - t0
+        self.tx = make_optimizer(config.train)
+        self._pair_metrics = jax.jit(self._metrics_on_rows)
+
+    # ----- pieces -----------------------------------------------------------------------------
+    def _dataset_logps(self, params, pairs: prefdata.PreferencePairs):
+        x = pairs.inputs
+        return (self.policy.logps(params, x["chosen_tokens"], x["chosen_mask"]),
+                self.policy.logps(params, x["rejected_tokens"], x["rejected_mask"]))
+
+    def pair_logps(self, params, batch):
+        """(policy chosen logps, rejected logps) with one forward pass over both responses."""
+        tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]])
+        mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
+        logits = self.model.apply({"params": params}, tokens)
+        logps = prefloss.sequence_logps(logits, tokens, mask)
+        n = batch["chosen_tokens"].shape[0]
+        return logps[:n], logps[n:]
+
+    def reference_logps(self, ref_params, batch):
+        if self.reference_free:
+            return None, None
+        if "ref_chosen_logps" in batch:
+            return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        return jax.lax.stop_gradient(self.pair_logps(ref_params, batch))
+
+    def loss(self, params, ref_params, batch):
+        pi_w, pi_l = self.pair_logps(params, batch)
+        ref_w, ref_l = self.reference_logps(ref_params, batch)
+        per_pair, metrics = prefloss.preference_loss(
+            self.loss_name, pi_w, pi_l, ref_w, ref_l, batch["chosen_lengths"], batch["rejected_lengths"],
+            beta=self.beta, **self.params)
+        loss = jnp.mean(per_pair)
+        metrics["loss"] = loss
+        return loss, metrics
+
+    def _metrics_on_rows(self, params, ref_params, rows):
+        return self.loss(params, ref_params, rows)[1]
+
+    # ----- contract ---------------------------------------------------------------------------
+    def init(self, key):
+        params = jax.tree.map(jnp.array, self.ref_params)
+        state = TrainState(step=jnp.zeros((), jnp.int32), rng=key, params=params, opt_state=self.tx.init(params),
+                           ema_params=jax.tree.map(jnp.array, self.ref_params))
+        return state, {"ref": self.ref_params}
+
+    def train_step(self, state, frozen, batch):
+        grads, metrics = jax.grad(self.loss, has_aux=True)(state.params, frozen["ref"], batch)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = ema_update(state.ema_params, params, self.config.train.get("ema_decay", 0.0))
+        metrics["grad_norm"] = optax.global_norm(grads)
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
+
+    def batch(self, step, process_index=0, process_count=1):
+        return self.pairs.batch(step, self.config.train.batch_size, process_index, process_count)
+
+    # ----- evaluation -------------------------------------------------------------------------
+    def eval_params(self, state):
+        return state.ema_params if self.config.eval.get("use_ema", False) else state.params
+
+    def evaluate(self, state, frozen, key):
+        e = self.config.eval
+        params, ref = self.eval_params(state), frozen["ref"]
+        prompts = _eval_prompts(self.task, int(e.samples_per_prompt))
+        temperature = float(e.get("temperature", 1.0))
+        sample = lambda p, x, k: self.policy.sample(p, x, k, temperature)
+        cache = (len(prompts), temperature, _key_bytes(key))
+        ref_samples = self._ref_samples if getattr(self, "_ref_cache", None) == cache else None
+        metrics, (pol_tokens, pol_r), ref_samples = prefeval.evaluate_policy(self.task, sample, self.policy.score, params, ref, prompts,
+                                                        key, ref_samples)
+        self._ref_samples, self._ref_cache = ref_samples, cache
+        # the same number of rows from both splits: one compiled metrics function
+        n_rows = min(int(e.get("num_pairs", 512)), self.pairs.num_pairs, self.test_pairs.num_pairs)
+        for prefix, pairs in (("", self.pairs), ("heldout/", self.test_pairs)):
+            rows = {k: jnp.asarray(v) for k, v in pairs.rows(np.arange(n_rows)).items()}
+            for k, v in self._pair_metrics(params, ref, rows).items():
+                metrics[prefix + k] = float(v)
+        metrics["best_reward"] = self.task.best_reward()
+        metrics.update({f"pairs/{k}": v for k, v in self.pairs.stats().items()})
+        tokens, _ = self.policy.sample(params, self.task.heldout_prompts, key, greedy=True)
+        metrics["greedy/true_reward"] = prefeval.response_metrics(self.task, self.task.heldout_prompts, tokens)[0][
+            "true_reward"]
+        self._last = {"policy": (self.task.split_responses(pol_tokens)[1], pol_r),
+                      "reference": (self.task.split_responses(ref_samples[0])[1], ref_samples[1])}
+        return metrics
+
+    def plot(self, state, frozen, plot_dir, step):
+        if not hasattr(self, "_last"):
+            return []
+        title = f"{self.loss_name} (beta={self.beta:g}), step {step}"
+        return [_plot_lengths(os.path.join(plot_dir, f"lengths_{step:07d}.png"), title, self._last,
+                              self.task.response_len - 1)]
+
+
+def build_po_setup(config, key=None):
+    """(objective, state, frozen, batch) for `config` (a 'po' config), ready for
+    `jax.jit(objective.train_step)(state, frozen, batch)`; with `config.po.reference='init'` nothing
+    is trained or written (random reference, demonstrator pairs), which suits speed benchmarks."""
+    from fdistill import objectives
+
+    objective = objectives.build(config)
+    state, frozen = objective.init(jax.random.PRNGKey(0) if key is None else key)
+    batch = {k: jnp.asarray(v) for k, v in objective.batch(0).items()}
+    return objective, state, frozen, batch

@@ -1,0 +1,334 @@
+"""f-distill objective: loss pieces against hand-written versions, the reverse-KL gradient on a 1-D
+example by hand, density-ratio recovery, compile-once, 1 vs 8 devices, and a short distillation."""
+import json
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fdistill import divergences, objectives, sharding
+from fdistill.configs import load as load_config
+from fdistill.data.gmm import GMM
+from fdistill.evaluation import ratio as ratio_lib
+from fdistill.objectives import distill
+
+
+def tiny_config(divergence="js", **distill_kw):
+    """gmm_fdistill with a small network and batch: a step in milliseconds."""
+    c = load_config("gmm_fdistill")
+    c.model.width = 32
+    c.model.depth = 1
+    c.model.emb_dim = 16
+    c.distill.divergence = divergence
+    c.distill.fake_updates_per_gen = 2
+    c.distill.disc_hidden = 32
+    for k, v in distill_kw.items():
+        c.distill[k] = v
+    c.train.batch_size = 64
+    c.train.num_steps = 4
+    c.train.log_every = 1
+    c.train.eval_every = 0
+    c.train.checkpoint_every = 0
+    c.eval.num_samples = 4096
+    c.eval.num_steps = 18
+    return c
+
+
+# ----- pure pieces ------------------------------------------------------------------------------
+
+
+def test_ratio_and_bin_normalisation_match_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 4, 64).astype(np.float32)
+    r = np.asarray(distill.ratio_from_logits(jnp.asarray(logits), 3.0, 0.1, 20.0))
+    np.testing.assert_allclose(r, np.clip(np.exp(np.clip(logits, -3, 3)), 0.1, 20.0), rtol=1e-6)
+
+    idx = rng.integers(0, 4, 64)
+    idx[idx == 2] = 1  # bin 2 empty: keeps its old value
+    old = np.array([1.0, 2.0, 3.0, 4.0], np.float32)
+    for ema in (0.0, 0.5):
+        r_n, bins = distill.bin_normalize(jnp.asarray(r), jnp.asarray(idx), jnp.asarray(old), ema)
+        expect_bins = old.copy()
+        for b in (0, 1, 3):
+            expect_bins[b] = ema * old[b] + (1 - ema) * r[idx == b].mean()
+        np.testing.assert_allclose(np.asarray(bins), expect_bins, rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(r_n), r / (expect_bins[idx] + 1e-6), rtol=1e-5)
+
+
+def test_normalized_h_and_rkl_is_exactly_one():
+    r = jnp.asarray(np.random.default_rng(1).uniform(0.1, 20, 128), jnp.float32)
+    assert np.all(np.asarray(distill.normalized_h(divergences.get("rkl"), r)) == 1.0)
+    h = np.asarray(distill.normalized_h(divergences.get("kl"), r))
+    np.testing.assert_allclose(h, np.asarray(r) / np.asarray(r).mean(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_dm_loss_gradient_is_weighted_score_difference(use_jit):
+    rng = np.random.default_rng(2)
+    x, d_real, d_fake = (jnp.asarray(rng.normal(size=(8, 3)), jnp.float32) for _ in range(3))
+    h = jnp.asarray(rng.uniform(0.5, 2, 8), jnp.float32)
+    w = distill.teacher_error_weight(x, d_real)
+    np.testing.assert_allclose(np.asarray(w), 1 / (np.abs(np.asarray(x - d_real)).mean(1) + 1e-6), rtol=1e-5)
+    fn = jax.grad(distill.dm_loss)
+    fn = jax.jit(fn) if use_jit else fn
+    grad = np.asarray(fn(x, d_real, d_fake, h, w))
+    expect = (np.asarray(d_fake - d_real) * np.asarray(w * h)[:, None]) / x.size
+    np.testing.assert_allclose(grad, expect, rtol=1e-5, atol=1e-7)
+
+
+def test_disc_and_gan_losses_by_hand():
+    lr, lf = jnp.array([2.0, -1.0]), jnp.array([0.5, -3.0])
+    sp = lambda v: np.log1p(np.exp(v))  # noqa: E731
+    expect = np.mean(sp(-np.array([2.0, -1.0]))) + np.mean(sp(np.array([0.5, -3.0])))
+    np.testing.assert_allclose(float(distill.disc_loss(lr, lf)), expect, rtol=1e-6)
+    np.testing.assert_allclose(float(distill.gan_generator_loss(lf)), np.mean(sp(-np.array([0.5, -3.0]))), rtol=1e-6)
+
+
+# ----- the generator update -------------------------------------------------------------------
+
+
+def test_rkl_without_gan_is_exactly_the_dmd_update():
+    """VSD/DMD (arXiv 2311.18828): grad = ((x - D_real) - (x - D_fake)) / mean|x - D_real|,
+    loss 0.5 * mse(x, sg(x - grad)), written here independently and replayed on the same draws."""
+    c = tiny_config("rkl", lambda_gan=0.0)
+    obj = objectives.build(c)
+    assert not obj.use_disc
+    state, frozen = obj.init(jax.random.PRNGKey(0))
+    critic = {"fake": state.params["fake"], "disc": state.params["disc"]}
+    draws = obj.draws(jax.random.PRNGKey(3), 64)
+    grads, (aux, _, pieces) = jax.grad(obj.generator_loss, has_aux=True)(
+        state.params["gen"], critic, frozen, draws, state.ratio_bins)
+
+    def dmd_loss(gen_params):
+        x = obj.generate(gen_params, draws["z"])
+        sigma = obj.grid[draws["index"]]
+        xt = x + sigma[:, None] * draws["eps"]
+        d_real = frozen["teacher"].denoise(xt, sigma)
+        d_fake = obj.denoiser(critic["fake"], xt, sigma)
+        grad = ((x - d_real) - (x - d_fake)) / (jnp.mean(jnp.abs(x - d_real), axis=1, keepdims=True) + 1e-6)
+        return 0.5 * jnp.mean((x - jax.lax.stop_gradient(x - grad)) ** 2)
+
+    expect = jax.grad(dmd_loss)(state.params["gen"])
+    chex.assert_trees_all_close(grads, expect, rtol=1e-5, atol=1e-8)
+    assert float(aux["h/min"]) == float(aux["h/max"]) == 1.0
+
+
+def test_rkl_weighting_is_one_with_a_discriminator():
+    """With the discriminator present (GAN term on), rkl still weights every sample by exactly 1."""
+    c = tiny_config("rkl", lambda_gan=1e-3)
+    obj = objectives.build(c)
+    state, frozen = obj.init(jax.random.PRNGKey(0))
+    critic = {"fake": state.params["fake"], "disc": state.params["disc"]}
+    _, (aux, _, pieces) = obj.generator_loss(state.params["gen"], critic, frozen,
+                                             obj.draws(jax.random.PRNGKey(1), 64), state.ratio_bins)
+    assert np.all(np.asarray(pieces["h"]) == 1.0)
+
+
+def test_generator_update_follows_the_reverse_kl_gradient_1d():
+    """p = N(0, 1), student x = theta + s z, noise sigma. With the exact teacher denoiser and the exact
+    fake denoiser of the noised batch mixture, the generator loss gradient (w = h = 1) equals
+    sigma^2 d/d(theta, s) KL(N(theta, s^2 + sigma^2) || N(0, 1 + sigma^2)), computed by hand:
+    dKL/dtheta = theta / b, dKL/ds = s / b - s / (s^2 + sigma^2), b = 1 + sigma^2."""
+    gmm = GMM(means=jnp.zeros((1, 1)), weights=jnp.ones(1), stds=jnp.ones(1))
+    theta, s = 0.7, 0.5
+    n = 4000
+    z = jax.random.normal(jax.random.PRNGKey(0), (n, 1))
+    eps = jax.random.normal(jax.random.PRNGKey(1), (n, 1))
+    for sigma in (0.5, 1.0, 2.0):
+        def loss(params):
+            x = params[0] + params[1] * z
+            xt = x + sigma * eps
+            sig = jnp.full((n,), sigma)
+            d_real = gmm.denoise(xt, sig)
+            xb = jax.lax.stop_gradient(x)[:, 0]  # the batch mixture (1/n) sum_i N(x_i, sigma^2)
+            logits = -0.5 * (xt - xb[None, :]) ** 2 / sigma**2
+            d_fake = jnp.sum(jax.nn.softmax(logits, axis=1) * xb[None, :], axis=1, keepdims=True)
+            one = jnp.ones((n,))
+            return distill.dm_loss(x, d_real, d_fake, one, one) * x.size / n  # mean over examples
+
+        g = np.asarray(jax.grad(loss)(jnp.array([theta, s])))
+        b = 1 + sigma**2
+        exact = sigma**2 * np.array([theta / b, s / b - s / (s**2 + sigma**2)])
+        np.testing.assert_allclose(g, exact, atol=0.06 * sigma**2 * np.abs(exact).max() + 0.01)
+        assert np.dot(g, exact) / (np.linalg.norm(g) * np.linalg.norm(exact)) > 0.98
+
+
+def test_discriminator_recovers_log_ratio_of_two_gaussians():
+    """The logistic loss on noised samples of two known Gaussians: logit ~ log p_sigma / q_sigma."""
+    c = tiny_config("js", disc_on="separate", disc_hidden=64)
+    c.model.width = 64
+    c.model.depth = 2
+    obj = objectives.build(c)
+    state, _ = obj.init(jax.random.PRNGKey(0))
+    p = GMM(means=jnp.zeros((1, 2)), weights=jnp.ones(1), stds=jnp.ones(1))
+    q = GMM(means=jnp.array([[1.5, 0.0]]), weights=jnp.ones(1), stds=jnp.array([0.5]))
+    lo, hi = 0, 700  # sigma up to ~2.2: beyond that the two marginals are indistinguishable
+    critic = {"fake": state.params["fake"], "disc": state.params["disc"]}
+    tx = optax.adam(3e-3)
+    opt = tx.init(critic["disc"])
+
+    def sample(key, b):
+        k1, k2, k3, k4, k5, k6 = jax.random.split(key, 6)
+        sr = obj.grid[jax.random.randint(k1, (b,), lo, hi)]
+        sf = obj.grid[jax.random.randint(k2, (b,), lo, hi)]
+        yr = p.sample(k3, b) + sr[:, None] * jax.random.normal(k4, (b, 2))
+        yf = q.sample(k5, b) + sf[:, None] * jax.random.normal(k6, (b, 2))
+        return yr, sr, yf, sf
+
+    @jax.jit
+    def step(disc, opt, key):
+        yr, sr, yf, sf = sample(key, 256)
+
+        def loss(d):
+            cr = {"fake": critic["fake"], "disc": d}
+            return distill.disc_loss(obj.disc_logits(cr, yr, sr)[0], obj.disc_logits(cr, yf, sf)[0])
+
+        g = jax.grad(loss)(disc)
+        u, opt = tx.update(g, opt)
+        return optax.apply_updates(disc, u), opt
+
+    disc = critic["disc"]
+    for i in range(400):
+        disc, opt = step(disc, opt, jax.random.PRNGKey(100 + i))
+    yr, sr, yf, sf = sample(jax.random.PRNGKey(7), 1000)
+    y, s = jnp.concatenate([yr, yf]), jnp.concatenate([sr, sf])
+    logit = np.asarray(obj.disc_logits({"fake": critic["fake"], "disc": disc}, y, s)[0])
+    exact = np.asarray(p.log_prob(y, s) - q.log_prob(y, s))
+    keep = np.abs(exact) < 15  # the logit is only used through clip(exp(logit), 0.1, 20)
+    corr = np.corrcoef(logit[keep], exact[keep])[0, 1]
+    assert corr > 0.9, corr
+
+
+def test_exact_log_ratio_against_closed_form():
+    """The batch mixture of many samples of N(mu, s^2) noised by sigma tends to N(mu, s^2 + sigma^2)."""
+    gmm = GMM(means=jnp.zeros((1, 2)), weights=jnp.ones(1), stds=jnp.ones(1))
+    q = GMM(means=jnp.array([[1.0, 0.0]]), weights=jnp.ones(1), stds=jnp.array([0.3]))
+    batch = q.sample(jax.random.PRNGKey(0), 8192)
+    y = jax.random.normal(jax.random.PRNGKey(1), (200, 2)) * 0.8 + jnp.array([0.5, 0.0])
+    got = np.asarray(ratio_lib.exact_log_ratio(gmm, batch, y, 1.0))
+    expect = np.asarray(gmm.log_prob(y, 1.0) - q.log_prob(y, 1.0))
+    np.testing.assert_allclose(got, expect, atol=0.05)
+    assert abs(ratio_lib.spearman([1, 2, 3, 4], [10, 20, 25, 100]) - 1.0) < 1e-12
+    assert abs(ratio_lib.spearman([1, 2, 3, 4], [4, 3, 2, 1]) + 1.0) < 1e-12
+
+
+# ----- the compiled step --------------------------------------------------------------------------
+
+
+def _mesh_step(obj, state, frozen, batch, n_devices, step_fn=None):
+    mesh = sharding.make_mesh(n_devices)
+    repl = sharding.replicated(mesh)
+    fn = jax.jit(step_fn or obj.train_step, in_shardings=(repl, repl, sharding.batch_sharding(mesh)),
+                 out_shardings=(repl, repl))
+    state, frozen = sharding.replicate(state, mesh), sharding.replicate(frozen, mesh)
+    out = []
+    for step in range(2):
+        state, metrics = fn(state, frozen, sharding.shard_batch(batch(step), mesh))
+        out.append(sharding.to_host(metrics))
+    return sharding.to_host(state), out
+
+
+def test_step_compiles_once_devices_agree_and_loops_agree():
+    """One compiled step on a 1-device and an 8-device mesh (state replicated, batch sharded) gives the
+    same losses and parameters; the Python-unrolled critic loop gives the same as `lax.scan`."""
+    obj = objectives.build(tiny_config("js", disc_on="fake_score", critic_loop="scan"))
+    state, frozen = obj.init(jax.random.PRNGKey(0))
+    chex.clear_trace_counter()
+    s8, m8 = _mesh_step(obj, state, frozen, obj.batch, 8, chex.assert_max_traces(obj.train_step, n=1))
+    s1, m1 = _mesh_step(obj, state, frozen, obj.batch, 1)
+    for a, b in zip(m1, m8):
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=2e-5, err_msg=k)
+    chex.assert_trees_all_close(s1.params, s8.params, rtol=2e-4, atol=2e-5)
+    assert int(s1.step) == 2
+    for k in ("loss", "loss_dm", "loss_gan", "loss_fake", "loss_disc", "h/min", "h/mean", "h/max"):
+        assert np.isfinite(m1[-1][k]), k
+    assert abs(m1[-1]["h/mean"] - 1.0) < 1e-4
+
+    unrolled = objectives.build(tiny_config("js", disc_on="fake_score", critic_loop="unroll"))
+    step = jax.jit(unrolled.train_step)
+    s = state
+    for i in range(2):
+        s, m = step(s, frozen, unrolled.batch(i))
+    chex.assert_trees_all_close(sharding.to_host(s.params), s1.params, rtol=2e-4, atol=2e-5)
+
+
+def test_separate_discriminator_step_runs_eagerly():
+    """disc_on='separate': the discriminator has its own trunk; one un-jitted step updates it."""
+    obj = objectives.build(tiny_config("kl", disc_on="separate", fake_updates_per_gen=1))
+    state, frozen = obj.init(jax.random.PRNGKey(0))
+    assert set(state.params["disc"]) == {"trunk", "head"}
+    with jax.disable_jit():
+        new, metrics = obj.train_step(state, frozen, obj.batch(0))
+    assert int(new.step) == 1 and np.isfinite(float(metrics["loss_disc"]))
+    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), new.params["disc"]["trunk"],
+                         state.params["disc"]["trunk"])
+    assert max(jax.tree.leaves(moved)) > 0
+
+
+# ----- configs and errors ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,div,gan", [("gmm_fdistill", "js", True), ("gmm_dmd2", "rkl", True),
+                                          ("gmm_vsd", "rkl", False)])
+def test_named_method_configs(name, div, gan):
+    c = load_config(name)
+    assert c.objective == "distill" and c.distill.divergence == div
+    assert (c.distill.lambda_gan > 0) == gan
+    obj = objectives.build(c)
+    assert obj.use_disc == gan or div != "rkl"
+
+
+def test_bad_config_values_name_the_field():
+    with pytest.raises(ValueError, match="config.distill.divergence.*allowed"):
+        objectives.build(tiny_config("kullback"))
+    with pytest.raises(ValueError, match="config.distill.disc_on.*allowed"):
+        objectives.build(tiny_config(disc_on="teacher"))
+    with pytest.raises(ValueError, match="config.distill.critic_loop"):
+        objectives.build(tiny_config(critic_loop="while"))
+    with pytest.raises(ValueError, match="config.distill.teacher"):
+        objectives.build(tiny_config(teacher="/nonexistent/run"))
+    c = tiny_config()
+    c.data.name = "digits"
+    with pytest.raises(ValueError, match="teacher='analytic' needs config.data.name='gmm'"):
+        objectives.build(c)
+
+
+# ----- training ---------------------------------------------------------------------------------
+
+
+def test_short_distillation_improves_mode_coverage(tmp_path):
+    """A few hundred generator updates on an (equal-weight) 8-mode ring, through the training loop:
+    the student starts collapsed at the centre (no mode covered, no sample near a mode) and ends
+    with samples on the modes."""
+    from fdistill import train
+
+    c = tiny_config("js")
+    c.data.imbalance = 1.0
+    c.model.width = 64
+    c.model.depth = 2
+    c.distill.lr_gen = 1e-3
+    c.train.num_steps = 300
+    c.train.log_every = 100
+    c.train.checkpoint_every = 300
+    obj = objectives.build(c)
+    state, frozen = obj.init(jax.random.PRNGKey(c.train.seed))
+    x0, _ = obj.student_samples(state.params["gen"], jax.random.PRNGKey(0), 4096)
+    before = obj.source.evaluate_samples(x0)
+
+    results = train.train_and_evaluate(c, str(tmp_path))
+    assert before["mode_coverage"] == 0.0 and before["high_quality_frac"] < 0.01, before
+    assert results["mode_coverage"] > before["mode_coverage"], results
+    assert results["high_quality_frac"] > 0.3, results
+    assert results["mmd"] < before["mmd"] / 2, (results["mmd"], before["mmd"])
+    for k in ("teacher/mode_coverage", "teacher/samples_per_sec", "speedup", "samples_per_sec", "ratio_spearman"):
+        assert np.isfinite(results[k]), k
+    assert results["nfe"] == 1 and results["teacher/nfe"] == 2 * c.eval.num_steps - 1
+    assert results["teacher/mode_coverage"] == 1.0
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert any("h/max" in r and "loss_disc" in r and "loss_fake" in r for r in rows)
+    assert os.listdir(tmp_path / "plots")
