@@ -77,10 +77,14 @@ class LossFormulas(chex.TestCase):
 def tiny_denoiser(seed=0):
     cfg = tiny_score_config()
     d = score.build_denoiser(cfg, (2,))
-    params = d.init(jax.random.PRNGKey(seed), jnp.zeros((1, 2)))
-    # Non-zero output layer so D is not just c_skip x.
-    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(seed + 1), p.shape), params)
-    return d, params
+
+    @jax.jit
+    def init(key):
+        params = d.init(key, jnp.zeros((1, 2)))
+        # Non-zero output layer so D is not just c_skip x.
+        return jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.fold_in(key, 1), p.shape), params)
+
+    return d, init(jax.random.PRNGKey(seed))
 
 
 def precond_np(sigma, sigma_data=0.5):
@@ -93,9 +97,10 @@ def test_pair_errors_share_noise_and_match_hand_computation():
     rng = np.random.default_rng(0)
     x_w, x_l = (jnp.asarray(rng.normal(size=(16, 2)), jnp.float32) for _ in range(2))
     key = jax.random.PRNGKey(3)
-    ew, el = dp.pair_errors(d, params, params, x_w, x_l, key, -1.2, 1.2, "pixel")
+    errors = jax.jit(lambda a, b: dp.pair_errors(d, params, params, a, b, key, -1.2, 1.2, "pixel"))
+    ew, el = errors(x_w, x_l)
     # Identical samples in a pair get identical errors (same sigma, same noise).
-    ew2, el2 = dp.pair_errors(d, params, params, x_w, x_w, key, -1.2, 1.2, "pixel")
+    ew2, el2 = errors(x_w, x_w)
     np.testing.assert_array_equal(ew2, el2)
     np.testing.assert_array_equal(ew, ew2)
     # By hand: the same key splits as pair_errors documents.
@@ -103,10 +108,10 @@ def test_pair_errors_share_noise_and_match_hand_computation():
     sigma = np.asarray(jnp.exp(-1.2 + 1.2 * jax.random.normal(k_sigma, (16,))), np.float64)
     noise = np.asarray(jax.random.normal(k_noise, (16, 2)), np.float64)
     c_skip, c_out, c_in, c_noise = precond_np(sigma)
+    net = jax.jit(lambda a, b: d.net.apply({"params": params}, a, b))
     for x, e in ((np.asarray(x_l, np.float64), el), (np.asarray(x_w, np.float64), ew)):
         xt = x + sigma[:, None] * noise
-        f = np.asarray(d.net.apply({"params": params}, jnp.asarray(c_in[:, None] * xt, jnp.float32),
-                                   jnp.asarray(c_noise, jnp.float32)), np.float64)
+        f = np.asarray(net(jnp.asarray(c_in[:, None] * xt, jnp.float32), jnp.asarray(c_noise, jnp.float32)), np.float64)
         den = c_skip[:, None] * xt + c_out[:, None] * f
         lam = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
         np.testing.assert_allclose(e, lam * np.mean((den - x) ** 2, 1), rtol=2e-4)
@@ -294,3 +299,17 @@ def test_one_and_eight_devices_agree(teacher_dir, tmp_path):
     assert len(losses[1]) == 6
     # beta / 2 = 50 amplifies float32 reduction-order differences of the errors (~1e-7) to ~5e-6.
     np.testing.assert_allclose(losses[1], losses[8], rtol=1e-4)
+
+
+def test_empty_reference_trains_the_teacher_config_once_into_the_cache(tmp_path):
+    c = po_config("")
+    c.dpo.teacher = tiny_score_config(20)
+    c.dpo.reference_cache = str(tmp_path)
+    c.pairs.num_pairs = 128
+    obj = objectives.build(c)
+    assert obj.reference_dir.startswith(str(tmp_path)) and os.path.basename(obj.reference_dir).startswith("score-")
+    results = os.path.join(obj.reference_dir, "results.json")
+    stamp = os.path.getmtime(results)
+    again = objectives.build(c)  # same teacher config: reused, not retrained
+    assert again.reference_dir == obj.reference_dir and os.path.getmtime(results) == stamp
+    assert again.pairs.num_pairs == 128

@@ -7,6 +7,7 @@ trajectories must agree (each process loads only its half of every batch, and
 and results, and the checkpoint written by both processes restores and resumes in 1 process.
 """
 import json
+import signal
 import os
 import subprocess
 import sys
@@ -134,3 +135,25 @@ def test_two_processes_match_one_process_and_checkpoint_restores(tmp_path):
     l1, l2 = train_losses(one), train_losses(two)
     assert sorted(l2) == list(range(1, NUM_STEPS + 3))
     np.testing.assert_allclose([l2[s] for s in (13, 14)], [l1[s] for s in (13, 14)], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
+    """Preemption notices reach processes at different steps; without agreement the signalled
+    process stops while the other blocks forever in the next step's collectives."""
+    config = tiny_score_config(100_000, log_every=20, checkpoint_every=100_000)
+    wd = str(tmp_path / "run")
+    procs, logs = launch_two_processes(config, wd, tmp_path)
+    try:
+        deadline = time.time() + TIMEOUT_S
+        metrics = os.path.join(wd, "metrics.jsonl")
+        while not (os.path.exists(metrics) and os.path.getsize(metrics)):
+            assert time.time() < deadline and all(p.poll() is None for p in procs), "run did not start"
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)
+    finally:
+        wait_all(procs, logs, time.time() + 60)
+    saved = [int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit()]
+    assert len(saved) == 1 and saved[0] % 20 == 0, saved
+    assert read_rows(wd)[-1]["step"] == saved[0]
+    assert not os.path.exists(os.path.join(wd, "results.json"))

@@ -25,7 +25,7 @@ import json
 import os
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the reference, the runs and the table.")
 _STEPS = flags.DEFINE_integer("steps", 1000, "Preference-optimisation steps per row.")
@@ -77,6 +77,7 @@ def _fmt(key: str, v: float) -> str:
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     from fdistill import train
 
     root = os.path.abspath(_WORKDIR.value)

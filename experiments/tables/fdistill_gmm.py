@@ -2,7 +2,7 @@
 Gaussian-mixture teacher, one row per f-divergence, averaged over seeds.
 
     python -m experiments.tables.fdistill_gmm --workdir runs/fdistill_table [--seeds 2] \
-        [--divergences rkl,sf,js,sh,kl,jf] [--num_steps 2000] [--config.distill.lambda_gan=0]
+        [--divergences rkl,sf,neyman,js,sh,kl,jf,pearson] [--num_steps 2000] [--config.distill.lambda_gan=0]
 
 Every (divergence, seed) trains through `fdistill.train.train_and_evaluate` in
 `WORKDIR/<divergence>/seed_<s>` (re-running resumes or reuses finished runs), starting from
@@ -20,7 +20,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from fdistill import divergences, objectives
@@ -30,7 +30,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(CONFIG_DIR, "gmm_fdistill.py"), "Base config (gmm_fdistill.py).", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (one sub-workdir per divergence and seed).")
 _SEEDS = flags.DEFINE_integer("seeds", 2, "Number of training seeds per divergence (train.seed = 0..N-1).")
-_DIVERGENCES = flags.DEFINE_list("divergences", ["rkl", "sf", "js", "sh", "kl", "jf"],
+_DIVERGENCES = flags.DEFINE_list("divergences", ["rkl", "sf", "neyman", "js", "sh", "kl", "jf", "pearson"],
                                  f"Divergences to train; allowed: {divergences.names()}.")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", None, "Generator updates per run (default: the config's train.num_steps).")
 flags.mark_flags_as_required(["workdir"])
@@ -156,6 +156,7 @@ def plot_panels(path: str, objective, samples: dict, title_extra: dict) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     from fdistill import train
 
     base = _CONFIG.value

@@ -87,20 +87,22 @@ class ModeSubsetReward:
 
 
 class ClassifierReward:
-    """r(x) = log p_clf(target | x) of the in-project digits classifier; preferred: argmax = target."""
+    """r(x) = log p_clf(target | x) of the in-project digits classifier (`source.classifier`,
+    `fdistill.evaluation.digits_classifier.DigitsClassifier`); preferred: argmax_y p_clf(y | x) = target."""
 
-    def __init__(self, classifier, target_class: int):
+    def __init__(self, classifier, target_class: int, floor: float = 1e-12):
         self.clf = classifier
         self.target = int(target_class)
+        self.floor = float(floor)
 
-    def _log_probs(self, x) -> np.ndarray:
-        return np.asarray(self.clf.log_probs(np.asarray(x, np.float32)))
+    def _probs(self, x) -> np.ndarray:
+        return np.asarray(self.clf.probs(np.asarray(x, np.float32)), np.float64)
 
     def __call__(self, x) -> np.ndarray:
-        return self._log_probs(x)[:, self.target].astype(np.float32)
+        return np.log(np.maximum(self._probs(x)[:, self.target], self.floor)).astype(np.float32)
 
     def preferred(self, x) -> np.ndarray:
-        return self._log_probs(x).argmax(-1) == self.target
+        return self._probs(x).argmax(-1) == self.target
 
 
 def build_reward(reward_config, source):
@@ -117,12 +119,12 @@ def build_reward(reward_config, source):
     if kind == "mode_subset":
         return ModeSubsetReward(gmm, reward_config.modes, reward_config.get("smoothing", 0.1),
                                 reward_config.get("scale", 1.0))
-    try:
-        from fdistill.evaluation import digits_classifier
-    except ImportError as e:  # pragma: no cover - depends on the images work
-        raise ValueError("config.reward.kind='classifier' needs fdistill.evaluation.digits_classifier") from e
+    clf = getattr(source, "classifier", None)
+    if clf is None:
+        raise ValueError("config.reward.kind='classifier' needs a data source with a classifier (data.name='digits')")
     target = int(reward_config.get("target_class", 0))
-    clf = digits_classifier.load(reward_config.get("classifier", "") or None)
+    if not 0 <= target < 10:
+        raise ValueError(f"config.reward.target_class must be in 0..9, got {target}")
     return ClassifierReward(clf, target)
 
 

@@ -86,7 +86,11 @@ def build_dataset(data_dir: str) -> FdistillDigits:
     """The prepared builder in `data_dir`, writing the ArrayRecord files on first use (offline)."""
     builder = FdistillDigits(data_dir=data_dir, file_format="array_record")
     if not builder.is_prepared():
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        tfds.disable_progress_bar()
+        try:
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        finally:
+            tfds.enable_progress_bar()
     return builder
 
 

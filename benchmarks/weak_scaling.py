@@ -1,0 +1,122 @@
+"""Weak scaling over 1-8 simulated CPU devices: the cost of sharding at a fixed per-device batch.
+
+    python benchmarks/weak_scaling.py [--steps score,distill] [--per_device_batch 256]
+                                      [--devices 1,2,4,8] [--seconds 3] [--json out.json]
+
+For each device count n, one process with n simulated devices (`XLA_FLAGS` is read when JAX
+starts, so every n gets its own process) runs the train step jitted as the training loop does it:
+a ('data',) mesh, the global batch n x per_device_batch sharded on P('data'), state and frozen
+parameters replicated, state donated. A second process with 1 device runs the same global batch
+unsharded. Printed per n:
+
+  * steps/s of the sharded step and of the 1-device step on the same global batch;
+  * sharding overhead = time per step sharded / time per step on 1 device (same work: it isolates
+    the partitioning and the gradient all-reduce from the compute; 1.0 = free);
+  * weak-scaling efficiency = time per step at n = 1 / time per step at n. Simulated devices share
+    this machine's cores, so the work grows n-fold on fixed hardware: on C physical cores the best
+    possible is about min(n, C) / n. On n real accelerators the ideal is 1.0.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+STEPS = ("score", "distill", "po")
+
+
+def worker(step_name: str, global_batch: int, num_devices: int, seconds: float) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    sys.path.insert(0, HERE)
+    import step_throughput
+
+    from fdistill import objectives, sharding
+
+    assert jax.device_count() == num_devices, (jax.device_count(), num_devices)
+    _, config = next(iter(step_throughput.BENCHMARKS[step_name]("cpu", "float32")))
+    config.train.batch_size = global_batch
+    mesh = sharding.make_mesh()
+    sharding.check_batch_size(global_batch, mesh)
+    obj = objectives.build(config)
+    state, frozen = obj.init(jax.random.PRNGKey(0))
+    state, frozen = sharding.replicate(state, mesh), sharding.replicate(frozen, mesh)
+    batch = sharding.shard_batch(obj.batch(0), mesh)
+    repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    step = jax.jit(obj.train_step, in_shardings=(repl, repl, data), out_shardings=(repl, repl),
+                   donate_argnums=(0,)).lower(state, frozen, batch).compile()
+    for _ in range(3):
+        state, _ = step(state, frozen, batch)
+    jax.block_until_ready(state)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        state, metrics = step(state, frozen, batch)
+        n += 1
+        if n % 20 == 0:
+            jax.block_until_ready(state)
+    jax.block_until_ready(state)
+    rate = n / (time.perf_counter() - t0)
+    return {"steps_per_sec": rate, "loss": float(jnp.asarray(metrics["loss"]))}
+
+
+def run(step_name: str, global_batch: int, num_devices: int, seconds: float) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", step_name, "--global_batch", str(global_batch),
+           "--num_devices", str(num_devices), "--seconds", str(seconds)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        raise SystemExit(f"worker {step_name} n={num_devices} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", default="score,distill", help=f"comma list of {list(STEPS)}")
+    parser.add_argument("--per_device_batch", type=int, default=256)
+    parser.add_argument("--devices", default="1,2,4,8")
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--json", default="")
+    parser.add_argument("--worker", choices=STEPS, help=argparse.SUPPRESS)
+    parser.add_argument("--global_batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--num_devices", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.global_batch, args.num_devices, args.seconds)))
+        return
+
+    counts = [int(n) for n in args.devices.split(",")]
+    print(f"weak scaling, {args.per_device_batch} examples per device; {os.cpu_count()} CPU cores; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print("| step | devices | global batch | steps/s sharded | steps/s 1 device, same batch | "
+          "sharding overhead | weak-scaling efficiency |")
+    print("|---|---|---|---|---|---|---|")
+    rows = []
+    for name in args.steps.split(","):
+        if name not in STEPS:
+            raise SystemExit(f"unknown step {name!r}; allowed: {list(STEPS)}")
+        base = None
+        for n in counts:
+            g = n * args.per_device_batch
+            sharded = run(name, g, n, args.seconds)
+            single = sharded if n == 1 else run(name, g, 1, args.seconds)
+            base = base or sharded["steps_per_sec"]
+            row = {"step": name, "devices": n, "global_batch": g, "sharded": sharded["steps_per_sec"],
+                   "single": single["steps_per_sec"], "overhead": single["steps_per_sec"] / sharded["steps_per_sec"],
+                   "efficiency": sharded["steps_per_sec"] / base}
+            rows.append(row)
+            print(f"| {name} | {n} | {g} | {row['sharded']:.1f} | {row['single']:.1f} | {row['overhead']:.2f} | "
+                  f"{row['efficiency']:.2f} |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

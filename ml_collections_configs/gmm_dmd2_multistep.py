@@ -1,0 +1,22 @@
+"""DMD2 multi-step generator with backward simulation (arXiv 2405.14867, section 4.4).
+
+    python -m experiments.run --config ml_collections_configs/gmm_dmd2_multistep.py --workdir runs/gmm_dmd2_multistep
+
+`gmm_dmd2.py` (reverse KL + GAN, five critic updates per generator update, analytic GMM teacher)
+with a K-step student: `--config.distill.num_student_steps=4` (default) steps at the noise levels
+`--config.distill.student_sigmas=karras` (the first K of K + 1 Karras points from gen_sigma=80 to
+sigma_min: [80, 17.6, 2.53, 0.171] for K = 4) or an explicit comma-separated list. Each training
+input is produced by the current generator from pure noise (fresh noise re-noising, no teacher
+samples). Any divergence works: `--config.distill.divergence=js` etc. results.json reports the
+K-step sampler's metrics with `nfe` = K and `samples_per_sec`.
+"""
+from fdistill.configs import load
+
+
+def get_config():
+    c = load("gmm_dmd2")
+    c.objective = "dmd2_multistep"
+    c.distill.num_student_steps = 4
+    c.distill.student_sigmas = "karras"  # or e.g. "80,17.6,2.53,0.171"
+    c.distill.sampler_seed = 0  # keys the sampler's fresh re-noising noise at evaluation
+    return c

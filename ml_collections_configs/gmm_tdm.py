@@ -1,0 +1,27 @@
+"""Trajectory Distribution Matching (TDM, arXiv 2503.06674): a few-step student matched to the
+teacher along its own deterministic trajectory, one noise-level segment per sampling step.
+
+    python -m experiments.run --config ml_collections_configs/gmm_tdm.py --workdir runs/gmm_tdm
+
+Data-free like the reference: reverse KL (h = 1), no GAN term, hence no discriminator and no real
+data. The K = `--config.distill.num_student_steps` (default 4) step student re-noises with its own
+predicted noise (DDIM); each generator update matches, per example, the student's trajectory
+point at the end of a random segment [sigma_{k+1}, sigma_k) at a noise level drawn inside that
+segment. The fake score is trained on the same points with weight min(1/sigma^2,
+`tdm_snr_clip`) times TDM's importance weight (`tdm_importance_weight`). Other divergences work
+too (`--config.distill.divergence=js`, which adds the discriminator on real data).
+"""
+from fdistill.configs import load
+
+
+def get_config():
+    c = load("gmm_fdistill")
+    c.objective = "tdm"
+    c.distill.divergence = "rkl"
+    c.distill.lambda_gan = 0.0  # data-free
+    c.distill.num_student_steps = 4
+    c.distill.student_sigmas = "karras"
+    c.distill.tdm_snr_clip = 5.0  # min(SNR, 5) weight of the fake-score loss (TDM)
+    c.distill.tdm_importance_weight = True
+    c.distill.fake_updates_per_gen = 1  # TDM: one fake-score update per generator update
+    return c
