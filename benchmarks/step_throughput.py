@@ -17,6 +17,7 @@ as the training loop does (state donated), on a fixed batch.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import time
@@ -25,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from fdistill import configs, objectives
+from fdistill.train import MAX_STEPS_IN_FLIGHT
 
 # Dense (no sparsity) peak TFLOP/s by device_kind substring and compute dtype. float32 matmuls run
 # as TF32 on these NVIDIA GPUs under JAX's default precision, so 'float32' lists the TF32 peak.
@@ -48,19 +50,24 @@ def device_peak_tflops(dtype: str) -> float | None:
     return None
 
 
-def time_fn(step, state, args, seconds: float, warmup: int = 3) -> float:
-    """Calls/s of `state = step(state, *args)[0]` over about `seconds` after `warmup` calls."""
+def time_fn(step, state, args, seconds: float, warmup: int = 3, windows: int = 3) -> float:
+    """Calls/s of `state, metrics = step(state, *args)`: the best of `windows` windows of `seconds /
+    windows` each, after `warmup` calls (the best window is the least disturbed by other jobs)."""
     for _ in range(warmup):
         state = step(state, *args)[0]
     jax.block_until_ready(state)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        state = step(state, *args)[0]
-        n += 1
-        if n % 50 == 0:  # bound the dispatch queue
-            jax.block_until_ready(state)
-    jax.block_until_ready(state)
-    return n / (time.perf_counter() - t0)
+    rates = []
+    for _ in range(windows):
+        n, t0, in_flight = 0, time.perf_counter(), collections.deque()
+        while time.perf_counter() - t0 < seconds / windows:
+            state, metrics = step(state, *args)
+            in_flight.append(metrics)  # as the training loop: at most MAX_STEPS_IN_FLIGHT queued
+            if len(in_flight) > MAX_STEPS_IN_FLIGHT:
+                jax.block_until_ready(in_flight.popleft())
+            n += 1
+        jax.block_until_ready(state)
+        rates.append(n / (time.perf_counter() - t0))
+    return max(rates)
 
 
 def matmul_flops_per_sec(size: int, dtype: str, seconds: float) -> float:
@@ -69,14 +76,17 @@ def matmul_flops_per_sec(size: int, dtype: str, seconds: float) -> float:
     f = jax.jit(lambda a, b: a @ b)
     for _ in range(3):
         jax.block_until_ready(f(a, b))
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        out = f(a, b)
-        n += 1
-        if n % 10 == 0:
-            jax.block_until_ready(out)
-    jax.block_until_ready(out)
-    return 2 * size**3 * n / (time.perf_counter() - t0)
+    rates = []
+    for _ in range(3):  # best of three windows, as for the steps
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / 3:
+            out = f(a, b)
+            n += 1
+            if n % 10 == 0:
+                jax.block_until_ready(out)
+        jax.block_until_ready(out)
+        rates.append(n / (time.perf_counter() - t0))
+    return 2 * size**3 * max(rates)
 
 
 def compiled_flops(compiled) -> float:

@@ -2,6 +2,8 @@
 
     python -m experiments.run --config ml_collections_configs/gmm_fdistill.py --workdir runs/gmm_fdistill
 
+(about 1.2 min on 2 CPU cores: 2000 generator updates of batch 128, 5 critic updates each.)
+
 Jensen-Shannon weighting h(r) = r / (1 + r) by default (`--config.distill.divergence=kl|rkl|sf|sh|jf|
 pearson|neyman|alpha`, with `--config.distill.alpha=0.5` for the alpha family). The teacher is the
 analytic denoiser of an imbalanced 8-mode ring (largest / smallest weight = 20); pass
@@ -72,7 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 2000  # generator updates
-    c.train.batch_size = 256
+    c.train.batch_size = 128
     c.train.learning_rate = 1e-3  # default for any distill.lr_* left None
     c.train.warmup_steps = 0
     c.train.grad_clip = 1.0

@@ -162,6 +162,21 @@ def test_half_plane_and_mode_subset_rewards():
     assert m["r/preferred_on_data_frac"] == pytest.approx(4 / 10)  # the far point is off the data
 
 
+def test_classifier_reward_is_the_target_log_probability():
+    class Clf:  # the DigitsClassifier interface: probs(x) -> [n, 10]
+        def probs(self, x):
+            logits = np.asarray(x, np.float64).reshape(len(x), -1)[:, :10]
+            e = np.exp(logits - logits.max(1, keepdims=True))
+            return e / e.sum(1, keepdims=True)
+
+    x = np.random.default_rng(0).normal(size=(32, 4, 4, 1)).astype(np.float32)
+    r = prefdata.ClassifierReward(Clf(), target_class=3)
+    logits = x.reshape(32, -1)[:, :10].astype(np.float64)
+    log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    np.testing.assert_allclose(r(x), log_p[:, 3], rtol=1e-5)
+    np.testing.assert_array_equal(r.preferred(x), logits.argmax(1) == 3)
+
+
 def test_bradley_terry_labels_follow_the_sigmoid_and_are_seeded():
     rng = np.random.default_rng(0)
     r_a = rng.uniform(-1, 1, 200_000)

@@ -136,6 +136,7 @@ def tiny_teacher_config(data_dir, num_steps):
     c.model.channels = 8
     c.model.num_res_blocks = 1
     c.model.emb_dim = 16
+    c.model.attention = False  # covered by tests/test_unet.py; keeps compilation short
     c.train.num_steps = num_steps
     c.train.batch_size = 16
     c.train.warmup_steps = 0
@@ -192,6 +193,7 @@ def test_tiny_student_runs_on_8_devices(data_dir, teacher_dir, tmp_path):
     c.distill.teacher = teacher_dir
     c.distill.divergence = "js"
     c.distill.disc_hidden = 16
+    c.distill.fake_updates_per_gen = 1
     c.train.num_steps = 2
     c.train.batch_size = 16
     c.train.log_every = 1

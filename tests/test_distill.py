@@ -359,3 +359,30 @@ def test_short_distillation_improves_mode_coverage(tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert any("h/max" in r and "loss_disc" in r and "loss_fake" in r for r in rows)
     assert os.listdir(tmp_path / "plots")
+
+
+def test_network_teacher_from_a_score_run(tmp_path):
+    """distill.teacher=<workdir of a score run>: generator and fake score start from the teacher's EMA
+    parameters, the teacher stays in `frozen`, and evaluation samples the network teacher."""
+    from fdistill import train
+    from tests.helpers import tiny_score_config
+
+    teacher_dir = str(tmp_path / "teacher")
+    train.train_and_evaluate(tiny_score_config(num_steps=10), teacher_dir, num_devices=1)
+
+    c = tiny_config("kl", teacher=teacher_dir)
+    c.eval.num_steps = 4
+    obj = objectives.build(c)
+    state, frozen = obj.init(jax.random.PRNGKey(0))
+    from fdistill.objectives import score
+
+    _, ema, _ = score.load_teacher(teacher_dir)
+    chex.assert_trees_all_close(state.params["gen"], ema)
+    chex.assert_trees_all_close(state.params["fake"], ema)
+    chex.assert_trees_all_close(frozen["teacher"], ema)
+    step = jax.jit(obj.train_step)
+    for i in range(2):
+        state, metrics = step(state, frozen, obj.batch(i))
+    assert np.isfinite(float(metrics["loss"]))
+    results = obj.evaluate(state, frozen, jax.random.PRNGKey(1))
+    assert results["teacher/nfe"] == 7 and np.isfinite(results["teacher/mmd"]) and results["speedup"] > 0

@@ -6,7 +6,6 @@ import os
 import chex
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -14,9 +13,8 @@ from fdistill import train
 from fdistill.configs import load as load_config
 from fdistill.data import preference as prefdata
 from fdistill.evaluation import preference as prefeval
-from fdistill.models.transformer import TransformerLM, generate
+from fdistill.models.transformer import TransformerLM
 from fdistill.objectives import language
-from fdistill.objectives import preference as prefloss
 
 
 def tiny_sft_config(num_steps=60):

@@ -52,18 +52,21 @@ def train_losses(workdir):
 def launch_two_processes(config, workdir, tmp_path):
     import portpicker
 
-    port = portpicker.pick_unused_port()
+    address = f"127.0.0.1:{portpicker.pick_unused_port()}"
     cmd = [sys.executable, "-m", "experiments.run", "--config", os.path.join(REPO, "ml_collections_configs/gmm_score.py"),
-           "--workdir", workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-           *config_flags(config, load_config("gmm_score"))]
+           "--workdir", workdir, *config_flags(config, load_config("gmm_score"))]
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     procs, logs = [], []
     for pid in range(2):
         log = open(tmp_path / f"process_{pid}.log", "w+")
         logs.append(log)
-        procs.append(subprocess.Popen(cmd + [f"--process_id={pid}"], cwd=REPO, env=env, stdout=log,
-                                      stderr=subprocess.STDOUT))
+        if pid == 0:  # process 0 from flags, process 1 from FDISTILL_* environment variables
+            args, penv = [f"--coordinator_address={address}", "--num_processes=2", "--process_id=0"], env
+        else:
+            args = []
+            penv = dict(env, FDISTILL_COORDINATOR=address, FDISTILL_NUM_PROCESSES="2", FDISTILL_PROCESS_ID="1")
+        procs.append(subprocess.Popen(cmd + args, cwd=REPO, env=penv, stdout=log, stderr=subprocess.STDOUT))
     return procs, logs
 
 
@@ -85,7 +88,7 @@ def wait_all(procs, logs, deadline):
         for i, log in enumerate(logs):
             log.seek(0)
             text.append(f"--- process {i} (rc={procs[i].returncode}) ---\n{log.read()[-4000:]}")
-        pytest.fail("multi-process run failed or timed out:\n" + "\n".join(text))
+        pytest.fail("subprocess run failed or timed out:\n" + "\n".join(text))
     for log in logs:
         log.close()
 
@@ -157,3 +160,21 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
     assert len(saved) == 1 and saved[0] % 20 == 0, saved
     assert read_rows(wd)[-1]["step"] == saved[0]
     assert not os.path.exists(os.path.join(wd, "results.json"))
+
+
+@pytest.mark.slow
+def test_long_dispatch_queue_on_two_cpu_devices_does_not_deadlock(tmp_path):
+    """With 2 or 4 CPU devices in a process, ~50 queued steps of a collective program deadlocked
+    XLA's CPU runtime (all-reduce rendezvous timeout, abort) when metrics were pulled only every
+    500 steps; the loop now keeps at most `train.MAX_STEPS_IN_FLIGHT` steps in flight."""
+    config = tiny_score_config(300, log_every=300, checkpoint_every=300)
+    config.model.width, config.model.depth, config.model.emb_dim = 128, 3, 64  # gmm_score's network
+    config.train.batch_size = 512
+    cmd = [sys.executable, "-m", "experiments.run", "--config", os.path.join(REPO, "ml_collections_configs/gmm_score.py"),
+           "--workdir", str(tmp_path / "run"), *config_flags(config, load_config("gmm_score"))]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    log = open(tmp_path / "run.log", "w+")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    wait_all([proc], [log], time.time() + TIMEOUT_S)
+    assert train_losses(str(tmp_path / "run")).keys() == {300}

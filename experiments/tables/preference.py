@@ -1,13 +1,14 @@
 """Table: the DPO family on the known-reward synthetic language (true reward, KL, length, win rate).
 
     python -m experiments.tables.preference --workdir runs/table_preference [--seeds 3] \
-        [--losses dpo,ipo,ln_dpo,simpo,rpo,orpo] [--steps 500] [--beta ln_dpo=1.0,simpo=2.0]
+        [--losses dpo,ipo,ln_dpo,simpo,rpo,orpo] [--steps 500] [--sweep dpo=0.1:0.5,orpo=0.1:1]
 
 1. Trains the SFT policy (ml_collections_configs/synthetic_sft.py) into DIR/sft (reused when done).
 2. For each seed s: samples preference pairs from the SFT policy (pairs seed s, Bradley-Terry labels
    on the true reward; a local TFDS dataset under DIR/sft/preference_data) and fine-tunes the SFT
-   policy with every loss (ml_collections_configs/synthetic_dpo.py, training seed s) into
-   DIR/runs/<loss>_s<seed>. Finished runs are reused, so an interrupted table resumes.
+   policy with every loss at two strengths of its regulariser (`SWEEP`: beta, or lambda_ for orpo;
+   ml_collections_configs/synthetic_dpo.py, training seed s) into DIR/runs/<loss>_<param><value>_s<seed>.
+   Finished runs are reused, so an interrupted table resumes.
 3. Writes DIR/table.md, DIR/table.json (per-seed results and means) and DIR/frontier.png (true
    reward against KL(policy || SFT), one point per run).
 
@@ -15,7 +16,7 @@ Columns (mean +- std over seeds, responses sampled at temperature 1 on the 146 h
 8 per prompt): true reward (the best possible is 2.7), KL to the SFT reference (nats per response,
 Monte-Carlo), mean length (words; the optimum is 3), win rate against the SFT policy's responses
 (ties 1/2), fraction of optimal responses, and the implicit-reward accuracy on training pairs and on
-pairs of held-out prompts. About 12 minutes on 2 CPU cores with the defaults.
+pairs of held-out prompts. About 13 minutes on 2 CPU cores with the defaults (SFT, then 36 runs of about 20 s).
 """
 from __future__ import annotations
 
@@ -29,16 +30,20 @@ from absl import app, flags, logging
 from fdistill.configs import load as load_config
 
 DEFAULT_LOSSES = "dpo,ipo,ln_dpo,simpo,rpo,orpo"
-# beta per loss (and the loss-specific parameters of synthetic_dpo.py). The length-normalised losses
-# compare per-token log-ratios (about 1/7 of the summed ones here), hence their larger beta.
-BETAS = {"dpo": 0.1, "cdpo": 0.1, "ipo": 0.1, "hinge": 0.1, "ln_dpo": 1.0, "simpo": 2.0, "rpo": 0.1, "orpo": 0.1}
+# loss -> (swept parameter, values); the other parameters are synthetic_dpo.py's defaults. Larger
+# beta = stronger pull to the reference. The length-normalised losses compare per-token log-ratios
+# (about 1/7 of the summed ones here), hence their larger beta; orpo has no reference and its beta
+# only scales the logged rewards, so its odds-ratio weight lambda_ is swept instead.
+SWEEP = {"dpo": ("beta", (0.1, 0.5)), "cdpo": ("beta", (0.1, 0.5)), "ipo": ("beta", (0.1, 0.5)),
+         "hinge": ("beta", (0.1, 0.5)), "ln_dpo": ("beta", (2.0, 10.0)), "simpo": ("beta", (2.0, 10.0)),
+         "rpo": ("beta", (0.1, 0.5)), "orpo": ("lambda_", (0.1, 1.0))}
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the SFT run, the PO runs and the table.")
-_SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per loss (pairs and training order).")
+_SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per setting (pairs and training order).")
 _LOSSES = flags.DEFINE_string("losses", DEFAULT_LOSSES, "Comma-separated preference losses.")
 _STEPS = flags.DEFINE_integer("steps", 500, "Preference-optimisation steps per run.")
 _SFT_STEPS = flags.DEFINE_integer("sft_steps", 0, "SFT steps (0: the synthetic_sft.py default).")
-_BETA = flags.DEFINE_string("beta", "", "Overrides of the per-loss beta, e.g. 'dpo=0.2,simpo=2.5'.")
+_SWEEP = flags.DEFINE_string("sweep", "", "Overrides of the swept values, e.g. 'dpo=0.1:0.2:0.5,orpo=0.5'.")
 flags.mark_flag_as_required("workdir")
 
 COLUMNS = [  # (header, results key, format)
@@ -52,17 +57,22 @@ COLUMNS = [  # (header, results key, format)
 ]
 
 
-def parse_betas(text: str, losses: list[str]) -> dict[str, float]:
-    betas = dict(BETAS)
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        name, _, value = item.partition("=")
-        if name not in BETAS or not value:
-            raise ValueError(f"--beta entry {item!r} must be <loss>=<value> with loss in {sorted(BETAS)}")
-        betas[name] = float(value)
-    unknown = [n for n in losses if n not in BETAS]
+def parse_sweep(text: str, losses: list[str]) -> dict[str, tuple[str, tuple[float, ...]]]:
+    unknown = [n for n in losses if n not in SWEEP]
     if unknown:
-        raise ValueError(f"--losses has unknown loss(es) {unknown}; allowed: {sorted(BETAS)}")
-    return betas
+        raise ValueError(f"--losses has unknown loss(es) {unknown}; allowed: {sorted(SWEEP)}")
+    sweep = dict(SWEEP)
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, _, values = item.partition("=")
+        if name not in SWEEP or not values:
+            raise ValueError(f"--sweep entry {item!r} must be <loss>=<v1>:<v2>... with loss in {sorted(SWEEP)}")
+        sweep[name] = (SWEEP[name][0], tuple(float(v) for v in values.split(":")))
+    return {n: sweep[n] for n in losses}
+
+
+def settings(sweep) -> list[tuple[str, str, str, float]]:
+    """(row name, loss, parameter, value) for every swept setting."""
+    return [(f"{loss} ({param}={v:g})", loss, param, v) for loss, (param, values) in sweep.items() for v in values]
 
 
 def mean_std(values) -> tuple[float, float]:
@@ -108,14 +118,19 @@ def plot_frontier(path: str, runs: dict[str, list[dict]], best: float) -> str:
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     ref = [r["ref/true_reward"] for rs in runs.values() for r in rs]
     ax.scatter([0.0], [np.mean(ref)], marker="*", s=180, color="k", label="SFT (reference)", zorder=3)
-    for i, (name, rs) in enumerate(runs.items()):
+    losses = sorted({name.split(" ")[0] for name in runs}, key=list(SWEEP).index)
+    markers = "osD^v<>p"
+    for name, rs in runs.items():
+        loss = name.split(" ")[0]
+        i, j = losses.index(loss), [n for n in runs if n.split(" ")[0] == loss].index(name)
         kl = [r["kl_to_ref"] for r in rs]
         tr = [r["true_reward"] for r in rs]
-        ax.scatter(kl, tr, color=f"C{i}", label=f"{name} (len {np.mean([r['mean_length'] for r in rs]):.1f})")
+        ax.scatter(kl, tr, color=f"C{i}", marker=markers[j % len(markers)], alpha=0.85,
+                   label=f"{name}, length {np.mean([r['mean_length'] for r in rs]):.1f}")
     ax.axhline(best, color="gray", ls="--", lw=1, label=f"best possible ({best:g})")
     ax.set(xlabel="KL(policy || SFT) [nats / response]", ylabel="true reward (held-out prompts)",
            title="Reward vs KL on the synthetic language")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=6.5, loc="lower right", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -133,7 +148,7 @@ def main(argv):
 
     workdir = os.path.abspath(_WORKDIR.value)
     losses = [n.strip() for n in _LOSSES.value.split(",") if n.strip()]
-    betas = parse_betas(_BETA.value, losses)
+    sweep = parse_sweep(_SWEEP.value, losses)
     t_start = time.perf_counter()
 
     sft_config = load_config("synthetic_sft")
@@ -144,36 +159,37 @@ def main(argv):
     print(f"[table] SFT -> {sft_dir}", flush=True)
     sft_results = train.train_and_evaluate(sft_config, sft_dir)
 
-    runs: dict[str, list[dict]] = {n: [] for n in losses}
+    rows_spec = settings(sweep)
+    runs: dict[str, list[dict]] = {row: [] for row, *_ in rows_spec}
     for seed in range(_SEEDS.value):
-        for name in losses:
+        for row, name, param, value in rows_spec:
             c = load_config("synthetic_dpo")
             c.po.loss = name
-            c.po.beta = betas[name]
+            c.po[param] = value
             c.po.sft_workdir = sft_dir
             c.po.pairs.seed = seed
             c.train.seed = seed
             c.train.num_steps = _STEPS.value
             c.train.checkpoint_every = _STEPS.value
-            wd = os.path.join(workdir, "runs", f"{name}_s{seed}")
+            wd = os.path.join(workdir, "runs", f"{name}_{param}{value:g}_s{seed}")
             t0 = time.perf_counter()
             res = train.train_and_evaluate(c, wd)
-            runs[name].append(res)
-            print(f"[table] {name} seed {seed}: true_reward={res['true_reward']:.3f} kl={res['kl_to_ref']:.2f} "
+            runs[row].append(res)
+            print(f"[table] {row} seed {seed}: true_reward={res['true_reward']:.3f} kl={res['kl_to_ref']:.2f} "
                   f"length={res['mean_length']:.2f} win={res['win_rate_vs_ref']:.3f} "
                   f"({time.perf_counter() - t0:.0f}s, total {(time.perf_counter() - t_start) / 60:.1f} min)",
                   flush=True)
 
     rows = summarise(runs, sft_results)
+    c = load_config("synthetic_dpo")  # the defaults of the parameters that are not swept
     best = float(sft_results["best_reward"])
-    params = ", ".join(f"{n}: beta={betas[n]:g}" for n in losses)
-    header = (f"Synthetic language, {_SEEDS.value} seed(s), {_STEPS.value} steps of batch 64 pairs from "
-              f"{c.po.pairs.num_pairs} SFT pairs; best possible reward {best:g}. {params}; "
-              f"rpo alpha={c.po.alpha:g}, simpo gamma={c.po.gamma:g}, orpo lambda={c.po.lambda_:g}.")
+    header = (f"Synthetic language, {_SEEDS.value} seed(s) per row, {_STEPS.value} steps of batch 64 pairs from "
+              f"{c.po.pairs.num_pairs} SFT pairs per seed; best possible reward {best:g}, best length 3 words. "
+              f"rpo alpha={c.po.alpha:g}, simpo gamma={c.po.gamma:g}, orpo beta={c.po.beta:g} (logging only).")
     md = markdown(rows, header)
     with open(os.path.join(workdir, "table.md"), "w") as f:
         f.write(md)
-    out = {"rows": rows, "runs": runs, "betas": {n: betas[n] for n in losses}, "sft": sft_results,
+    out = {"rows": rows, "runs": runs, "sweep": {n: list(v[1]) for n, v in sweep.items()}, "sft": sft_results,
            "seeds": _SEEDS.value, "steps": _STEPS.value, "minutes": (time.perf_counter() - t_start) / 60}
     with open(os.path.join(workdir, "table.json"), "w") as f:
         json.dump(out, f, indent=2, sort_keys=True, default=float)

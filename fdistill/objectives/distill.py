@@ -46,7 +46,7 @@ import numpy as np
 import optax
 
 from fdistill import data as data_lib
-from fdistill import diffusion, divergences, models
+from fdistill import diffusion, divergences
 from fdistill.evaluation import ratio as ratio_lib
 from fdistill.evaluation.samples import MIN_EVAL_SAMPLES
 from fdistill.objectives import score as score_lib
