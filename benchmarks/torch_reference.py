@@ -12,7 +12,8 @@ normalisations, Adam with global-norm clipping per network. Each framework runs 
 (several models in one torch process measured 10-40x too slow here), rounds alternate JAX and
 PyTorch (each worker times the best of three windows), and the script prints the median and best
 steps/s of each and the ratio JAX / PyTorch. `--threads 1` pins both workers to one core and one
-thread: with other jobs on the machine, PyTorch's OpenMP threads slow down many times over.
+thread. PyTorch workers get OMP_WAIT_POLICY=PASSIVE unless it is set: with other jobs on the
+machine, spinning OpenMP threads made 2-thread PyTorch 20-100x slower.
 
 `--check` first verifies that the two steps compute the same update: it copies the JAX initial
 parameters into the PyTorch modules, replays the JAX step's random draws, and compares the losses
@@ -307,7 +308,7 @@ def torch_worker(spec, seconds: float, warmup: int = 3, threads: int = 0, compil
         metrics = model.step(x)
     rate = best_rate(lambda: model.step(x), seconds)  # float() of the losses syncs every step
     metrics = model.step(x)
-    mode = "torch.compile" if compile else "eager"
+    mode = ("torch.compile" if compile else "eager") + f", OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')}"
     return {"framework": f"torch {torch.__version__} ({mode}, {torch.get_num_threads()} threads)",
             "steps_per_sec": rate, "num_params": num_parameters_torch(model.m), "loss": metrics["loss"]}
 
@@ -445,6 +446,9 @@ def parity_check(spec, steps: int = 3) -> None:
 def run_worker(framework: str, spec_path: str, seconds: float, threads: int = 0, compile: bool = False) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("XLA_FLAGS", None)  # one device (simulated devices slow small models by 30-40%)
+    # OpenMP threads that sleep instead of spinning when idle: with other jobs on the machine the
+    # default (spinning) policy made 2-thread PyTorch 20-100x slower here (0.2-1 vs 20 steps/s).
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if threads == 1:  # single-threaded XLA CPU runtime (read when JAX starts)
         env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework, "--spec", spec_path,
