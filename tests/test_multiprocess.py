@@ -50,9 +50,13 @@ def train_losses(workdir):
 
 
 def launch_two_processes(config, workdir, tmp_path):
-    import portpicker
+    import socket
 
-    address = f"127.0.0.1:{portpicker.pick_unused_port()}"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+
+    address = f"127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "experiments.run", "--config", os.path.join(REPO, "ml_collections_configs/gmm_score.py"),
            "--workdir", workdir, *config_flags(config, load_config("gmm_score"))]
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
