@@ -53,6 +53,22 @@ def test_builder_shapes_splits_and_determinism(tmp_path):
     np.testing.assert_array_equal(arrays[0]["test"][1], ref.target[idx["test"]])
 
 
+def test_concurrent_builds_in_one_data_dir(tmp_path):
+    """Processes started together (a multi-process run) build the dataset once, none fails."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from fdistill.data import digits; "
+            "x, y = digits.load_split(sys.argv[1], 'test'); print(x.shape[0], int(y.sum()))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+    last = {out.strip().splitlines()[-1] for out, _ in outs}  # the builder also prints its progress
+    assert len(last) == 1 and last.pop().split()[0] == "297"
+
+
 def test_source_shapes_and_bad_resolution(data_dir):
     for res in (8, 16):
         src = data_lib.build(data_config(data_dir, resolution=res))

@@ -368,9 +368,11 @@ def test_network_teacher_from_a_score_run(tmp_path):
     from tests.helpers import tiny_score_config
 
     teacher_dir = str(tmp_path / "teacher")
-    train.train_and_evaluate(tiny_score_config(num_steps=10), teacher_dir, num_devices=1)
-
     c = tiny_config("kl", teacher=teacher_dir)
+    teacher_config = tiny_score_config(num_steps=10)
+    teacher_config.data = c.data  # the student's mixture (20:1 imbalance)
+    train.train_and_evaluate(teacher_config, teacher_dir, num_devices=1)
+
     c.eval.num_steps = 4
     obj = objectives.build(c)
     state, frozen = obj.init(jax.random.PRNGKey(0))
@@ -386,3 +388,8 @@ def test_network_teacher_from_a_score_run(tmp_path):
     assert np.isfinite(float(metrics["loss"]))
     results = obj.evaluate(state, frozen, jax.random.PRNGKey(1))
     assert results["teacher/nfe"] == 7 and np.isfinite(results["teacher/mmd"]) and results["speedup"] > 0
+    # a student whose data differs from the teacher's is refused, naming the field
+    c_bad = tiny_config("kl", teacher=teacher_dir)
+    c_bad.data.imbalance = c.data.imbalance + 1.0
+    with pytest.raises(ValueError, match=r"config\.data\.imbalance=.*teacher"):
+        objectives.build(c_bad)

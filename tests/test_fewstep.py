@@ -125,8 +125,7 @@ def test_backward_simulation_uses_only_the_generator_and_noise():
     d = obj.draws(jax.random.PRNGKey(3), b)
     k, noise = d["rollout"]["k"], d["rollout"]["noise"]
     assert set(np.asarray(k).tolist()) == {0, 1, 2, 3} and noise.shape == (3, b, 2)
-    roll = fewstep.Rollout(gen, k, noise)
-    x = obj.generate(roll, d["z"])
+    x = obj.train_sample(gen, d)
     s = obj.sigmas
 
     def manual_start(params):  # every step for every example, then each example's own step k
@@ -140,7 +139,7 @@ def test_backward_simulation_uses_only_the_generator_and_noise():
     xk, sk = manual_start(gen)
     np.testing.assert_allclose(np.asarray(x), np.asarray(obj.denoiser(gen, xk, sk)), rtol=1e-5, atol=1e-6)
     # gradient only through the final call at the (stop-gradient) backward-simulated input
-    g = jax.grad(lambda p: jnp.sum(obj.generate(fewstep.Rollout(p, k, noise), d["z"]) ** 2))(gen)
+    g = jax.grad(lambda p: jnp.sum(obj.train_sample(p, d) ** 2))(gen)
     g_ref = jax.grad(lambda p: jnp.sum(obj.denoiser(p, xk, sk) ** 2))(gen)
     chex.assert_trees_all_close(g, g_ref, rtol=1e-4, atol=1e-6)
     # the eval sampler and the critic's generated samples never touch the teacher either

@@ -57,22 +57,29 @@ def teacher_rows(teacher_dir, source, num_samples, grid_noise, key):
     """Heun samples of the teacher's EMA denoiser at each NFE: (rows, grids)."""
     denoiser, params, tconfig = score_lib.load_teacher(teacher_dir)
     dc, chunk = tconfig.diffusion, 512
+    num_classes = int(tconfig.model.get("num_classes", 0))  # a class-conditional teacher gets random labels
+    kw = {"labels": grid_labels(len(grid_noise))} if num_classes else {}
     rows, grids = [], []
     for n_steps in TEACHER_STEPS:
         run = lambda n, k=key: score_lib.generate(denoiser, params, source.shape, k, n, n_steps, "heun",  # noqa: E731
-                                                  dc, chunk)
+                                                  dc, chunk, num_classes)
         run(chunk)  # compile outside the timed region
         x, seconds = timed(run, num_samples)
         m = source.evaluate_samples(x)
         nfe = diffusion.nfe(n_steps, "heun")
         rows.append({"row": f"teacher Heun NFE {nfe}", "nfe": nfe, **{k: m[k] for k in COLUMNS[:-1]},
                      "samples_per_sec": num_samples / seconds, "nonfinite_frac": m["nonfinite_frac"]})
-        sample = jax.jit(lambda p, z, n=n_steps: diffusion.sample(lambda x, s: denoiser(p, x, s), z, n,
+        sample = jax.jit(lambda p, z, n=n_steps: diffusion.sample(lambda x, s: denoiser(p, x, s, **kw), z, n,
                                                                   sigma_min=dc.sigma_min, sigma_max=dc.sigma_max,
                                                                   rho=dc.rho))
         grids.append((rows[-1]["row"], np.asarray(sample(params, grid_noise))))
         print(f"[table] {rows[-1]}", flush=True)
     return rows, grids
+
+
+def grid_labels(n):
+    """Labels 0, 1, ..., 9, 0, ... for the sample grids of class-conditional models (else ignored)."""
+    return jnp.arange(n, dtype=jnp.int32) % 10
 
 
 def student_config(args, teacher_dir, divergence):
@@ -127,7 +134,7 @@ def main(argv=None):
         rows.append(row)
         obj = objectives.build(c)
         gen = jax.tree.map(jnp.asarray, checkpoint.restore_tree(sdir)["params"]["gen"])
-        grids.append((row["row"], np.asarray(jax.jit(obj.generate)(gen, grid_noise))))
+        grids.append((row["row"], np.asarray(jax.jit(obj.generate)(gen, grid_noise, grid_labels(len(grid_noise))))))
         print(f"[table] {row}", flush=True)
 
     timings["total_s"] = time.perf_counter() - t_start
@@ -167,12 +174,14 @@ def plot_rows(grids, path):
 
     from fdistill.data.images import image_grid
 
-    fig, axes = plt.subplots(len(grids), 1, figsize=(12, 1.0 * len(grids) + 0.5))
+    ncols = 15
+    rows_per = max(int(np.ceil(len(x) / ncols)) for _, x in grids)
+    fig, axes = plt.subplots(len(grids), 1, figsize=(8, (0.55 * rows_per + 0.35) * len(grids) + 0.3))
     for ax, (name, x) in zip(np.atleast_1d(axes), grids):
-        g = image_grid(np.asarray(x), ncols=len(x))
+        g = image_grid(np.asarray(x), ncols=min(ncols, len(x)))
         ax.imshow(g[..., 0] if g.shape[-1] == 1 else g, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         ax.set_axis_off()
-        ax.set_title(name, fontsize=9, loc="left")
+        ax.set_title(name, fontsize=8, loc="left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

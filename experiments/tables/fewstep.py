@@ -3,6 +3,7 @@ K in {1, 2, 4} sampling steps, one row per (method, K), with NFE and measured sa
 
     python -m experiments.tables.fewstep --workdir runs/fewstep_gmm [--data gmm] [--steps 1,2,4] \
         [--methods dmd2_multistep,tdm] [--seeds 1] [--num_steps 2000] [--divergence js]
+    python -m experiments.tables.fewstep --data digits --teacher runs/digits_score --workdir runs/fewstep_digits
 
 Each (method, K, seed) trains through `fdistill.train.train_and_evaluate` in
 `WORKDIR/<method>/K<k>/seed_<s>` (re-running resumes or reuses finished runs) from
@@ -10,7 +11,7 @@ Each (method, K, seed) trains through `fdistill.train.train_and_evaluate` in
 = K. Writes `WORKDIR/table.md` and `WORKDIR/table.json` (per row: mean and std over seeds of every
 metric, and the per-seed values) whose row names (`dmd2_multistep K=4`, ...) and columns follow
 the one-step tables (`experiments/tables/fdistill_gmm.py`), so the rows can be read alongside or
-appended to them; and `WORKDIR/samples_<method>_K<k>.png` (GMM only). The numbers are whatever came out.
+appended to them; and `WORKDIR/samples_<method>_K<k>.png` (seed 0). The numbers are whatever came out.
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ _SEEDS = flags.DEFINE_integer("seeds", 1, "Training seeds per row (train.seed = 
 _NUM_STEPS = flags.DEFINE_integer("num_steps", None, "Generator updates per run (default: the config's).")
 _DIVERGENCE = flags.DEFINE_string("divergence", None, "distill.divergence override (default: each config's).")
 _BATCH = flags.DEFINE_integer("batch_size", None, "train.batch_size override (default: the config's).")
+_TEACHER = flags.DEFINE_string("teacher", None, "distill.teacher override: the workdir of a finished score run "
+                               "(digits; default: the config's runs/digits_score).")
 flags.mark_flags_as_required(["workdir"])
 
 # (metric key, header, format); metrics missing for a data source print '-'.
@@ -45,8 +48,10 @@ COLUMNS = [
     ("high_quality_frac", "high-quality frac", "{:.3f}"),
     ("mmd", "MMD", "{:.4f}"),
     ("small_mode_mass", "mass on 2 smallest modes / true", "{:.2f}"),
-    ("fid", "FD", "{:.3f}"),
-    ("classifier_accuracy", "classifier acc.", "{:.3f}"),
+    ("fd_digits", "fd_digits", "{:.2f}"),
+    ("precision", "precision", "{:.3f}"),
+    ("recall", "recall", "{:.3f}"),
+    ("class_entropy", "class entropy", "{:.3f}"),
 ]
 
 
@@ -58,11 +63,13 @@ def config_path(data: str, method: str) -> str:
 
 
 def run_config(data: str, method: str, K: int, seed: int, num_steps: int | None, batch_size: int | None,
-               divergence: str | None = None):
+               divergence: str | None = None, teacher: str | None = None):
     c = load(config_path(data, method))
     c.distill.num_student_steps = K
     if divergence:
         c.distill.divergence = divergence
+    if teacher:
+        c.distill.teacher = os.path.abspath(teacher)
     c.train.seed = seed
     if num_steps:
         c.train.num_steps = num_steps
@@ -159,17 +166,18 @@ def main(argv):
             row = f"{method} K={K}"
             rows = []
             for seed in range(_SEEDS.value):
-                c = run_config(_DATA.value, method, K, seed, _NUM_STEPS.value, _BATCH.value, _DIVERGENCE.value)
+                c = run_config(_DATA.value, method, K, seed, _NUM_STEPS.value, _BATCH.value, _DIVERGENCE.value,
+                               _TEACHER.value)
                 sub = os.path.join(workdir, method, f"K{K}", f"seed_{seed}")
                 print(f"[fewstep] {row} seed {seed} -> {sub}", flush=True)
                 results = dict(train.train_and_evaluate(c, sub))
                 objective = objectives.build(c)
+                x = final_samples(objective, sub, int(c.eval.num_samples))
                 if hasattr(objective.source, "gmm"):
-                    x = final_samples(objective, sub, int(c.eval.num_samples))
                     results["small_mode_mass"] = small_mode_mass(objective, x)
-                    if seed == 0:
-                        samples[row] = objective.source.plot_samples(
-                            x, os.path.join(workdir, f"samples_{method}_K{K}.png"), f"{row} ({c.distill.divergence})")
+                if seed == 0:
+                    samples[row] = objective.source.plot_samples(
+                        x, os.path.join(workdir, f"samples_{method}_K{K}.png"), f"{row} ({c.distill.divergence})")
                 rows.append(results)
                 teacher = {k: v for k, v in results.items() if k.startswith("teacher/")}
                 meta["divergence"][row] = c.distill.divergence + (" + GAN" if c.distill.lambda_gan > 0 else "")

@@ -29,6 +29,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import utils as tfds_utils
 
 from fdistill.data import images as image_lib
+from fdistill.data import tfds_build
 from fdistill.evaluation import feature_metrics
 
 NUM_TRAIN, NUM_TEST, NUM_CLASSES = 1500, 297, 10
@@ -84,14 +85,12 @@ _ARRAYS: dict = {}
 
 def build_dataset(data_dir: str) -> FdistillDigits:
     """The prepared builder in `data_dir`, writing the ArrayRecord files on first use (offline)."""
-    builder = FdistillDigits(data_dir=data_dir, file_format="array_record")
-    if not builder.is_prepared():
-        tfds.disable_progress_bar()
-        try:
-            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-        finally:
-            tfds.enable_progress_bar()
-    return builder
+    tfds.disable_progress_bar()
+    try:
+        return tfds_build.prepare_once(lambda: FdistillDigits(data_dir=data_dir, file_format="array_record"),
+                                       data_dir, "fdistill_digits")
+    finally:
+        tfds.enable_progress_bar()
 
 
 def load_split(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from fdistill.data import images as image_lib
+from fdistill.data import tfds_build
 from fdistill.evaluation import feature_metrics
 
 
@@ -68,8 +69,8 @@ def open_builder(name: str, data_dir: str, allow_download: bool = False):
                 f"off. Prepare it once (e.g. `tfds build {name} --data_dir={data_dir} --file_format=array_record`) "
                 "or set config.data.allow_download=True"
             )
-        builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        builder = tfds_build.prepare_once(lambda: tfds.builder(name, data_dir=data_dir, file_format="array_record"),
+                                          data_dir, name)
     fmt = getattr(builder.info, "file_format", None)
     fmt = str(getattr(fmt, "value", fmt) or "").lower()
     if fmt and "array_record" not in fmt:

@@ -55,6 +55,7 @@ from fdistill.objectives.base import Objective, register
 DISC_ON = ("fake_score", "separate")
 CRITIC_LOOPS = ("scan", "unroll")
 FAKE_SIGMAS = ("karras", "lognormal")
+EXTRA_DRAWS_SALT = 0x5EED  # fold_in salt of `extra_draws`' key (keeps the one-step draws unchanged)
 
 
 @flax.struct.dataclass
@@ -148,6 +149,19 @@ def gan_generator_loss(logit_fake: jax.Array) -> jax.Array:
 _TEACHER_METRICS: dict = {}  # computed once per process (the teacher is frozen)
 
 
+def check_same_data(data, teacher_data, teacher_dir: str) -> None:
+    """The student's `config.data` must describe the teacher's distribution: every field equal
+    except `data_dir` (a path) and, for stored datasets, `seed` (only the shuffling order; for the
+    mixture the seed places the modes)."""
+    skip = {"data_dir"} | ({"seed"} if data.name != "gmm" else set())
+    ours, theirs = data.to_dict(), teacher_data.to_dict()
+    diff = [k for k in sorted(set(ours) & set(theirs)) if k not in skip and ours[k] != theirs[k]]
+    if diff:
+        detail = ", ".join(f"config.data.{k}={ours[k]!r} (teacher: {theirs[k]!r})" for k in diff)
+        raise ValueError(f"the student's data differs from the teacher's in config.distill.teacher={teacher_dir!r}: "
+                         f"{detail}")
+
+
 def _choice(value, allowed, field):
     if value not in allowed:
         raise ValueError(f"{field}={value!r} is not allowed; allowed: {list(allowed)}")
@@ -196,11 +210,7 @@ class DistillObjective(Objective):
                     f"config.distill.teacher={teacher!r} must be 'analytic' or the workdir of a finished 'score' run"
                 )
             self.teacher, self.teacher_params, tconfig = score_lib.load_teacher(teacher)
-            if tconfig.data.name != config.data.name:
-                raise ValueError(
-                    f"config.data.name={config.data.name!r} differs from the teacher's data {tconfig.data.name!r} "
-                    f"(config.distill.teacher={teacher!r})"
-                )
+            check_same_data(config.data, tconfig.data, teacher)
             self.net_config = tconfig  # generator and fake score copy the teacher's architecture
             self.denoiser = self.teacher
         self.sigma_data = self.denoiser.sigma_data
@@ -309,9 +319,9 @@ class DistillObjective(Objective):
         b = x_real.shape[0]
         k_z, k_lab, k_sf, k_nf, k_if, k_ir, k_ef, k_er = jax.random.split(key, 8)
         labels_gen = self._labels(k_lab, b)
-        x_fake = jax.lax.stop_gradient(
-            self.generate(gen_params, jax.random.normal(k_z, x_real.shape), labels_gen)
-        )
+        gen_draws = {"z": jax.random.normal(k_z, x_real.shape), "labels": labels_gen,
+                     **self.extra_draws(jax.random.fold_in(key, EXTRA_DRAWS_SALT), b)}
+        x_fake = jax.lax.stop_gradient(self.train_sample(gen_params, gen_draws))
         if self.fake_sigma == "karras":
             sigma_f = self.grid[jax.random.randint(k_sf, (b,), 0, self.grid.shape[0])]
         else:
@@ -352,7 +362,8 @@ class DistillObjective(Objective):
         return l_fake + float(self.dc.get("disc_loss_weight", 1.0)) * l_disc, aux
 
     def draws(self, key, b: int) -> dict:
-        """The randomness of one generator update (exposed so tests can replay it)."""
+        """The randomness of one generator update (exposed so tests can replay it): z, labels, the
+        noise-level index and eps of x_t, plus `extra_draws`."""
         k_z, k_lab, k_i, k_e = jax.random.split(key, 4)
         shape = (b,) + tuple(self.source.shape)
         return {
@@ -360,12 +371,23 @@ class DistillObjective(Objective):
             "labels": self._labels(k_lab, b),
             "index": self._sigma_index(k_i, b),
             "eps": jax.random.normal(k_e, shape),
+            **self.extra_draws(jax.random.fold_in(key, EXTRA_DRAWS_SALT), b),
         }
+
+    def extra_draws(self, key, b: int) -> dict:
+        """Randomness of a training sample beyond z and labels (none for the one-step generator;
+        few-step objectives add their rollout's)."""
+        return {}
+
+    def train_sample(self, gen_params, draws: dict) -> jax.Array:
+        """The generator sample that a training update uses and differentiates: here G(z). The one
+        hook a few-step objective overrides (its sample is one call on a rolled-out input)."""
+        return self.generate(gen_params, draws["z"], draws["labels"])
 
     def generator_loss(self, gen_params, critic, frozen, draws, bins):
         """f-distill generator loss (module docstring); returns (loss, (aux, new_bins, pieces))."""
         labels = draws["labels"]
-        x = self.generate(gen_params, draws["z"], labels)
+        x = self.train_sample(gen_params, draws)
         sigma = self.grid[draws["index"]]
         x_t = x + diffusion.expand(sigma, x) * draws["eps"]
         d_real = jax.lax.stop_gradient(self.teacher_denoise(frozen, x_t, sigma, labels))

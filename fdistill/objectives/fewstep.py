@@ -52,9 +52,6 @@ Evaluation is `'distill'`'s with the K-step sampler (`nfe` = K, `samples_per_sec
 """
 from __future__ import annotations
 
-from typing import Any
-
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,22 +61,6 @@ from fdistill.objectives import distill as distill_lib
 from fdistill.objectives.base import register
 
 SIGMA_SCHEDULES = ("karras",)
-
-
-@flax.struct.dataclass
-class Rollout:
-    """Generator parameters plus the randomness of one K-step training input, passed to
-    `generate` in place of the parameters (a pytree, so it goes through jit and the parent's code).
-
-    k:       [B] int, the step whose (differentiated) call produces the sample.
-    noise:   [K-1, B, ...] fresh re-noising noise (DMD2), or None (deterministic, TDM).
-    x_start: optional precomputed (x_k, sigma_k); then no rollout is run.
-    """
-
-    params: Any
-    k: jax.Array
-    noise: Any = None
-    x_start: Any = None
 
 
 def student_sigmas(num_steps: int, spec, sigma_max: float, sigma_min: float, rho: float) -> np.ndarray:
@@ -138,24 +119,22 @@ class _FewStep(distill_lib.DistillObjective):
             return x0 + s_next * noise_i
         return x0 + (s_next / float(self.sigmas[i])) * (x - x0)
 
-    def trajectory(self, gen_params, z, labels=None, noise=None, num: int | None = None):
-        """States x_0 = sigma_0 z, ..., x_{num-1} of the K-step sampler (no gradient)."""
-        num = self.num_steps if num is None else num
+    def trajectory(self, gen_params, z, labels=None, noise=None):
+        """States x_0 = sigma_0 z, ..., x_{K-1} of the K-step sampler (no gradient)."""
         p = jax.lax.stop_gradient(gen_params)
         x = self.sigmas[0] * z
         xs = [x]
-        for i in range(num - 1):
+        for i in range(self.num_steps - 1):
             x0 = self.denoiser(p, x, jnp.full(z.shape[:1], self.sigmas[i]), **self._kw(labels))
             x = jax.lax.stop_gradient(self.renoise(x, x0, i, None if noise is None else noise[i]))
             xs.append(x)
         return xs
 
-    def start_state(self, roll: Rollout, z, labels=None):
-        """(x_k, sigma_k) per example: the rollout of the current generator stopped at step k."""
-        if roll.x_start is not None:
-            return roll.x_start
-        xs = self.trajectory(roll.params, z, labels, roll.noise, int(jnp.size(self.sigmas)))
-        return select_step(xs, roll.k), jnp.asarray(self.sigmas)[roll.k]
+    def rollout_start(self, gen_params, z, labels, k: jax.Array, noise=None):
+        """(x_k, sigma_k) per example: the current generator's rollout from x_0 = sigma_0 z stopped at
+        its step k (no gradient; `noise` [K-1, B, ...] is the fresh re-noising noise or None)."""
+        xs = self.trajectory(gen_params, z, labels, noise)
+        return select_step(xs, k), jnp.asarray(self.sigmas)[k]
 
     def _eval_noise(self, z):
         """Fresh re-noising noise of the sampler, keyed by z's bits (every chunk of z differs)."""
@@ -165,22 +144,28 @@ class _FewStep(distill_lib.DistillObjective):
         return jax.random.normal(key, (self.num_steps - 1,) + z.shape, z.dtype)
 
     def generate(self, gen_params, z, labels=None):
-        """The sample: with plain parameters the K-step sampler (NFE = K); with a `Rollout`, the
-        training sample D_gen(x_k; sigma_k), differentiated in the parameters through this call only."""
-        if not isinstance(gen_params, Rollout):
-            b = z.shape[0]
-            noise = self._eval_noise(z) if (self.stochastic and self.num_steps > 1) else None
-            gen_params = Rollout(gen_params, jnp.full((b,), self.num_steps - 1, jnp.int32), noise)
-        x_k, sigma_k = self.start_state(gen_params, z, labels)
-        return self.denoiser(gen_params.params, x_k, sigma_k, **self._kw(labels))
+        """The K-step sampler (NFE = K): x_0 = sigma_0 z, then K denoiser calls with re-noising."""
+        noise = self._eval_noise(z) if (self.stochastic and self.num_steps > 1) else None
+        x_last = self.trajectory(gen_params, z, labels, noise)[-1]
+        return self.denoiser(gen_params, x_last, jnp.full(z.shape[:1], self.sigmas[-1]), **self._kw(labels))
 
-    def rollout_draws(self, key, b: int) -> dict:
+    def extra_draws(self, key, b: int) -> dict:
         """The randomness of one training input beyond z: the step k [B] and the re-noising noise."""
         k_k, k_n = jax.random.split(key)
         shape = (b,) + tuple(self.source.shape)
         noise = (jax.random.normal(k_n, (self.num_steps - 1,) + shape)
                  if self.stochastic and self.num_steps > 1 else None)
-        return {"k": jax.random.randint(k_k, (b,), 0, self.num_steps), "noise": noise}
+        return {"rollout": {"k": jax.random.randint(k_k, (b,), 0, self.num_steps), "noise": noise}}
+
+    def train_sample(self, gen_params, draws):
+        """The training sample D_gen(x_k; sigma_k), differentiated through this one call only; x_k is
+        the generator's own rollout (`draws['rollout']`) or a precomputed `draws['start']`."""
+        if "start" in draws:
+            x_k, sigma_k = draws["start"]
+        else:
+            r = draws["rollout"]
+            x_k, sigma_k = self.rollout_start(gen_params, draws["z"], draws["labels"], r["k"], r["noise"])
+        return self.denoiser(gen_params, x_k, sigma_k, **self._kw(draws["labels"]))
 
     # ----- evaluation --------------------------------------------------------------------------
     def evaluate(self, state, frozen, key):
@@ -203,20 +188,7 @@ class _FewStep(distill_lib.DistillObjective):
 class BackwardSimulationObjective(_FewStep):
     """DMD2's K-step generator trained on its own backward-simulated inputs (module docstring)."""
 
-    stochastic = True
-
-    def draws(self, key, b):
-        d = super().draws(key, b)  # z, labels, index, eps: the one-step draws, unchanged
-        d["rollout"] = self.rollout_draws(jax.random.fold_in(key, 0x5eed), b)
-        return d
-
-    def generator_loss(self, gen_params, critic, frozen, draws, bins):
-        r = draws["rollout"]
-        return super().generator_loss(Rollout(gen_params, r["k"], r["noise"]), critic, frozen, draws, bins)
-
-    def critic_loss(self, critic, gen_params, x_real, labels_real, key):
-        r = self.rollout_draws(jax.random.fold_in(key, 0x5eed), x_real.shape[0])
-        return super().critic_loss(critic, Rollout(gen_params, r["k"], r["noise"]), x_real, labels_real, key)
+    stochastic = True  # everything else is `_FewStep` plus the unchanged `distill` objective
 
 
 @register("tdm")
@@ -240,19 +212,16 @@ class TrajectoryDistributionMatchingObjective(_FewStep):
         self.sigmas_ext = ext.astype(np.float32)
 
     def draws(self, key, b):
-        """One-step draws (z, labels, eps = xi) plus the segment k and a Karras index inside it."""
+        """The one-step draws (z, labels, eps = xi), the segment k, and a Karras index inside it."""
         d = super().draws(key, b)
-        k_k, k_u = jax.random.split(jax.random.fold_in(key, 0x7d3))
-        k = jax.random.randint(k_k, (b,), 0, self.num_steps)
-        lo, hi = jnp.asarray(self.segment_lo)[k], jnp.asarray(self.segment_hi)[k]
-        d["index"] = jax.random.randint(k_u, (b,), lo, hi + 1)
-        d["rollout"] = {"k": k, "noise": None}
+        lo, hi = jnp.asarray(self.segment_lo)[d["rollout"]["k"]], jnp.asarray(self.segment_hi)[d["rollout"]["k"]]
+        d["index"] = jax.random.randint(jax.random.fold_in(key, 0x7D3), (b,), lo, hi + 1)
         return d
 
     def trajectory_point(self, gen_params, draws) -> dict:
         """TDM's noisy trajectory point (all stop-gradient): x_k, x0_theta, x_t at sigma, n~, xi."""
         z, labels, k = draws["z"], draws["labels"], draws["rollout"]["k"]
-        x_k, sigma_k = self.start_state(Rollout(gen_params, k), z, labels)
+        x_k, sigma_k = self.rollout_start(gen_params, z, labels, k)
         p = jax.lax.stop_gradient(gen_params)
         x0 = jax.lax.stop_gradient(self.denoiser(p, x_k, sigma_k, **self._kw(labels)))
         eps_theta = (x_k - x0) / diffusion.expand(sigma_k, x_k)
@@ -269,9 +238,8 @@ class TrajectoryDistributionMatchingObjective(_FewStep):
         pt = self.trajectory_point(gen_params, draws)
         # The parent builds x_t = x + sigma eps with x = D_gen(x_k; sigma_k): eps = n~ puts it at
         # TDM's trajectory point, and the gradient flows through x0_theta only.
-        d = {**draws, "eps": jax.lax.stop_gradient(pt["mixed"])}
-        roll = Rollout(gen_params, draws["rollout"]["k"], None, (pt["x_k"], pt["sigma_k"]))
-        return super().generator_loss(roll, critic, frozen, d, bins)
+        d = {**draws, "eps": jax.lax.stop_gradient(pt["mixed"]), "start": (pt["x_k"], pt["sigma_k"])}
+        return super().generator_loss(gen_params, critic, frozen, d, bins)
 
     def fake_loss(self, fake_params, pt, labels) -> tuple[jax.Array, jax.Array]:
         """TDM's fake-score loss (module docstring); returns (loss, w_IS [B])."""
