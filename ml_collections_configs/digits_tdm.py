@@ -21,7 +21,7 @@ def get_config():
     c.distill.student_sigmas = "karras"
     c.distill.tdm_snr_clip = 5.0
     c.distill.tdm_importance_weight = True
-    c.distill.fake_updates_per_gen = 1
+    c.distill.fake_updates_per_gen = 2  # as digits_fdistill (TDM uses 1; see gmm_tdm.py for why not here)
     # Lowest distillation level: Karras index 200 of 1000, sigma = 0.085, the analogue of TDM's t >= 20
     # floor (sigma_VE ~ 0.1 on SD's schedule). With the one-step floor (index 20, sigma = 0.003) the
     # min(SNR, 5)-weighted fake score is too coarse at tiny sigma and the generator loss spikes.

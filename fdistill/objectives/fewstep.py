@@ -21,6 +21,9 @@ x_0 = sigma_0 z, and for K = 1 the student is exactly the one-step G(z) = D_gen(
     h(r) (D_real - D_fake) of 2502.15681 Thm. 1 at a Karras noise level over the whole range, the
     fake score (EDM DSM) and the discriminator trained on those same backward-simulated samples, so
     every divergence of `fdistill.divergences` works. With K = 1 it *is* the `'distill'` step.
+    The one fake score sees the mixture over k of the step outputs, so the objective is at rest when
+    that mixture matches the data; single steps may share the modes out between them (measured on the
+    mixture: `experiments/diagnostics/fewstep_step_modes.py`, README few-step section).
 
 `'tdm'` (TDM; distillation notes section 4, read from `Luo-Yihong/TDM/train_tdm_demo.py`):
   * the student's own deterministic K-step trajectory: DDIM-like re-noising with the predicted
