@@ -17,12 +17,11 @@ import json
 import os
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments.tables.common import final_samples, small_mode_mass, summarise
 from fdistill import divergences, objectives
 from fdistill.configs import CONFIG_DIR
 
@@ -56,36 +55,6 @@ def run_config(base, divergence: str, seed: int, num_steps: int):
     c.train.log_every = max(num_steps // 10, 1)
     c.train.eval_every = 0
     return c
-
-
-def small_mode_mass(objective, x: np.ndarray, k: int = 2) -> float:
-    """Student mass on the k lightest modes divided by their true mass (1 = exact, 0 = dropped)."""
-    from fdistill.evaluation.samples import mode_histogram
-
-    gmm = objective.source.gmm
-    w = np.asarray(gmm.weights)
-    small = np.argsort(w)[:k]
-    return float(mode_histogram(x, gmm)[small].sum() / w[small].sum())
-
-
-def final_samples(objective, workdir: str, n: int) -> np.ndarray:
-    """Student samples from the run's last checkpoint (the same key as its evaluation)."""
-    from fdistill import checkpoint
-
-    tree = checkpoint.restore_tree(workdir)
-    gen = jax.tree.map(jnp.asarray, tree["params"]["gen"])
-    x, _ = objective.student_samples(gen, jax.random.PRNGKey(0), n)
-    return x
-
-
-def summarise(per_seed: list[dict]) -> dict:
-    keys = sorted(set().union(*per_seed))
-    out = {}
-    for k in keys:
-        vals = np.array([r[k] for r in per_seed if isinstance(r.get(k), (int, float))], np.float64)
-        if len(vals):
-            out[k] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=0)), "n": int(len(vals))}
-    return out
 
 
 def write_markdown(path: str, table: dict, teacher: dict, meta: dict) -> None:

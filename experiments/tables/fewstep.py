@@ -19,9 +19,9 @@ import json
 import os
 import time
 
-import numpy as np
 from absl import app, flags
 
+from experiments.tables.common import final_samples, small_mode_mass, summarise
 from fdistill import objectives
 from fdistill.configs import CONFIG_DIR, load
 
@@ -80,36 +80,6 @@ def run_config(data: str, method: str, K: int, seed: int, num_steps: int | None,
     c.train.log_every = max(n // 10, 1)
     c.train.eval_every = 0
     return c
-
-
-def summarise(per_seed: list[dict]) -> dict:
-    """Mean, std and count over seeds of every numeric metric (the same layout as fdistill_gmm)."""
-    out = {}
-    for k in sorted(set().union(*per_seed)):
-        vals = np.array([r[k] for r in per_seed if isinstance(r.get(k), (int, float))], np.float64)
-        if len(vals):
-            out[k] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=0)), "n": int(len(vals))}
-    return out
-
-
-def final_samples(objective, workdir: str, n: int) -> np.ndarray:
-    """K-step samples of the run's last checkpoint."""
-    import jax
-    import jax.numpy as jnp
-
-    from fdistill import checkpoint
-
-    gen = jax.tree.map(jnp.asarray, checkpoint.restore_tree(workdir)["params"]["gen"])
-    return objective.student_samples(gen, jax.random.PRNGKey(0), n)[0]
-
-
-def small_mode_mass(objective, x: np.ndarray, k: int = 2) -> float:
-    """Student mass on the k lightest GMM modes divided by their true mass (1 = exact)."""
-    from fdistill.evaluation.samples import mode_histogram
-
-    w = np.asarray(objective.source.gmm.weights)
-    small = np.argsort(w)[:k]
-    return float(mode_histogram(x, objective.source.gmm)[small].sum() / w[small].sum())
 
 
 def write_markdown(path: str, table: dict, teacher: dict, meta: dict) -> None:

@@ -1,0 +1,35 @@
+"""Helpers shared by the distillation tables (no flags here, so every table module can import it)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def summarise(per_seed: list[dict]) -> dict:
+    """Mean, std and count over seeds of every numeric metric: {key: {'mean', 'std', 'n'}}."""
+    out = {}
+    for k in sorted(set().union(*per_seed)):
+        vals = np.array([r[k] for r in per_seed if isinstance(r.get(k), (int, float))], np.float64)
+        if len(vals):
+            out[k] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=0)), "n": int(len(vals))}
+    return out
+
+
+def final_samples(objective, workdir: str, n: int) -> np.ndarray:
+    """Student samples (the objective's sampler: one step, or K) from the run's last checkpoint, with
+    the same key as its evaluation."""
+    from fdistill import checkpoint
+
+    gen = jax.tree.map(jnp.asarray, checkpoint.restore_tree(workdir)["params"]["gen"])
+    return objective.student_samples(gen, jax.random.PRNGKey(0), n)[0]
+
+
+def small_mode_mass(objective, x: np.ndarray, k: int = 2) -> float:
+    """Student mass on the k lightest GMM modes divided by their true mass (1 = exact, 0 = dropped)."""
+    from fdistill.evaluation.samples import mode_histogram
+
+    gmm = objective.source.gmm
+    w = np.asarray(gmm.weights)
+    small = np.argsort(w)[:k]
+    return float(mode_histogram(x, gmm)[small].sum() / w[small].sum())
