@@ -20,12 +20,12 @@ import argparse
 import collections
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 
 from fdistill import configs, objectives
+from timing import best_rate
 from fdistill.train import MAX_STEPS_IN_FLIGHT
 
 # Dense (no sparsity) peak TFLOP/s by device_kind substring and compute dtype. float32 matmuls run
@@ -51,23 +51,20 @@ def device_peak_tflops(dtype: str) -> float | None:
 
 
 def time_fn(step, state, args, seconds: float, warmup: int = 3, windows: int = 3) -> float:
-    """Calls/s of `state, metrics = step(state, *args)`: the best of `windows` windows of `seconds /
-    windows` each, after `warmup` calls (the best window is the least disturbed by other jobs)."""
+    """Calls/s of `state, metrics = step(state, *args)` (`best_rate`) after `warmup` calls, with at
+    most MAX_STEPS_IN_FLIGHT steps queued, as in the training loop."""
     for _ in range(warmup):
         state = step(state, *args)[0]
     jax.block_until_ready(state)
-    rates = []
-    for _ in range(windows):
-        n, t0, in_flight = 0, time.perf_counter(), collections.deque()
-        while time.perf_counter() - t0 < seconds / windows:
-            state, metrics = step(state, *args)
-            in_flight.append(metrics)  # as the training loop: at most MAX_STEPS_IN_FLIGHT queued
-            if len(in_flight) > MAX_STEPS_IN_FLIGHT:
-                jax.block_until_ready(in_flight.popleft())
-            n += 1
-        jax.block_until_ready(state)
-        rates.append(n / (time.perf_counter() - t0))
-    return max(rates)
+    carry = {"state": state, "in_flight": collections.deque()}
+
+    def call():
+        carry["state"], metrics = step(carry["state"], *args)
+        carry["in_flight"].append(metrics)
+        if len(carry["in_flight"]) > MAX_STEPS_IN_FLIGHT:
+            jax.block_until_ready(carry["in_flight"].popleft())
+
+    return best_rate(call, seconds, windows, sync=lambda: jax.block_until_ready(carry["state"]))
 
 
 def matmul_flops_per_sec(size: int, dtype: str, seconds: float) -> float:
@@ -76,17 +73,14 @@ def matmul_flops_per_sec(size: int, dtype: str, seconds: float) -> float:
     f = jax.jit(lambda a, b: a @ b)
     for _ in range(3):
         jax.block_until_ready(f(a, b))
-    rates = []
-    for _ in range(3):  # best of three windows, as for the steps
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds / 3:
-            out = f(a, b)
-            n += 1
-            if n % 10 == 0:
-                jax.block_until_ready(out)
-        jax.block_until_ready(out)
-        rates.append(n / (time.perf_counter() - t0))
-    return 2 * size**3 * max(rates)
+    queue = collections.deque()
+
+    def call():  # at most 10 products queued
+        queue.append(f(a, b))
+        if len(queue) > 10:
+            jax.block_until_ready(queue.popleft())
+
+    return 2 * size**3 * best_rate(call, seconds, sync=lambda: jax.block_until_ready(list(queue)))
 
 
 def compiled_flops(compiled) -> float:

@@ -29,7 +29,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -281,19 +280,6 @@ def real_batch(spec, step: int = 0):
     return x.reshape(spec["K"], spec["batch"], -1).transpose(1, 0, 2).astype(np.float32)
 
 
-def best_rate(call, seconds: float, windows: int = 3) -> float:
-    """Calls/s of `call()`: the best of `windows` windows of `seconds / windows` (as
-    `step_throughput.time_fn` for JAX; the best window is the least disturbed by other jobs)."""
-    rates = []
-    for _ in range(windows):
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds / windows:
-            call()
-            n += 1
-        rates.append(n / (time.perf_counter() - t0))
-    return max(rates)
-
-
 def torch_worker(spec, seconds: float, warmup: int = 3, threads: int = 0, compile: bool = False) -> dict:
     import torch
 
@@ -306,6 +292,9 @@ def torch_worker(spec, seconds: float, warmup: int = 3, threads: int = 0, compil
     x = torch.from_numpy(real_batch(spec))
     for _ in range(warmup):
         metrics = model.step(x)
+    sys.path.insert(0, HERE)
+    from timing import best_rate  # the same timing as the JAX worker (step_throughput.time_fn)
+
     rate = best_rate(lambda: model.step(x), seconds)  # float() of the losses syncs every step
     metrics = model.step(x)
     mode = ("torch.compile" if compile else "eager") + f", OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')}"

@@ -1,0 +1,19 @@
+"""Timing shared by the benchmarks (no JAX or PyTorch import: the PyTorch worker uses it too)."""
+from __future__ import annotations
+
+import time
+
+
+def best_rate(call, seconds: float, windows: int = 3, sync=lambda: None) -> float:
+    """Calls/s of `call()`: the best of `windows` windows of `seconds / windows` each, `sync()`
+    (waiting for queued device work) closing every window; the best window is the least disturbed
+    by other jobs on the machine."""
+    rates = []
+    for _ in range(windows):
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / windows:
+            call()
+            n += 1
+        sync()
+        rates.append(n / (time.perf_counter() - t0))
+    return max(rates)
