@@ -1,21 +1,402 @@
-"""Loading experiment configs (`ml_collections_configs/<name>.py` files defining `get_config()`)."""
+"""Configs as data: one base of defaults per objective family, one loader, strict checks.
+
+Every default lives here, once. An experiment file in `ml_collections_configs/` starts from a base
+and states only what differs:
+
+    from fdistill import configs
+
+    def get_config():
+        c = configs.base("distill", data="gmm", model="mlp")
+        c.distill.divergence = "js"
+        return c
+
+`base(family, data=..., model=...)` assembles the sections of a family (`score`, `distill`, `sft`,
+`po`, `diffusion_po`) with the data section of a data source (`gmm`, `digits`, `tfds`) and the
+model section of a network (`mlp`, `unet`, `transformer`). `complete(config)` fills a partial
+config (an old `config.json`, a test's config) from its base and rejects fields the base does not
+have, naming the closest valid ones; `check_overrides` does the same for command-line overrides
+(`--config.a.b=v`), including the expected type. Objectives read fields directly
+(`config.distill.ratio_bins`), never with a `.get(field, default)` that would restate a default.
+"""
 from __future__ import annotations
 
+import difflib
 import importlib.util
+import json
 import os
+from typing import Any, Iterable
 
 import ml_collections
+from ml_collections import config_dict
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ml_collections_configs")
 
+ConfigDict = ml_collections.ConfigDict
 
-def load(name_or_path: str) -> ml_collections.ConfigDict:
-    """`get_config()` of a config file given as a path or as a name in ml_collections_configs/."""
+
+class ConfigError(ValueError):
+    """A config field that does not exist or has the wrong type."""
+
+
+def _section(**fields) -> ConfigDict:
+    return ConfigDict(fields)
+
+
+def optional(kind: type, default=None):
+    """A field that may stay unset (None); overrides are parsed as `kind`."""
+    return config_dict.placeholder(kind) if default is None else default
+
+
+# ----- data sources --------------------------------------------------------------------------------
+
+
+def data(name: str) -> ConfigDict:
+    """The `config.data` section of a data source (`fdistill.data`)."""
+    if name == "gmm":
+        return _section(
+            name="gmm",
+            layout="ring",  # ring | grid | random
+            num_modes=8,
+            dim=2,
+            mode_std=0.05,
+            radius=1.0,
+            imbalance=1.0,  # largest / smallest mode weight
+            seed=0,  # places the modes (random layout), orders the weights and the batches
+        )
+    if name == "digits":
+        return _section(
+            name="digits",
+            resolution=8,  # 8 | 16
+            data_dir="",  # '' = $FDISTILL_DATA_DIR or ~/.cache/fdistill/tfds
+            seed=0,  # epoch shuffling
+        )
+    if name == "tfds" or name.startswith("tfds:"):
+        return _section(
+            name=name if name.startswith("tfds:") else "tfds:",
+            data_dir="",
+            seed=0,
+            split="train",
+            image_key="image",
+            label_key="label",  # '' = unconditional
+            allow_download=False,
+            feature_fn="",  # 'package.module:function' (e.g. an Inception port for FID); '' = 8x8 pixels
+            num_reference=5000,  # data images whose features are the metric's reference
+        )
+    raise ConfigError(f"config.data.name={name!r} has no base; known: ['gmm', 'digits', 'tfds:<name>']")
+
+
+def _data_kind(name: str) -> str:
+    return "tfds" if str(name).startswith("tfds") else str(name)
+
+
+# ----- models --------------------------------------------------------------------------------------
+
+
+def model(name: str) -> ConfigDict:
+    """The `config.model` section of a network (`fdistill.models`)."""
+    if name == "mlp":
+        return _section(name="mlp", width=128, depth=3, emb_dim=64, num_classes=0, dropout=0.0)
+    if name == "unet":
+        return _section(name="unet", channels=32, channel_mult=(1, 2), num_res_blocks=2, attention=True,
+                        num_heads=1, emb_dim=128, num_classes=0, dropout=0.0)
+    if name == "transformer":
+        return _section(name="transformer", width=64, depth=2, num_heads=4, mlp_ratio=4)
+    raise ConfigError(f"config.model.name={name!r} has no base; known: ['mlp', 'unet', 'transformer']")
+
+
+# ----- shared sections -----------------------------------------------------------------------------
+
+
+def diffusion() -> ConfigDict:
+    """EDM noise schedule and preconditioning (arXiv 2206.00364, Table 1)."""
+    return _section(sigma_data=0.5, p_mean=-1.2, p_std=1.2, sigma_min=0.002, sigma_max=80.0, rho=7.0)
+
+
+def train() -> ConfigDict:
+    """The loop's fields (`fdistill.train`) and the default optimiser (`fdistill.train_state`)."""
+    return _section(
+        num_steps=1000,
+        batch_size=128,
+        seed=0,
+        log_every=100,
+        eval_every=0,  # 0 = only at the end
+        checkpoint_every=1000,
+        keep_checkpoints=2,
+        learning_rate=1e-3,
+        warmup_steps=0,
+        grad_clip=1.0,  # global-norm clipping; 0 = none
+        weight_decay=0.0,  # AdamW
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        ema_decay=0.0,  # 0 = no parameter EMA
+        compute_dtype="float32",  # float32 | bfloat16 (activations; parameters stay float32)
+        grad_accum_steps=1,  # micro-batches per step (divides batch_size)
+    )
+
+
+def sample_eval() -> ConfigDict:
+    """Evaluation of a diffusion sampler on the data source's metrics."""
+    return _section(num_samples=8192, num_steps=18, sampler="heun", chunk=4096)
+
+
+# ----- families ------------------------------------------------------------------------------------
+
+
+def distill() -> ConfigDict:
+    """`config.distill`: f-distill / DMD2 / VSD and their few-step students (`fdistill.distill`)."""
+    return _section(
+        teacher="analytic",  # 'analytic' (GMM only) or the workdir of a finished score run
+        allow_unfinished_teacher=False,
+        # the objective
+        divergence="js",  # rkl | kl | js | sh | jf | sf | pearson | neyman | alpha
+        alpha=0.5,  # divergence='alpha' only (h = r^alpha)
+        lambda_gan=1e-3,  # generator GAN loss weight
+        teacher_error_norm=True,  # DMD weight w = 1 / mean|x - D_real|
+        num_sigmas=1000,  # Karras grid of the distillation noise levels
+        gen_index_min=20,
+        gen_index_max=980,
+        ratio_binning="index",  # index (10 equal-count bins of the grid index) | sigma (FastGen: equal-width in sigma)
+        ratio_bins=10,  # 0 = no per-bin normalisation
+        ratio_ema=0.0,
+        logit_clip=10.0,
+        ratio_min=0.1,
+        ratio_max=20.0,
+        # the critic
+        critic="learned",  # learned (fake score + discriminator)
+        critic_updates=5,  # critic updates per generator update (two time-scale rule)
+        critic_loop="scan",  # scan | unroll (unroll for conv nets on CPU)
+        fake_loss="edm",  # edm (lambda(sigma)-weighted DSM) | x0_mse (FastGen: unweighted)
+        fake_sigma="karras",  # karras (index-uniform) | lognormal (EDM training distribution)
+        disc_on="fake_score",  # fake_score (head on its features) | separate (own trunk) | teacher (heads on the frozen teacher's features)
+        disc_heads=1,  # disc_on='teacher': heads whose logits are averaged
+        disc_loss_weight=1.0,
+        disc_hidden=128,
+        disc_depth=2,
+        step_aware_critic=False,  # few-step: condition the critic on the student step
+        # the student
+        student="one_step",  # one_step | backward_simulation (DMD2) | tdm
+        gen_sigma=80.0,  # G(z) = D_gen(gen_sigma z; gen_sigma)
+        num_student_steps=1,
+        student_sigmas="karras",  # or K comma-separated decreasing floats
+        sampler_seed=0,  # keys the few-step sampler's fresh re-noising noise at evaluation
+        tdm_snr_clip=5.0,
+        tdm_importance_weight=True,
+        # optimisers (None = config.train's value)
+        lr_gen=optional(float),
+        lr_fake=optional(float),
+        lr_disc=optional(float),
+        critic_grad_clip=optional(float),
+        gen_ema_decay=0.0,
+        # evaluation
+        ratio_eval_sigma_min=0.05,
+        ratio_eval_sigma_max=2.0,
+    )
+
+
+def po() -> ConfigDict:
+    """`config.po`: preference optimisation of a language policy (`fdistill.objectives.language`)."""
+    return _section(
+        loss="dpo",  # see fdistill.objectives.preference
+        beta=0.1,
+        label_smoothing=0.1,  # cdpo
+        gamma=0.5,  # simpo
+        alpha=1.0,  # rpo
+        lambda_=0.1,  # orpo
+        precompute_ref=True,
+        reference="sft",  # sft | init
+        init_seed=0,
+        sft_workdir="",
+        sft=None,  # TODO(runs-named): removed with the auto-training of references
+        sft_cache="",
+        data_dir="",
+        pairs=_section(num_pairs=4096, num_test_pairs=512, bt_temperature=0.25, sample_temperature=1.0, seed=0),
+    )
+
+
+def task() -> ConfigDict:
+    """`config.task`: the known-reward synthetic language (`fdistill.data.preference`)."""
+    return _section(vocab_size=32, response_len=12, length_cost=0.1, demo_target_prob=0.5, demo_max_words=11,
+                    heldout_frac=0.2, seed=0)
+
+
+def lm_eval() -> ConfigDict:
+    return _section(samples_per_prompt=8, temperature=1.0, num_heldout=2048, num_pairs=512, use_ema=False,
+                    chunk=1024)
+
+
+def diffusion_po() -> ConfigDict:
+    """`config.dpo`, `config.reward`, `config.pairs`: diffusion preference optimisation."""
+    c = ConfigDict()
+    c.dpo = _section(method="diffusion_dpo", space="pixel", beta=100.0, snr_value=0.5, margin_scale=1000.0,
+                     reference="", reference_cache="", teacher=None)
+    c.reward = _section(kind="half_plane", angle_deg=22.5, offset=0.0, scale=1.0, modes=(0, 1, 2, 7),
+                        smoothing=0.1, target_class=0)
+    c.pairs = _section(num_pairs=8192, temperature=0.1, seed=0, num_steps=0, dir="")
+    return c
+
+
+FAMILIES = {
+    "score": ("score",),
+    "distill": ("distill", "dmd2_multistep", "tdm"),
+    "sft": ("sft",),
+    "po": ("po",),
+    "diffusion_po": ("diffusion_po",),
+}
+DEFAULT_DATA = {"score": "gmm", "distill": "gmm", "diffusion_po": "gmm"}
+DEFAULT_MODEL = {"score": "mlp", "distill": "mlp", "sft": "transformer", "po": "transformer", "diffusion_po": "mlp"}
+
+
+def family_of(objective: str) -> str:
+    for family, names in FAMILIES.items():
+        if objective in names:
+            return family
+    known = sorted(n for names in FAMILIES.values() for n in names)
+    raise ConfigError(f"config.objective={objective!r} is not a known objective; allowed: {known}")
+
+
+def base(objective: str, data: str | None = None, model: str | None = None) -> ConfigDict:
+    """Every field of an `objective`'s config with its default (see the module docstring)."""
+    family = family_of(objective)
+    c = ConfigDict()
+    c.objective = objective
+    if family in ("score", "distill", "diffusion_po"):
+        c.data = globals()["data"](data or DEFAULT_DATA[family])
+        c.diffusion = diffusion()
+        c.eval = sample_eval()
+        if family == "diffusion_po":
+            c.eval.use_ema = True
+    if family in ("sft", "po"):
+        c.task = task()
+        c.eval = lm_eval()
+    c.model = globals()["model"](model or DEFAULT_MODEL[family])
+    c.train = train()
+    if family == "distill":
+        c.distill = distill()
+    elif family == "po":
+        c.po = po()
+    elif family == "diffusion_po":
+        c.update(diffusion_po())
+    return c
+
+
+# ----- completing and checking ---------------------------------------------------------------------
+
+
+def base_for(config) -> ConfigDict:
+    """The base matching a (possibly partial) config: its objective, data source and model."""
+    if "objective" not in config:
+        raise ConfigError("config.objective is missing; every config names its objective")
+    objective = config["objective"]
+    family = family_of(objective)
+    data_name = config["data"]["name"] if "data" in config and "name" in config["data"] else None
+    model_name = config["model"]["name"] if "model" in config and "name" in config["model"] else None
+    return base(objective, data=_data_kind(data_name) if data_name else None, model=model_name)
+
+
+def complete(config, where: str = "config") -> ConfigDict:
+    """`config` with every field its base defines (missing fields take the base's defaults). Unknown
+    fields raise a ConfigError naming the field and the closest valid names; values of the wrong
+    type raise one naming the field and the expected type."""
+    if isinstance(config, ConfigDict):
+        config = config.to_dict()
+    out = base_for(config)
+    if "data" in config and "name" in config["data"]:
+        out.data.name = config["data"]["name"]
+    _merge(out, config, where)
+    return out
+
+
+def _merge(target: ConfigDict, values: dict, path: str) -> None:
+    for key, value in values.items():
+        field = f"{path}.{key}"
+        if key not in target:
+            raise ConfigError(unknown_field_message(field, target.keys(), path))
+        current = target[key]
+        if isinstance(current, ConfigDict):
+            if not isinstance(value, (dict, ConfigDict)):
+                raise ConfigError(f"{field} must be a section (dict), got {value!r}")
+            _merge(current, dict(value), field)
+            continue
+        target[key] = coerce(field, value, target.get_type(key))
+
+
+def unknown_field_message(field: str, valid: Iterable[str], section: str) -> str:
+    name = field.rsplit(".", 1)[-1]
+    valid = sorted(valid)
+    close = difflib.get_close_matches(name, valid, n=3, cutoff=0.6)
+    hint = (f"did you mean {', '.join(f'{section}.{c}' for c in close)}?" if close
+            else f"valid fields of {section}: {', '.join(valid)}")
+    return f"{field} is not a config field; {hint}"
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "a boolean (True/False)", str: "a string",
+               tuple: "a tuple", list: "a list"}
+
+
+def coerce(field: str, value: Any, kind: type) -> Any:
+    """`value` as the field's type (ints are accepted for float fields; tuples and lists for each
+    other, as JSON stores tuples as lists); a ConfigError otherwise."""
+    if value is None or kind is type(None) or kind is object:
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind in (tuple, list) and isinstance(value, (tuple, list)):
+        return kind(value)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{field} expects {_TYPE_NAMES.get(kind, kind.__name__)}, got {value!r}")
+
+
+def check_overrides(config: ConfigDict, argv: list[str], flag: str = "config") -> None:
+    """Checks `--config.a.b=v` command-line overrides against `config` before they are applied:
+    the field must exist (else the closest valid names) and `v` must parse as its type."""
+    prefix = f"--{flag}."
+    for arg in argv:
+        if not arg.startswith(prefix):
+            continue
+        path, _, text = arg[len(prefix):].partition("=")
+        node, parts = config, path.split(".")
+        for i, part in enumerate(parts):
+            section = ".".join([flag] + parts[:i])
+            if not isinstance(node, ConfigDict) or part not in node:
+                valid = node.keys() if isinstance(node, ConfigDict) else []
+                raise ConfigError(unknown_field_message(f"{section}.{part}", valid, section))
+            if i < len(parts) - 1:
+                node = node[part]
+        kind = node.get_type(parts[-1])
+        if kind in (int, float) and text:
+            try:
+                float(text) if kind is float else int(text)
+            except ValueError:
+                raise ConfigError(f"--{flag}.{path}={text!r}: {flag}.{path} expects "
+                                  f"{_TYPE_NAMES[kind]}") from None
+        if kind is bool and text.lower() not in ("true", "false", "1", "0", ""):
+            raise ConfigError(f"--{flag}.{path}={text!r}: {flag}.{path} expects {_TYPE_NAMES[bool]}")
+
+
+# ----- loading -------------------------------------------------------------------------------------
+
+
+def config_path(name_or_path: str) -> str:
     path = name_or_path if name_or_path.endswith(".py") else os.path.join(CONFIG_DIR, f"{name_or_path}.py")
     if not os.path.exists(path):
-        available = sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py"))
+        available = sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py") and not f.startswith("_"))
         raise FileNotFoundError(f"config {name_or_path!r} not found; available in {CONFIG_DIR}: {available}")
+    return path
+
+
+def load(name_or_path: str) -> ConfigDict:
+    """`get_config()` of an experiment file, given as a path or a name in ml_collections_configs/."""
+    path = config_path(name_or_path)
     spec = importlib.util.spec_from_file_location(f"fdistill_config_{os.path.basename(path)[:-3]}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
+
+
+def load_json(path: str) -> ConfigDict:
+    """A workdir's `config.json`, completed from its base (fields added since it was written take
+    their defaults)."""
+    with open(path) as f:
+        return complete(json.load(f), where="config")

@@ -22,6 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fdistill import checkpoint as ckpt_lib
+from fdistill import configs
 from fdistill import objectives
 from fdistill import sharding
 
@@ -31,7 +32,6 @@ from fdistill import sharding
 # flight keep the device busy on every backend.
 MAX_STEPS_IN_FLIGHT = 4
 
-REQUIRED_TRAIN_FIELDS = ("num_steps", "batch_size", "log_every", "eval_every", "checkpoint_every", "seed")
 
 
 class NonFiniteError(FloatingPointError):
@@ -39,12 +39,7 @@ class NonFiniteError(FloatingPointError):
 
 
 def validate_train_config(config) -> None:
-    """The fields every objective's config must define, with sane values."""
-    if "train" not in config:
-        raise ValueError("config.train is missing; every config needs a train section")
-    for field in REQUIRED_TRAIN_FIELDS:
-        if field not in config.train:
-            raise ValueError(f"config.train.{field} is missing")
+    """Sane values of the loop's fields (their presence is guaranteed by `configs.complete`)."""
     for field in ("num_steps", "batch_size", "log_every"):
         if int(config.train[field]) <= 0:
             raise ValueError(f"config.train.{field} must be positive, got {config.train[field]}")
@@ -144,6 +139,7 @@ def train_and_evaluate(config, workdir: str, num_devices: int | None = None) -> 
     was stopped by SIGTERM (a checkpoint was saved; re-running resumes).
     """
     sharding.initialize_distributed()
+    config = configs.complete(config)
     validate_train_config(config)
     mesh = sharding.make_mesh(num_devices)
     sharding.check_batch_size(config.train.batch_size, mesh)
@@ -165,7 +161,7 @@ def train_and_evaluate(config, workdir: str, num_devices: int | None = None) -> 
     frozen = sharding.replicate(frozen, mesh)
 
     ckpt = ckpt_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), keep=tc.get("keep_checkpoints", 2), save_every=tc.checkpoint_every
+        os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints, save_every=tc.checkpoint_every
     )
     restored = ckpt.restore_latest(ckpt_lib.abstract_like(state, repl))
     start = 0

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fdistill import objectives, sharding
-from fdistill.objectives.common import accumulated_value_and_grad
+from fdistill.train_state import value_and_grad as accumulated_value_and_grad
 from tests.helpers import tiny_score_config
 
 

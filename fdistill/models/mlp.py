@@ -24,35 +24,47 @@ class FourierEmbedding(nn.Module):
 
 class ResidualBlock(nn.Module):
     width: int
+    dropout: float = 0.0
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, h: jax.Array, emb: jax.Array) -> jax.Array:
+    def __call__(self, h: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
         y = nn.LayerNorm(dtype=self.dtype)(h)
         y = nn.Dense(self.width, dtype=self.dtype)(y) + nn.Dense(self.width, dtype=self.dtype)(emb)
-        y = nn.Dense(self.width, dtype=self.dtype)(nn.silu(y))
+        y = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(y))
+        y = nn.Dense(self.width, dtype=self.dtype)(y)
         return h + y
 
 
 class MLPDenoiserNet(nn.Module):
     """F(x_in, c_noise) of the EDM preconditioning: a residual MLP with Fourier noise embedding.
 
-    `features=True` also returns the last hidden layer (used by discriminator heads).
+    `features=True` also returns the last hidden layer (used by discriminator heads). With
+    `num_classes > 0` a learned class embedding is added to the noise embedding (labels required);
+    `train=True` (with a 'dropout' rng) applies dropout inside the residual blocks.
     """
 
     out_dim: int
     width: int = 128
     depth: int = 3
     emb_dim: int = 64
+    num_classes: int = 0
+    dropout: float = 0.0
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, c_noise: jax.Array, features: bool = False):
+    def __call__(self, x: jax.Array, c_noise: jax.Array, labels: jax.Array | None = None, features: bool = False,
+                 train: bool = False):
         emb = FourierEmbedding(self.emb_dim)(c_noise)
+        if self.num_classes > 0:
+            if labels is None:
+                raise ValueError(f"this MLP is class-conditional (config.model.num_classes={self.num_classes}); "
+                                 "pass labels")
+            emb = emb + nn.Embed(self.num_classes, self.emb_dim)(labels.astype(jnp.int32))
         emb = nn.silu(nn.Dense(self.width, dtype=self.dtype)(emb))
         h = nn.Dense(self.width, dtype=self.dtype)(x)
         for _ in range(self.depth):
-            h = ResidualBlock(self.width, dtype=self.dtype)(h, emb)
+            h = ResidualBlock(self.width, self.dropout, dtype=self.dtype)(h, emb, train)
         h = nn.silu(nn.LayerNorm(dtype=self.dtype)(h))
         out = nn.Dense(self.out_dim, dtype=self.dtype, kernel_init=nn.initializers.zeros)(h)
         out = out.astype(jnp.float32)

@@ -55,6 +55,8 @@ import optax
 from fdistill import diffusion
 from fdistill.objectives.base import Objective, register
 from fdistill.objectives import score
+from fdistill.denoiser import edm_dsm_loss, sample_chunked
+from fdistill.train_state import Optimizer, OptimizerSettings, TrainState, ema_update
 
 METHODS = ("diffusion_dpo", "mapo")
 SPACES = ("pixel", "perceptual")
@@ -102,7 +104,7 @@ def mapo(err_w, err_l, beta: float, snr_value: float = 0.5, margin_scale: float 
 # ----------------------------------------------------------------------------------------------
 def pixel_errors(denoiser, params, x, sigma, noise, **kw):
     """lambda(sigma) * mean ||D(x + sigma noise; sigma) - x||^2 per example (EDM eq. 8)."""
-    return score.edm_dsm_loss(denoiser, params, x, sigma, noise, **kw)
+    return edm_dsm_loss(denoiser, params, x, sigma, noise, **kw)
 
 
 def features(denoiser, feat_params, y, sigma, **kw):
@@ -240,7 +242,7 @@ class DiffusionPreferenceObjective(Objective):
         sample_fn = lambda k, n, labels: self.sample(self.ref_params, k, n, pair_steps, labels)
         self.pairs = prefdata.ensure_pairs(config, self.reference_dir, self.ref_config, sample_fn, self.shape,
                                            self.num_classes, self.reward)
-        self.tx = score.make_optimizer(config.train)
+        self.tx = Optimizer(OptimizerSettings.from_config(config.train)).tx
         self.p_mean = float(self.ref_config.diffusion.p_mean)
         self.p_std = float(self.ref_config.diffusion.p_std)
         d = config.dpo
@@ -250,7 +252,7 @@ class DiffusionPreferenceObjective(Objective):
     # ----- contract -------------------------------------------------------------------------
     def init(self, key):
         params = jax.tree.map(jnp.array, self.ref_params)
-        state = score.TrainState(step=jnp.zeros((), jnp.int32), rng=key, params=params,
+        state = TrainState(step=jnp.zeros((), jnp.int32), rng=key, params=params,
                                  opt_state=self.tx.init(params), ema_params=jax.tree.map(jnp.array, params))
         return state, {"ref": self.ref_params}
 
@@ -280,7 +282,7 @@ class DiffusionPreferenceObjective(Objective):
         grads, metrics = jax.grad(self.loss, has_aux=True)(state.params, frozen["ref"], batch, key)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ema = score.ema_update(state.ema_params, params, self.config.train.get("ema_decay", 0.0))
+        ema = ema_update(state.ema_params, params, self.config.train.get("ema_decay", 0.0))
         metrics["grad_norm"] = optax.global_norm(grads)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
 
@@ -291,7 +293,7 @@ class DiffusionPreferenceObjective(Objective):
     def sample(self, params, key, n, num_steps=None, labels=None):
         """n deterministic EDM samples (the reference's sampler settings unless config.eval overrides)."""
         e, re = self.config.eval, self.ref_config.eval
-        return score.generate(self.denoiser, params, self.shape, key, n, int(num_steps or e.get("num_steps", re.num_steps)),
+        return sample_chunked(self.denoiser, params, self.shape, key, n, int(num_steps or e.get("num_steps", re.num_steps)),
                               e.get("sampler", re.get("sampler", "heun")), self.ref_config.diffusion,
                               int(e.get("chunk", 4096)), self.num_classes, labels)
 

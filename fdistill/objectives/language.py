@@ -31,7 +31,11 @@ from fdistill.evaluation import preference as prefeval
 from fdistill.models.transformer import TransformerLM, generate, param_count
 from fdistill.objectives import preference as prefloss
 from fdistill.objectives.base import Objective, register
-from fdistill.objectives.score import TrainState, ema_update, make_optimizer
+from fdistill.train_state import Optimizer, OptimizerSettings, TrainState, ema_update
+
+
+def make_optimizer(train_config):
+    return Optimizer(OptimizerSettings.from_config(train_config)).tx
 
 REFERENCES = ("sft", "init")
 MODEL_FIELDS = ("width", "depth", "num_heads", "mlp_ratio")
