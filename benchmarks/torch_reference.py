@@ -51,24 +51,26 @@ def spec_from_config(config) -> dict:
 
     obj = objectives.build(config)
     dc, gmm = config.distill, obj.source.gmm
-    if obj.disc_on != "fake_score" or obj.div.name not in H_FUNCTIONS or obj.critic_loop not in ("scan", "unroll"):
-        raise SystemExit(f"torch_reference supports disc_on='fake_score' and divergences {list(H_FUNCTIONS)}")
-    if config.model.name != "mlp" or config.train.get("warmup_steps", 0) or config.train.get("weight_decay", 0):
+    if (dc.disc_on != "fake_score" or obj.div.name not in H_FUNCTIONS or dc.ratio_binning != "index"
+            or dc.fake_loss != "edm" or obj.name != "distill"):
+        raise SystemExit(f"torch_reference supports the one-step student, disc_on='fake_score', index ratio bins, "
+                         f"the EDM fake loss and divergences {list(H_FUNCTIONS)}")
+    if config.model.name != "mlp" or config.train.warmup_steps or config.train.weight_decay:
         raise SystemExit("torch_reference supports the MLP, no warm-up and no weight decay")
     return {
         "width": int(config.model.width), "depth": int(config.model.depth), "emb_dim": int(config.model.emb_dim),
-        "dim": int(obj.source.shape[0]), "batch": int(config.train.batch_size), "K": obj.K,
-        "sigma_data": float(obj.sigma_data), "grid": [float(s) for s in obj.grid],
-        "index_lo": obj.index_lo, "index_hi": obj.index_hi, "num_bins": obj.num_bins,
-        "ratio_ema": float(dc.get("ratio_ema", 0.0)), "gen_sigma": obj.gen_sigma,
+        "dim": int(obj.source.shape[0]), "batch": int(config.train.batch_size), "K": obj.critic_updates,
+        "sigma_data": float(obj.teacher.sigma_data), "grid": [float(s) for s in obj.levels.grid],
+        "index_lo": obj.levels.lo, "index_hi": obj.levels.hi, "num_bins": int(dc.ratio_bins),
+        "ratio_ema": float(dc.ratio_ema), "gen_sigma": float(dc.gen_sigma),
         "logit_clip": float(dc.logit_clip), "ratio_min": float(dc.ratio_min), "ratio_max": float(dc.ratio_max),
-        "lambda_gan": obj.lambda_gan, "disc_loss_weight": float(dc.get("disc_loss_weight", 1.0)),
-        "teacher_error_norm": bool(dc.get("teacher_error_norm", True)), "divergence": obj.div.name,
+        "lambda_gan": float(dc.lambda_gan), "disc_loss_weight": float(dc.disc_loss_weight),
+        "teacher_error_norm": bool(dc.teacher_error_norm), "divergence": obj.div.name,
         "disc_hidden": int(dc.disc_hidden), "disc_depth": int(dc.disc_depth),
-        "lr": {k: float(dc.get(f"lr_{k}") or config.train.learning_rate) for k in ("gen", "fake", "disc")},
-        "grad_clip": float(config.train.get("grad_clip", 0.0)),
+        "lr": {k: float(opt.settings.learning_rate) for k, opt in obj.optimizers.items()},
+        "grad_clip": float(config.train.grad_clip),
         "gmm": {"means": gmm.means.tolist(), "weights": gmm.weights.tolist(), "stds": gmm.stds.tolist()},
-        "data_seed": int(config.data.get("seed", 0)),
+        "data_seed": int(config.data.seed),
     }
 
 
@@ -121,7 +123,7 @@ def torch_modules(spec):
             return (out, h) if features else out
 
     class Head(nn.Module):
-        """fdistill.objectives.distill.DiscriminatorHead."""
+        """fdistill.distillation.critics.DiscriminatorHead."""
 
         def __init__(self, width, hidden, depth):
             super().__init__()
@@ -369,7 +371,8 @@ def load_flax_into_torch(params, modules):
 
 def jax_step_draws(obj, state, b: int):
     """The random draws `DistillObjective.train_step` makes from `state.rng` at `state.step`
-    (replaying its key splits), as torch tensors in `TorchFDistill.step`'s layout."""
+    (replaying its key splits: `critic_update`, `OneStep.draws`, `LearnedCritic.loss`), as torch
+    tensors in `TorchFDistill.step`'s layout."""
     import jax
     import numpy as np
     import torch
@@ -379,16 +382,19 @@ def jax_step_draws(obj, state, b: int):
     k_critic, k_gen = jax.random.split(key)
     shape = (b,) + tuple(obj.source.shape)
     critic = []
-    for k in jax.random.split(k_critic, obj.K):
-        k_z, _, k_sf, k_nf, k_if, k_ir, k_ef, k_er = jax.random.split(k, 8)
+    for k in jax.random.split(k_critic, obj.critic_updates):
+        k_point, k_loss = jax.random.split(k)
+        d = obj.student.draws(k_point, b)
+        k_fake, k_ir, k_er = jax.random.split(k_loss, 3)
+        k_sf, k_nf = jax.random.split(k_fake)
         critic.append({
-            "z": t(jax.random.normal(k_z, shape)),
-            "sf_idx": t(jax.random.randint(k_sf, (b,), 0, obj.grid.shape[0])).long(),
+            "z": t(d["z"]),
+            "sf_idx": t(jax.random.randint(k_sf, (b,), 0, obj.levels.grid.shape[0])).long(),
             "noise": t(jax.random.normal(k_nf, shape)),
-            "if_idx": t(obj._sigma_index(k_if, b)).long(), "ir_idx": t(obj._sigma_index(k_ir, b)).long(),
-            "eps_f": t(jax.random.normal(k_ef, shape)), "eps_r": t(jax.random.normal(k_er, shape)),
+            "if_idx": t(d["index"]).long(), "ir_idx": t(obj.levels.draw_index(k_ir, b)).long(),
+            "eps_f": t(d["eps"]), "eps_r": t(jax.random.normal(k_er, shape)),
         })
-    d = obj.draws(k_gen, b)
+    d = obj.student.draws(k_gen, b)
     return critic, {"z": t(d["z"]), "index": t(d["index"]).long(), "eps": t(d["eps"])}
 
 

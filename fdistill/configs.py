@@ -164,7 +164,7 @@ def distill() -> ConfigDict:
         ratio_max=20.0,
         # the critic
         critic="learned",  # learned (fake score + discriminator)
-        critic_updates=5,  # critic updates per generator update (two time-scale rule)
+        fake_updates_per_gen=5,  # critic (fake score + discriminator) updates per generator update (TTUR)
         critic_loop="scan",  # scan | unroll (unroll for conv nets on CPU)
         fake_loss="edm",  # edm (lambda(sigma)-weighted DSM) | x0_mse (FastGen: unweighted)
         fake_sigma="karras",  # karras (index-uniform) | lognormal (EDM training distribution)
@@ -174,8 +174,7 @@ def distill() -> ConfigDict:
         disc_hidden=128,
         disc_depth=2,
         step_aware_critic=False,  # few-step: condition the critic on the student step
-        # the student
-        student="one_step",  # one_step | backward_simulation (DMD2) | tdm
+        # the student (the objective names the sampler: distill | dmd2_multistep | tdm)
         gen_sigma=80.0,  # G(z) = D_gen(gen_sigma z; gen_sigma)
         num_student_steps=1,
         student_sigmas="karras",  # or K comma-separated decreasing floats

@@ -9,11 +9,11 @@ head on the fake score's bottleneck) with DMD2's reverse KL + GAN and a K = 4 st
 [80, 17.5, 2.52, 0.17]), trained on its own backward-simulated inputs. Any divergence works
 (`--config.distill.divergence=js`). results.json: the K-step sampler's metrics, `nfe` = K.
 """
-from fdistill.configs import load
+from fdistill import configs
 
 
 def get_config():
-    c = load("digits_fdistill")
+    c = configs.load("digits_fdistill")
     c.objective = "dmd2_multistep"
     c.distill.divergence = "rkl"
     c.distill.num_student_steps = 4

@@ -12,70 +12,27 @@ term, `--config.distill.lambda_gan=0`, is DMD/VSD). Writes sample grids to plots
 with the student's 1-NFE fd_digits, precision, recall, class_entropy and samples_per_sec, the
 teacher's (`teacher/...`, 35-NFE Heun) and the `speedup`.
 """
-import ml_collections
+from fdistill import configs
 
 
-def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.objective = "distill"
-
-    c.data = ml_collections.ConfigDict()
-    c.data.name = "digits"  # must be the teacher's
-    c.data.resolution = 8
-    c.data.data_dir = ""
-    c.data.seed = 0
-
-    c.diffusion = ml_collections.ConfigDict()  # must match the teacher's
-    c.diffusion.sigma_data = 0.5
-    c.diffusion.p_mean = -1.2
-    c.diffusion.p_std = 1.2
-    c.diffusion.sigma_min = 0.002
-    c.diffusion.sigma_max = 80.0
-    c.diffusion.rho = 7.0
-
-    c.distill = ml_collections.ConfigDict()
+def get_config():
+    c = configs.base("distill", data="digits", model="unet")  # the model is the teacher's (copied)
     c.distill.teacher = "runs/digits_score"  # workdir of a finished digits score run
     c.distill.divergence = "js"
-    c.distill.alpha = 0.5  # only for divergence='alpha'
     c.distill.fake_updates_per_gen = 2
     c.distill.critic_loop = "unroll"  # conv gradients inside lax.scan are slow on CPU
     c.distill.lambda_gan = 3e-3
     c.distill.disc_on = "fake_score"  # head on the fake score's U-Net bottleneck (4x4x64)
-    c.distill.disc_loss_weight = 1.0
-    c.distill.disc_hidden = 128
-    c.distill.disc_depth = 2
-    c.distill.logit_clip = 10.0
-    c.distill.ratio_min = 0.1
-    c.distill.ratio_max = 20.0
-    c.distill.ratio_bins = 10
-    c.distill.ratio_ema = 0.0
-    c.distill.teacher_error_norm = True
-    c.distill.num_sigmas = 1000
-    c.distill.gen_index_min = 20
-    c.distill.gen_index_max = 980
-    c.distill.fake_sigma = "karras"
-    c.distill.gen_sigma = 80.0
     c.distill.lr_gen = 1e-4  # half the critic rate: 2e-4 degraded after ~400 steps (fd_digits 18-27 -> 38-47)
     c.distill.lr_fake = 2e-4
     c.distill.lr_disc = 2e-4
-
-    c.train = ml_collections.ConfigDict()
     c.train.num_steps = 800  # generator updates (about 7 minutes on 2 CPU cores)
     c.train.batch_size = 32
     c.train.learning_rate = 2e-4
-    c.train.warmup_steps = 0
-    c.train.grad_clip = 1.0
-    c.train.weight_decay = 0.0
-    c.train.seed = 0
     c.train.log_every = 50
     c.train.eval_every = 400  # also writes a sample grid to plots/
     c.train.checkpoint_every = 200
-    c.train.keep_checkpoints = 2
-    c.train.compute_dtype = "float32"
-
-    c.eval = ml_collections.ConfigDict()
     c.eval.num_samples = 4096
     c.eval.num_steps = 18  # teacher Heun: NFE = 35
-    c.eval.sampler = "heun"
     c.eval.chunk = 512
     return c

@@ -9,11 +9,11 @@ score is trained on the same trajectory points with weight min(1/sigma^2, 5) tim
 importance weight. Generator and fake score start from the teacher (`distill.teacher`, default
 runs/digits_score). results.json: the K-step sampler's metrics, `nfe` = K.
 """
-from fdistill.configs import load
+from fdistill import configs
 
 
 def get_config():
-    c = load("digits_fdistill")
+    c = configs.load("digits_fdistill")
     c.objective = "tdm"
     c.distill.divergence = "rkl"
     c.distill.lambda_gan = 0.0

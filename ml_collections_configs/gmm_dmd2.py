@@ -7,16 +7,11 @@ generator follows the DMD distribution-matching gradient (D_fake - D_real) / mea
 the non-saturating GAN loss of a classifier head on the fake score's features, with five critic
 updates per generator update (two time-scale rule).
 """
-import importlib.util
-import os
+from fdistill import configs
 
 
 def get_config():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gmm_fdistill.py")
-    spec = importlib.util.spec_from_file_location("gmm_fdistill_base", path)
-    base = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(base)
-    c = base.get_config()
+    c = configs.load("gmm_fdistill")
     c.distill.divergence = "rkl"
     c.distill.lambda_gan = 1e-3
     return c

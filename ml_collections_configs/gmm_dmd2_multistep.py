@@ -10,11 +10,11 @@ input is produced by the current generator from pure noise (fresh noise re-noisi
 samples). Any divergence works: `--config.distill.divergence=js` etc. results.json reports the
 K-step sampler's metrics with `nfe` = K and `samples_per_sec`.
 """
-from fdistill.configs import load
+from fdistill import configs
 
 
 def get_config():
-    c = load("gmm_dmd2")
+    c = configs.load("gmm_dmd2")
     c.objective = "dmd2_multistep"
     c.distill.num_student_steps = 4
     c.distill.student_sigmas = "karras"  # or e.g. "80,17.6,2.53,0.171"

@@ -11,11 +11,11 @@ segment. The fake score is trained on the same points with weight min(1/sigma^2,
 `tdm_snr_clip`) times TDM's importance weight (`tdm_importance_weight`). Other divergences work
 too (`--config.distill.divergence=js`, which adds the discriminator on real data).
 """
-from fdistill.configs import load
+from fdistill import configs
 
 
 def get_config():
-    c = load("gmm_fdistill")
+    c = configs.load("gmm_fdistill")
     c.objective = "tdm"
     c.distill.divergence = "rkl"
     c.distill.lambda_gan = 0.0  # data-free

@@ -6,16 +6,11 @@ reverse KL (h = 1) and no GAN term, so no discriminator is trained.
 Same problem, networks and schedule as `gmm_fdistill.py`: the generator follows the pure
 distribution-matching (score-difference) gradient against an online fake score.
 """
-import importlib.util
-import os
+from fdistill import configs
 
 
 def get_config():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gmm_fdistill.py")
-    spec = importlib.util.spec_from_file_location("gmm_fdistill_base", path)
-    base = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(base)
-    c = base.get_config()
+    c = configs.load("gmm_fdistill")
     c.distill.divergence = "rkl"
     c.distill.lambda_gan = 0.0
     return c

@@ -1,5 +1,6 @@
-"""f-distill objective: loss pieces against hand-written versions, the reverse-KL gradient on a 1-D
-example by hand, density-ratio recovery, compile-once, 1 vs 8 devices, and a short distillation."""
+"""f-distill and its pieces: loss pieces against hand-written versions, the teacher, critic and
+one-step student alone, the reverse-KL gradient on a 1-D example by hand, density-ratio recovery,
+compile-once, 1 vs 8 devices, and a short distillation."""
 import json
 import os
 
@@ -14,7 +15,7 @@ from fdistill import divergences, objectives, sharding
 from fdistill.configs import load as load_config
 from fdistill.data.gmm import GMM
 from fdistill.evaluation import ratio as ratio_lib
-from fdistill.objectives import distill
+from fdistill.distillation import critics, losses, students, teachers
 
 
 def tiny_config(divergence="js", **distill_kw):
@@ -44,14 +45,14 @@ def tiny_config(divergence="js", **distill_kw):
 def test_ratio_and_bin_normalisation_match_numpy():
     rng = np.random.default_rng(0)
     logits = rng.normal(0, 4, 64).astype(np.float32)
-    r = np.asarray(distill.ratio_from_logits(jnp.asarray(logits), 3.0, 0.1, 20.0))
+    r = np.asarray(losses.ratio_from_logits(jnp.asarray(logits), 3.0, 0.1, 20.0))
     np.testing.assert_allclose(r, np.clip(np.exp(np.clip(logits, -3, 3)), 0.1, 20.0), rtol=1e-6)
 
     idx = rng.integers(0, 4, 64)
     idx[idx == 2] = 1  # bin 2 empty: keeps its old value
     old = np.array([1.0, 2.0, 3.0, 4.0], np.float32)
     for ema in (0.0, 0.5):
-        r_n, bins = distill.bin_normalize(jnp.asarray(r), jnp.asarray(idx), jnp.asarray(old), ema)
+        r_n, bins = losses.bin_normalize(jnp.asarray(r), jnp.asarray(idx), jnp.asarray(old), ema)
         expect_bins = old.copy()
         for b in (0, 1, 3):
             expect_bins[b] = ema * old[b] + (1 - ema) * r[idx == b].mean()
@@ -61,8 +62,8 @@ def test_ratio_and_bin_normalisation_match_numpy():
 
 def test_normalized_h_and_rkl_is_exactly_one():
     r = jnp.asarray(np.random.default_rng(1).uniform(0.1, 20, 128), jnp.float32)
-    assert np.all(np.asarray(distill.normalized_h(divergences.get("rkl"), r)) == 1.0)
-    h = np.asarray(distill.normalized_h(divergences.get("kl"), r))
+    assert np.all(np.asarray(losses.normalized_h(divergences.get("rkl"), r)) == 1.0)
+    h = np.asarray(losses.normalized_h(divergences.get("kl"), r))
     np.testing.assert_allclose(h, np.asarray(r) / np.asarray(r).mean(), rtol=1e-5)
 
 
@@ -71,9 +72,9 @@ def test_dm_loss_gradient_is_weighted_score_difference(use_jit):
     rng = np.random.default_rng(2)
     x, d_real, d_fake = (jnp.asarray(rng.normal(size=(8, 3)), jnp.float32) for _ in range(3))
     h = jnp.asarray(rng.uniform(0.5, 2, 8), jnp.float32)
-    w = distill.teacher_error_weight(x, d_real)
+    w = losses.teacher_error_weight(x, d_real)
     np.testing.assert_allclose(np.asarray(w), 1 / (np.abs(np.asarray(x - d_real)).mean(1) + 1e-6), rtol=1e-5)
-    fn = jax.grad(distill.dm_loss)
+    fn = jax.grad(losses.dm_loss)
     fn = jax.jit(fn) if use_jit else fn
     grad = np.asarray(fn(x, d_real, d_fake, h, w))
     expect = (np.asarray(d_fake - d_real) * np.asarray(w * h)[:, None]) / x.size
@@ -84,8 +85,8 @@ def test_disc_and_gan_losses_by_hand():
     lr, lf = jnp.array([2.0, -1.0]), jnp.array([0.5, -3.0])
     sp = lambda v: np.log1p(np.exp(v))  # noqa: E731
     expect = np.mean(sp(-np.array([2.0, -1.0]))) + np.mean(sp(np.array([0.5, -3.0])))
-    np.testing.assert_allclose(float(distill.disc_loss(lr, lf)), expect, rtol=1e-6)
-    np.testing.assert_allclose(float(distill.gan_generator_loss(lf)), np.mean(sp(-np.array([0.5, -3.0]))), rtol=1e-6)
+    np.testing.assert_allclose(float(losses.disc_loss(lr, lf)), expect, rtol=1e-6)
+    np.testing.assert_allclose(float(losses.gan_generator_loss(lf)), np.mean(sp(-np.array([0.5, -3.0]))), rtol=1e-6)
 
 
 # ----- the generator update -------------------------------------------------------------------
@@ -98,17 +99,16 @@ def test_rkl_without_gan_is_exactly_the_dmd_update():
     obj = objectives.build(c)
     assert not obj.use_disc
     state, frozen = obj.init(jax.random.PRNGKey(0))
-    critic = {"fake": state.params["fake"], "disc": state.params["disc"]}
-    draws = obj.draws(jax.random.PRNGKey(3), 64)
+    draws = obj.student.draws(jax.random.PRNGKey(3), 64)
     grads, (aux, _, pieces) = jax.jit(jax.grad(obj.generator_loss, has_aux=True))(
-        state.params["gen"], critic, frozen, draws, state.ratio_bins)
+        state.params["gen"], state.params, frozen, draws, state.extra["ratio_bins"])
 
     def dmd_loss(gen_params):
-        x = obj.generate(gen_params, draws["z"])
-        sigma = obj.grid[draws["index"]]
+        x = obj.student.denoiser(gen_params, 80.0 * draws["z"], jnp.full((64,), 80.0))  # G(z), written out
+        sigma = obj.levels.grid[draws["index"]]
         xt = x + sigma[:, None] * draws["eps"]
         d_real = frozen["teacher"].denoise(xt, sigma)
-        d_fake = obj.denoiser(critic["fake"], xt, sigma)
+        d_fake = obj.student.denoiser(state.params["fake"], xt, sigma)
         grad = ((x - d_real) - (x - d_fake)) / (jnp.mean(jnp.abs(x - d_real), axis=1, keepdims=True) + 1e-6)
         return 0.5 * jnp.mean((x - jax.lax.stop_gradient(x - grad)) ** 2)
 
@@ -122,9 +122,9 @@ def test_rkl_weighting_is_one_with_a_discriminator():
     c = tiny_config("rkl", lambda_gan=1e-3)
     obj = objectives.build(c)
     state, frozen = obj.init(jax.random.PRNGKey(0))
-    critic = {"fake": state.params["fake"], "disc": state.params["disc"]}
-    _, (aux, _, pieces) = jax.jit(obj.generator_loss)(state.params["gen"], critic, frozen,
-                                                      obj.draws(jax.random.PRNGKey(1), 64), state.ratio_bins)
+    _, (aux, _, pieces) = jax.jit(obj.generator_loss)(state.params["gen"], state.params, frozen,
+                                                      obj.student.draws(jax.random.PRNGKey(1), 64),
+                                                      state.extra["ratio_bins"])
     assert np.all(np.asarray(pieces["h"]) == 1.0)
 
 
@@ -148,7 +148,7 @@ def test_generator_update_follows_the_reverse_kl_gradient_1d():
             logits = -0.5 * (xt - xb[None, :]) ** 2 / sigma**2
             d_fake = jnp.sum(jax.nn.softmax(logits, axis=1) * xb[None, :], axis=1, keepdims=True)
             one = jnp.ones((n,))
-            return distill.dm_loss(x, d_real, d_fake, one, one) * x.size / n  # mean over examples
+            return losses.dm_loss(x, d_real, d_fake, one, one) * x.size / n  # mean over examples
 
         g = np.asarray(jax.jit(jax.grad(loss))(jnp.array([theta, s])))
         b = 1 + sigma**2
@@ -167,14 +167,15 @@ def test_discriminator_recovers_log_ratio_of_two_gaussians():
     p = GMM(means=jnp.zeros((1, 2)), weights=jnp.ones(1), stds=jnp.ones(1))
     q = GMM(means=jnp.array([[1.5, 0.0]]), weights=jnp.ones(1), stds=jnp.array([0.5]))
     lo, hi = 0, 700  # sigma up to ~2.2: beyond that the two marginals are indistinguishable
-    critic = {"fake": state.params["fake"], "disc": state.params["disc"]}
+    critic = obj.critic
     tx = optax.adam(3e-3)
-    opt = tx.init(critic["disc"])
+    opt = tx.init(state.params["disc"])
+    grid = obj.levels.grid
 
     def sample(key, b):
         k1, k2, k3, k4, k5, k6 = jax.random.split(key, 6)
-        sr = obj.grid[jax.random.randint(k1, (b,), lo, hi)]
-        sf = obj.grid[jax.random.randint(k2, (b,), lo, hi)]
+        sr = grid[jax.random.randint(k1, (b,), lo, hi)]
+        sf = grid[jax.random.randint(k2, (b,), lo, hi)]
         yr = p.sample(k3, b) + sr[:, None] * jax.random.normal(k4, (b, 2))
         yf = q.sample(k5, b) + sf[:, None] * jax.random.normal(k6, (b, 2))
         return yr, sr, yf, sf
@@ -184,19 +185,19 @@ def test_discriminator_recovers_log_ratio_of_two_gaussians():
         yr, sr, yf, sf = sample(key, 256)
 
         def loss(d):
-            cr = {"fake": critic["fake"], "disc": d}
-            return distill.disc_loss(obj.disc_logits(cr, yr, sr)[0], obj.disc_logits(cr, yf, sf)[0])
+            params = {**state.params, "disc": d}
+            return losses.disc_loss(critic.logits(params, None, yr, sr)[0], critic.logits(params, None, yf, sf)[0])
 
         g = jax.grad(loss)(disc)
         u, opt = tx.update(g, opt)
         return optax.apply_updates(disc, u), opt
 
-    disc = critic["disc"]
+    disc = state.params["disc"]
     for i in range(400):
         disc, opt = step(disc, opt, jax.random.PRNGKey(100 + i))
     yr, sr, yf, sf = sample(jax.random.PRNGKey(7), 1000)
     y, s = jnp.concatenate([yr, yf]), jnp.concatenate([sr, sf])
-    logit = np.asarray(obj.disc_logits({"fake": critic["fake"], "disc": disc}, y, s)[0])
+    logit = np.asarray(critic.logits({**state.params, "disc": disc}, None, y, s)[0])
     exact = np.asarray(p.log_prob(y, s) - q.log_prob(y, s))
     keep = np.abs(exact) < 15  # the logit is only used through clip(exp(logit), 0.1, 20)
     corr = np.corrcoef(logit[keep], exact[keep])[0, 1]
@@ -217,29 +218,30 @@ def test_exact_log_ratio_against_closed_form():
 
 
 def test_fused_critic_pass_equals_separate_calls():
-    """disc_on='fake_score' runs the fake network once over [DSM; fake; real] rows: same losses as
-    the EDM DSM loss of `score.edm_dsm_loss` and two `disc_logits` calls on the same draws."""
-    from fdistill.objectives import score
+    """disc_on='fake_score' runs the fake network once over [DSM; fake; real] rows: the same losses as
+    the EDM DSM loss (`denoiser.edm_dsm_loss`) and two separate discriminator calls on the same draws."""
+    from fdistill.denoiser import edm_dsm_loss
 
     obj = objectives.build(tiny_config("js"))
-    state, _ = obj.init(jax.random.PRNGKey(0))
-    critic = {"fake": state.params["fake"], "disc": state.params["disc"]}
+    state, frozen = obj.init(jax.random.PRNGKey(0))
+    params, critic, b = state.params, obj.critic, 64
     x_real = jnp.asarray(obj.batch(0)["x"][:, 0])
+    point = obj.student.train_point(params["gen"], obj.student.draws(jax.random.PRNGKey(4), b))
     key = jax.random.PRNGKey(5)
-    loss, aux = jax.jit(obj.critic_loss)(critic, state.params["gen"], x_real, jnp.zeros(64, jnp.int32), key)
+    loss, aux = jax.jit(critic.loss)(params, frozen["teacher"], point, x_real, jnp.zeros(b, jnp.int32), key)
 
-    b = 64
-    k_z, _, k_sf, k_nf, k_if, k_ir, k_ef, k_er = jax.random.split(key, 8)
-    x_fake = obj.generate(state.params["gen"], jax.random.normal(k_z, x_real.shape))
-    sigma_f = obj.grid[jax.random.randint(k_sf, (b,), 0, obj.grid.shape[0])]
-    l_fake = jnp.mean(score.edm_dsm_loss(obj.denoiser, critic["fake"], x_fake, sigma_f,
-                                         jax.random.normal(k_nf, x_fake.shape)))
-    s_f, s_r = obj.grid[obj._sigma_index(k_if, b)], obj.grid[obj._sigma_index(k_ir, b)]
-    lf = obj.disc_logits(critic, x_fake + s_f[:, None] * jax.random.normal(k_ef, x_fake.shape), s_f)[0]
-    lr = obj.disc_logits(critic, x_real + s_r[:, None] * jax.random.normal(k_er, x_real.shape), s_r)[0]
+    k_fake, k_ir, k_er = jax.random.split(key, 3)
+    k_s, k_n = jax.random.split(k_fake)
+    x_fake = point["x"]
+    sigma_f = obj.levels.grid[jax.random.randint(k_s, (b,), 0, 1000)]  # uniform over the whole grid
+    l_fake = jnp.mean(edm_dsm_loss(critic.denoiser, params["fake"], x_fake, sigma_f,
+                                   jax.random.normal(k_n, x_fake.shape)))
+    s_r = obj.levels.grid[obj.levels.draw_index(k_ir, b)]
+    lf = critic.logits(params, None, x_fake + point["sigma"][:, None] * point["noise"], point["sigma"])[0]
+    lr = critic.logits(params, None, x_real + s_r[:, None] * jax.random.normal(k_er, x_real.shape), s_r)[0]
     np.testing.assert_allclose(float(aux["loss_fake"]), float(l_fake), rtol=1e-4)
-    np.testing.assert_allclose(float(aux["loss_disc"]), float(distill.disc_loss(lr, lf)), rtol=1e-4)
-    np.testing.assert_allclose(float(loss), float(l_fake + distill.disc_loss(lr, lf)), rtol=1e-4)
+    np.testing.assert_allclose(float(aux["loss_disc"]), float(losses.disc_loss(lr, lf)), rtol=1e-4)
+    np.testing.assert_allclose(float(loss), float(l_fake + losses.disc_loss(lr, lf)), rtol=1e-4)
 
 
 # ----- the compiled step --------------------------------------------------------------------------
@@ -306,13 +308,22 @@ def test_named_method_configs(name, div, gan):
     assert (c.distill.lambda_gan > 0) == gan
     obj = objectives.build(c)
     assert obj.use_disc == gan or div != "rkl"
+    assert obj.student.num_steps == 1 and obj.name == "distill"
 
 
 def test_bad_config_values_name_the_field():
     with pytest.raises(ValueError, match="config.distill.divergence.*allowed"):
         objectives.build(tiny_config("kullback"))
     with pytest.raises(ValueError, match="config.distill.disc_on.*allowed"):
+        objectives.build(tiny_config(disc_on="trunk"))
+    with pytest.raises(ValueError, match="disc_on='teacher' needs a network teacher"):
         objectives.build(tiny_config(disc_on="teacher"))
+    with pytest.raises(ValueError, match="config.distill.ratio_binning"):
+        objectives.build(tiny_config(ratio_binning="log"))
+    with pytest.raises(ValueError, match="config.distill.fake_loss"):
+        objectives.build(tiny_config(fake_loss="l1"))
+    with pytest.raises(ValueError, match="num_student_steps=2 needs a few-step objective"):
+        objectives.build(tiny_config(num_student_steps=2))
     with pytest.raises(ValueError, match="config.distill.critic_loop"):
         objectives.build(tiny_config(critic_loop="while"))
     with pytest.raises(ValueError, match="config.distill.teacher"):
@@ -342,7 +353,7 @@ def test_short_distillation_improves_mode_coverage(tmp_path):
     c.train.checkpoint_every = 300
     obj = objectives.build(c)
     state, frozen = obj.init(jax.random.PRNGKey(c.train.seed))
-    x0, _ = obj.student_samples(state.params["gen"], jax.random.PRNGKey(0), 4096)
+    x0, _ = obj.evaluator.samples(state.params["gen"], jax.random.PRNGKey(0), 4096)
     before = obj.source.evaluate_samples(x0)
 
     # One device: the 8-device path is covered by the mesh test above; hundreds of steps of 8 simulated
@@ -363,7 +374,9 @@ def test_short_distillation_improves_mode_coverage(tmp_path):
 
 def test_network_teacher_from_a_score_run(tmp_path):
     """distill.teacher=<workdir of a score run>: generator and fake score start from the teacher's EMA
-    parameters, the teacher stays in `frozen`, and evaluation samples the network teacher."""
+    parameters, the teacher stays in `frozen`, evaluation samples the network teacher, and FastGen's
+    discriminator (heads on the frozen teacher's features) trains. An unfinished teacher run and a
+    teacher of other data are refused, naming the field."""
     from fdistill import train
     from tests.helpers import tiny_score_config
 
@@ -388,8 +401,78 @@ def test_network_teacher_from_a_score_run(tmp_path):
     assert np.isfinite(float(metrics["loss"]))
     results = obj.evaluate(state, frozen, jax.random.PRNGKey(1))
     assert results["teacher/nfe"] == 7 and np.isfinite(results["teacher/mmd"]) and results["speedup"] > 0
-    # a student whose data differs from the teacher's is refused, naming the field
+
+    heads = objectives.build(tiny_config("js", teacher=teacher_dir, disc_on="teacher", disc_heads=3))
+    s, fz = heads.init(jax.random.PRNGKey(0))
+    assert set(s.params["disc"]) == {"head"}  # no trunk of its own: the teacher's features
+    new, m = jax.jit(heads.train_step)(s, fz, heads.batch(0))
+    assert np.isfinite(float(m["loss_disc"])) and np.isfinite(float(m["loss"]))
+    chex.assert_trees_all_close(fz["teacher"], ema)  # the teacher stays frozen
+
     c_bad = tiny_config("kl", teacher=teacher_dir)
     c_bad.data.imbalance = c.data.imbalance + 1.0
     with pytest.raises(ValueError, match=r"config\.data\.imbalance=.*teacher"):
         objectives.build(c_bad)
+    os.remove(os.path.join(teacher_dir, "results.json"))
+    with pytest.raises(FileNotFoundError, match="config.distill.teacher=.*unfinished"):
+        objectives.build(tiny_config("kl", teacher=teacher_dir))
+    assert objectives.build(tiny_config("kl", teacher=teacher_dir, allow_unfinished_teacher=True))
+
+
+# ----- pieces alone ---------------------------------------------------------------------------------
+
+
+def test_analytic_teacher_is_the_exact_mixture_denoiser():
+    c = tiny_config()
+    source = __import__("fdistill.data", fromlist=["build"]).build(c.data)
+    teacher = teachers.build(c, source)
+    x = jax.random.normal(jax.random.PRNGKey(0), (32, 2))
+    sigma = jnp.linspace(0.01, 10.0, 32)
+    np.testing.assert_allclose(np.asarray(teacher(teacher.frozen(), x, sigma)),
+                               np.asarray(source.gmm.denoise(x, sigma)), rtol=1e-6)
+    # its score (D - x) / sigma^2 is the autodiff score of the noised mixture
+    score = (teacher(teacher.frozen(), x, sigma) - x) / sigma[:, None] ** 2
+    auto = jax.vmap(jax.grad(lambda y, s: source.gmm.log_prob(y[None], s[None])[0]))(x, sigma)
+    np.testing.assert_allclose(np.asarray(score), np.asarray(auto), rtol=1e-3, atol=1e-3)
+
+
+def test_one_step_student_sample_and_training_point():
+    obj = objectives.build(tiny_config())
+    state, _ = obj.init(jax.random.PRNGKey(0))
+    gen, st = state.params["gen"], obj.student
+    d = st.draws(jax.random.PRNGKey(1), 64)
+    pt = st.train_point(gen, d)
+    expect = st.denoiser(gen, 80.0 * d["z"], jnp.full((64,), 80.0))
+    np.testing.assert_allclose(np.asarray(pt["x"]), np.asarray(expect), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(st.sample(gen, d["z"])), np.asarray(expect), rtol=1e-6)
+    idx = np.asarray(pt["index"])
+    assert idx.min() >= 20 and idx.max() <= 980 and np.all(np.asarray(pt["step"]) == 0)
+    np.testing.assert_allclose(np.asarray(pt["sigma"]), np.asarray(obj.levels.grid)[idx])
+    assert np.all(np.diff(np.asarray(obj.levels.grid)) > 0)  # ascending: index 0 = sigma_min
+
+
+def test_critic_fake_loss_weighting_by_hand():
+    """fake_loss='edm': lambda(sigma) mean (D_fake - x)^2; 'x0_mse': the unweighted mean (FastGen)."""
+    from fdistill import diffusion
+
+    for fake_loss in ("edm", "x0_mse"):
+        obj = objectives.build(tiny_config("rkl", lambda_gan=0.0, fake_loss=fake_loss))
+        state, frozen = obj.init(jax.random.PRNGKey(0))
+        point = obj.student.train_point(state.params["gen"], obj.student.draws(jax.random.PRNGKey(2), 64))
+        key = jax.random.PRNGKey(3)
+        loss, _ = obj.critic.loss(state.params, frozen["teacher"], point, jnp.zeros((64, 2)), jnp.zeros(64, jnp.int32), key)
+        x_t, sigma, _ = obj.critic.fake_targets(point, jax.random.split(key, 3)[0])
+        err = np.mean((np.asarray(obj.critic.fake_denoise(state.params, x_t, sigma)) - np.asarray(point["x"])) ** 2, 1)
+        w = np.asarray(diffusion.loss_weight(sigma, 0.5)) if fake_loss == "edm" else 1.0
+        np.testing.assert_allclose(float(loss), np.mean(w * err), rtol=1e-4)
+
+
+def test_ratio_binning_by_index_and_by_sigma():
+    idx = jnp.arange(20, 981)
+    b = np.asarray(losses.ratio_bin_index("index", 10, idx, None, 20, 980, 0.002, 80.0))
+    np.testing.assert_array_equal(b, (np.arange(20, 981) - 20) * 10 // 961)
+    counts = np.bincount(b)
+    assert len(counts) == 10 and counts.max() - counts.min() <= 1  # equal-count bins of the index range
+    sigma = jnp.array([0.002, 7.9, 8.0, 40.0, 79.99, 80.0])
+    b = np.asarray(losses.ratio_bin_index("sigma", 10, None, sigma, 20, 980, 0.002, 80.0))
+    np.testing.assert_array_equal(b, [0, 0, 0, 4, 9, 9])  # FastGen: equal-width bins of sigma

@@ -1,4 +1,4 @@
-"""Few-step generators (fdistill/objectives/fewstep.py): DMD2 backward simulation and TDM.
+"""Few-step students (fdistill/distillation/students.py): DMD2 backward simulation and TDM.
 
 K = 1 is the one-step 'distill' step; the backward simulation is a function of the generator's
 parameters and noise only (no teacher call, a hand-written rollout); TDM's trajectory, segment
@@ -12,7 +12,7 @@ import pytest
 
 from fdistill import objectives
 from fdistill.configs import load as load_config
-from fdistill.objectives import fewstep
+from fdistill.distillation import students
 
 
 def tiny(name="gmm_dmd2_multistep", K=4, **distill_kw):
@@ -39,7 +39,9 @@ class CountingTeacher:
 
     def __init__(self, teacher):
         self.teacher, self.calls = teacher, 0
-        self.sigma_data = teacher.sigma_data
+
+    def __getattr__(self, name):  # everything but the calls is the wrapped teacher's
+        return getattr(self.teacher, name)
 
     def __call__(self, *a, **kw):
         self.calls += 1
@@ -50,15 +52,15 @@ class CountingTeacher:
 
 
 def test_student_sigmas_default_explicit_and_errors():
-    s4 = fewstep.student_sigmas(4, "karras", 80.0, 0.002, 7.0)
+    s4 = students.student_sigmas(4, "karras", 80.0, 0.002, 7.0)
     r = 1 / 7
     expect = [(80**r + i / 4 * (0.002**r - 80**r)) ** 7 for i in range(4)]  # EDM eq. 5, 5 points, last dropped
     np.testing.assert_allclose(s4, expect, rtol=1e-5)
-    assert fewstep.student_sigmas(1, "karras", 80.0, 0.002, 7.0).tolist() == [80.0]
-    np.testing.assert_allclose(fewstep.student_sigmas(2, "80, 1.5", 80.0, 0.002, 7.0), [80, 1.5])
+    assert students.student_sigmas(1, "karras", 80.0, 0.002, 7.0).tolist() == [80.0]
+    np.testing.assert_allclose(students.student_sigmas(2, "80, 1.5", 80.0, 0.002, 7.0), [80, 1.5])
     for bad in ("80,90", "80", "fast", "80,-1"):
         with pytest.raises(ValueError, match="config.distill.student_sigmas"):
-            fewstep.student_sigmas(2, bad, 80.0, 0.002, 7.0)
+            students.student_sigmas(2, bad, 80.0, 0.002, 7.0)
     with pytest.raises(ValueError, match="config.distill.num_student_steps"):
         objectives.build(tiny(K=0))
 
@@ -86,7 +88,7 @@ def test_k1_backward_simulation_is_exactly_the_distill_step():
     chex.assert_trees_all_close(s_few.params, s_ref.params, rtol=1e-5, atol=1e-7)
     # and the K = 1 sampler is G(z) = D_gen(80 z; 80)
     z = jax.random.normal(jax.random.PRNGKey(1), (16, 2))
-    chex.assert_trees_all_close(few.generate(s_few.params["gen"], z), ref.generate(s_few.params["gen"], z))
+    chex.assert_trees_all_close(few.student.sample(s_few.params["gen"], z), ref.student.sample(s_few.params["gen"], z))
 
 
 def test_k1_tdm_generator_update_is_the_one_step_update():
@@ -96,14 +98,13 @@ def test_k1_tdm_generator_update_is_the_one_step_update():
     base = c.copy_and_resolve_references()
     base.objective = "distill"
     few, ref = objectives.build(c), objectives.build(base)
-    assert few.segment_lo.tolist() == [few.index_lo] and few.segment_hi.tolist() == [few.index_hi]
+    lo, hi = few.levels.lo, few.levels.hi
+    assert few.student.segment_lo.tolist() == [lo] and few.student.segment_hi.tolist() == [hi]
     state, frozen = few.init(jax.random.PRNGKey(0))
-    critic = {"fake": state.params["fake"], "disc": state.params["disc"]}
-    draws = few.draws(jax.random.PRNGKey(5), 64)
-    g_few, (a_few, b_few, _) = jax.grad(few.generator_loss, has_aux=True)(
-        state.params["gen"], critic, frozen, draws, state.ratio_bins)
-    g_ref, (a_ref, b_ref, _) = jax.grad(ref.generator_loss, has_aux=True)(
-        state.params["gen"], critic, frozen, draws, state.ratio_bins)
+    draws = few.student.draws(jax.random.PRNGKey(5), 64)
+    args = (state.params, frozen, draws, state.extra["ratio_bins"])
+    g_few, (a_few, b_few, _) = jax.grad(few.generator_loss, has_aux=True)(state.params["gen"], *args)
+    g_ref, (a_ref, b_ref, _) = jax.grad(ref.generator_loss, has_aux=True)(state.params["gen"], *args)
     chex.assert_trees_all_close(g_few, g_ref, rtol=1e-4, atol=1e-7)
     for k in a_ref:
         np.testing.assert_allclose(float(a_few[k]), float(a_ref[k]), rtol=1e-4, atol=1e-7, err_msg=k)
@@ -120,34 +121,33 @@ def test_backward_simulation_uses_only_the_generator_and_noise():
     obj = objectives.build(c)
     obj.teacher = counter = CountingTeacher(obj.teacher)
     state, frozen = obj.init(jax.random.PRNGKey(0))
-    gen = state.params["gen"]
+    gen, st = state.params["gen"], obj.student
     b = 32
-    d = obj.draws(jax.random.PRNGKey(3), b)
-    k, noise = d["rollout"]["k"], d["rollout"]["noise"]
+    d = st.draws(jax.random.PRNGKey(3), b)
+    k, noise = d["k"], d["noise"]
     assert set(np.asarray(k).tolist()) == {0, 1, 2, 3} and noise.shape == (3, b, 2)
-    x = obj.train_sample(gen, d)
-    s = obj.sigmas
+    x = st.train_point(gen, d)["x"]
+    s = st.sigmas
 
     def manual_start(params):  # every step for every example, then each example's own step k
         states = [s[0] * d["z"]]
         for i in range(3):
-            x0 = obj.denoiser(params, states[-1], jnp.full((b,), s[i]))
+            x0 = st.denoiser(params, states[-1], jnp.full((b,), s[i]))
             states.append(x0 + s[i + 1] * noise[i])
         states = np.stack([np.asarray(v) for v in states])  # [K, B, 2]
         return jnp.asarray(states[np.asarray(k), np.arange(b)]), jnp.asarray(s)[k]
 
     xk, sk = manual_start(gen)
-    np.testing.assert_allclose(np.asarray(x), np.asarray(obj.denoiser(gen, xk, sk)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(x), np.asarray(st.denoiser(gen, xk, sk)), rtol=1e-5, atol=1e-6)
     # gradient only through the final call at the (stop-gradient) backward-simulated input
-    g = jax.grad(lambda p: jnp.sum(obj.train_sample(p, d) ** 2))(gen)
-    g_ref = jax.grad(lambda p: jnp.sum(obj.denoiser(p, xk, sk) ** 2))(gen)
+    g = jax.grad(lambda p: jnp.sum(st.train_point(p, d)["x"] ** 2))(gen)
+    g_ref = jax.grad(lambda p: jnp.sum(st.denoiser(p, xk, sk) ** 2))(gen)
     chex.assert_trees_all_close(g, g_ref, rtol=1e-4, atol=1e-6)
-    # the eval sampler and the critic's generated samples never touch the teacher either
-    obj.student_samples(gen, jax.random.PRNGKey(1), 64)
-    critic = {"fake": state.params["fake"], "disc": state.params["disc"]}
-    obj.critic_loss(critic, gen, jnp.zeros((b, 2)), jnp.zeros((b,), jnp.int32), jax.random.PRNGKey(2))
+    # the sampler and the critic's update never touch the teacher either
+    obj.evaluator.samples(gen, jax.random.PRNGKey(1), 64)
+    obj.critic_update(state, frozen, jnp.zeros((b, 2)), jnp.zeros((b,), jnp.int32), jax.random.PRNGKey(2))
     assert counter.calls == 0
-    obj.generator_loss(gen, critic, frozen, d, state.ratio_bins)
+    obj.generator_loss(gen, state.params, frozen, d, state.extra["ratio_bins"])
     assert counter.calls == 1
 
 
@@ -156,16 +156,16 @@ def test_k_step_sampler_is_the_backward_simulation_at_the_last_step():
     re-noising noise differs between chunks and between examples."""
     obj = objectives.build(tiny(K=3))
     state, _ = obj.init(jax.random.PRNGKey(0))
-    gen = state.params["gen"]
+    gen, st = state.params["gen"], obj.student
     z = jax.random.normal(jax.random.PRNGKey(4), (8, 2))
-    noise = obj._eval_noise(z)
-    x = s0 = obj.sigmas[0] * z
+    noise = st._eval_noise(z)
+    x = s0 = st.sigmas[0] * z
     for i in range(3):
-        x0 = obj.denoiser(gen, x, jnp.full((8,), obj.sigmas[i]))
-        x = x0 + obj.sigmas[i + 1] * noise[i] if i < 2 else x0
-    np.testing.assert_allclose(np.asarray(obj.generate(gen, z)), np.asarray(x), rtol=1e-5, atol=1e-6)
+        x0 = st.denoiser(gen, x, jnp.full((8,), st.sigmas[i]))
+        x = x0 + st.sigmas[i + 1] * noise[i] if i < 2 else x0
+    np.testing.assert_allclose(np.asarray(st.sample(gen, z)), np.asarray(x), rtol=1e-5, atol=1e-6)
     assert s0.shape == (8, 2)
-    other = obj._eval_noise(jax.random.normal(jax.random.PRNGKey(5), (8, 2)))
+    other = st._eval_noise(jax.random.normal(jax.random.PRNGKey(5), (8, 2)))
     assert float(jnp.abs(other - noise).min()) > 0
     assert abs(float(jnp.corrcoef(noise[0, :, 0], noise[1, :, 0])[0, 1])) < 0.9
 
@@ -177,32 +177,32 @@ def test_tdm_trajectory_segments_mixed_noise_and_fake_loss_by_hand():
     c = tiny("gmm_tdm", K=4)
     obj = objectives.build(c)
     state, frozen = obj.init(jax.random.PRNGKey(0))
-    gen, fake = state.params["gen"], state.params["fake"]
-    s = np.concatenate([obj.sigmas, [0.0]])
+    gen, st = state.params["gen"], obj.student
+    s = np.concatenate([st.sigmas, [0.0]])
     # deterministic DDIM sampler: x_{i+1} = x0 + s_{i+1} (x_i - x0) / s_i
     z = jax.random.normal(jax.random.PRNGKey(1), (16, 2))
     x = s[0] * z
     for i in range(4):
-        x0 = obj.denoiser(gen, x, jnp.full((16,), s[i]))
+        x0 = st.denoiser(gen, x, jnp.full((16,), s[i]))
         x = x0 + s[i + 1] * (x - x0) / s[i]
-    np.testing.assert_allclose(np.asarray(obj.generate(gen, z)), np.asarray(x), rtol=1e-5, atol=1e-6)
-    assert obj.generate(gen, z).shape == (16, 2)
+    np.testing.assert_allclose(np.asarray(st.sample(gen, z)), np.asarray(x), rtol=1e-5, atol=1e-6)
 
     b = 256
-    d = obj.draws(jax.random.PRNGKey(2), b)
-    k = np.asarray(d["rollout"]["k"])
-    sigma = np.asarray(obj.grid[d["index"]])
-    lo_allowed, hi_allowed = float(obj.grid[obj.index_lo]), float(obj.grid[obj.index_hi])
+    d = st.draws(jax.random.PRNGKey(2), b)
+    k = np.asarray(d["k"])
+    grid = np.asarray(obj.levels.grid)
+    sigma = grid[np.asarray(d["index"])]
+    lo_allowed, hi_allowed = grid[obj.levels.lo], grid[obj.levels.hi]
     for kk in range(4):  # sampling-steps-aware: sigma inside the example's own segment
         sel = k == kk
         assert sel.any()
         assert np.all(sigma[sel] >= max(s[kk + 1], lo_allowed) - 1e-6) and np.all(sigma[sel] < s[kk])
         assert np.all(sigma[sel] <= hi_allowed + 1e-6)
-    pt = obj.trajectory_point(gen, d)
+    pt = st.train_point(gen, d)
     # by hand, per example: deterministic rollout to x_k, eps_theta, x_mid, forward diffusion
     states, preds = [s[0] * np.asarray(d["z"])], []
     for i in range(4):
-        x0 = np.asarray(obj.denoiser(gen, jnp.asarray(states[-1]), jnp.full((b,), s[i])))
+        x0 = np.asarray(st.denoiser(gen, jnp.asarray(states[-1]), jnp.full((b,), s[i])))
         preds.append(x0)
         states.append(x0 + s[i + 1] * (states[-1] - x0) / s[i])
     xk, x0 = np.stack(states)[k, np.arange(b)], np.stack(preds)[k, np.arange(b)]
@@ -210,16 +210,20 @@ def test_tdm_trajectory_segments_mixed_noise_and_fake_loss_by_hand():
     x_mid = x0 + s[k + 1][:, None] * eps_theta
     xi = np.asarray(d["eps"])
     x_t = x_mid + np.sqrt(sigma**2 - s[k + 1] ** 2)[:, None] * xi
-    np.testing.assert_allclose(np.asarray(pt["x_t"]), x_t, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(pt["x"]), x0, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(pt["x"] + pt["sigma"][:, None] * pt["noise"]), x_t, rtol=1e-4, atol=1e-5)
     mixed = (x_t - x0) / sigma[:, None]
-    np.testing.assert_allclose(np.asarray(pt["mixed"]), mixed, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(pt["noise"]), mixed, rtol=1e-4, atol=1e-4)
     w_is = np.exp(-0.5 * (mixed**2).mean(1)) / np.exp(-0.5 * (xi**2).mean(1))
-    np.testing.assert_allclose(np.asarray(fewstep.importance_weight(pt["mixed"], pt["xi"])), w_is, rtol=1e-4)
-    d_fake = np.asarray(obj.denoiser(fake, jnp.asarray(x_t), jnp.asarray(sigma)))
+    np.testing.assert_allclose(np.asarray(students.importance_weight(pt["noise"], d["eps"])), w_is, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(pt["fake_weight"]), np.minimum(1 / sigma**2, 5.0) * w_is, rtol=1e-4)
+    d_fake = np.asarray(st.denoiser(state.params["fake"], jnp.asarray(x_t), jnp.asarray(sigma)))
     expect = np.mean(np.minimum(1 / sigma**2, 5.0) * w_is * ((d_fake - x0) ** 2).mean(1))
+    loss_fn = lambda p, pt: obj.critic.loss(p, frozen["teacher"], pt, jnp.zeros((b, 2)),  # noqa: E731
+                                            jnp.zeros(b, jnp.int32), jax.random.PRNGKey(0))[0]
     for use_jit in (False, True):
-        fn = jax.jit(obj.fake_loss) if use_jit else obj.fake_loss
-        np.testing.assert_allclose(float(fn(fake, pt, None)[0]), expect, rtol=1e-4)
+        fn = jax.jit(loss_fn) if use_jit else loss_fn
+        np.testing.assert_allclose(float(fn(state.params, pt)), expect, rtol=1e-4)
 
 
 def test_tdm_generator_gradient_flows_through_x0_theta_only():
@@ -228,21 +232,21 @@ def test_tdm_generator_gradient_flows_through_x0_theta_only():
     obj = objectives.build(tiny("gmm_tdm", K=4))
     assert not obj.use_disc
     state, frozen = obj.init(jax.random.PRNGKey(0))
-    gen, fake = state.params["gen"], state.params["fake"]
-    d = obj.draws(jax.random.PRNGKey(7), 64)
-    pt = obj.trajectory_point(gen, d)
-    critic = {"fake": fake, "disc": state.params["disc"]}
-    g = jax.grad(lambda p: obj.generator_loss(p, critic, frozen, d, state.ratio_bins)[0])(gen)
-    d_real = frozen["teacher"].denoise(pt["x_t"], pt["sigma"])
-    d_fake = obj.denoiser(fake, pt["x_t"], pt["sigma"])
+    gen, fake, st = state.params["gen"], state.params["fake"], obj.student
+    d = st.draws(jax.random.PRNGKey(7), 64)
+    pt = st.train_point(gen, d)
+    x_k, sigma_k = st.rollout_start(gen, d["z"], d["labels"], d["k"])
+    g = jax.grad(lambda p: obj.generator_loss(p, state.params, frozen, d, state.extra["ratio_bins"])[0])(gen)
+    x_t = pt["x"] + pt["sigma"][:, None] * pt["noise"]
+    d_real = frozen["teacher"].denoise(x_t, pt["sigma"])
+    d_fake = st.denoiser(fake, x_t, pt["sigma"])
 
     def loss(p):
-        x0 = obj.denoiser(p, pt["x_k"], pt["sigma_k"])
-        w = 1 / (jnp.mean(jnp.abs(pt["x0"] - d_real), axis=1, keepdims=True) + 1e-6)
+        x0 = st.denoiser(p, x_k, sigma_k)
+        w = 1 / (jnp.mean(jnp.abs(pt["x"] - d_real), axis=1, keepdims=True) + 1e-6)
         grad = (d_fake - d_real) * w
         return 0.5 * jnp.mean((x0 - jax.lax.stop_gradient(x0 - grad)) ** 2)
 
-    # (the objective rebuilds x_t as x0 + sigma n~: equal up to float rounding)
     chex.assert_trees_all_close(g, jax.grad(loss)(gen), rtol=1e-3, atol=1e-6)
 
 
@@ -269,8 +273,7 @@ def test_step_compiles_once_and_updates_everything(name, divergence):
 def test_short_four_step_runs_improve_over_initialisation(tmp_path):
     """250 generator updates through the training loop, on an equal-weight 8-mode ring with the
     analytic teacher: both 4-step students start with no mode covered and no sample near a mode
-    (a random generator), and end with modes covered, samples on the modes and a lower MMD
-    (once measured: DMD2 coverage 0 -> 0.25, high-quality 0 -> 0.18, MMD 1.18 -> 0.58), and NFE = 4."""
+    (a random generator), and end with modes covered, samples on the modes and a lower MMD, and NFE = 4."""
     from fdistill import train
 
     for name in ("gmm_dmd2_multistep", "gmm_tdm"):
@@ -283,7 +286,7 @@ def test_short_four_step_runs_improve_over_initialisation(tmp_path):
         c.train.checkpoint_every = 250
         obj = objectives.build(c)
         state, _ = obj.init(jax.random.PRNGKey(c.train.seed))
-        x0, _ = obj.student_samples(state.params["gen"], jax.random.PRNGKey(0), 4096)
+        x0, _ = obj.evaluator.samples(state.params["gen"], jax.random.PRNGKey(0), 4096)
         before = obj.source.evaluate_samples(x0)
         results = train.train_and_evaluate(c, str(tmp_path / name), num_devices=1)
         assert before["mode_coverage"] == 0.0 and before["high_quality_frac"] < 0.01, (name, before)
@@ -302,4 +305,4 @@ def test_named_configs(name, objective):
     assert (c.distill.lambda_gan == 0) == (objective == "tdm")
     if name.startswith("gmm"):
         obj = objectives.build(c)
-        assert obj.num_steps == 4 and obj.sigmas[0] == c.distill.gen_sigma
+        assert obj.student.num_steps == 4 and obj.student.sigmas[0] == c.distill.gen_sigma

@@ -10,34 +10,29 @@ nearest each mode, its total-variation distance to the true weights, and the sam
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
-import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from fdistill import checkpoint, objectives
+from experiments.tables.common import final_samples
+from fdistill import configs, objectives
 from fdistill.evaluation.samples import mode_histogram
 
 
-def step_mode_weights(workdir: str, n: int = 8192, seed: int = 1) -> tuple[list[np.ndarray], np.ndarray]:
+def step_mode_weights(workdir: str, n: int = 8192) -> tuple[list[np.ndarray], np.ndarray]:
     """([K] per-step mode-weight vectors, true weights) for the finished run in `workdir`."""
-    with open(os.path.join(workdir, "config.json")) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    config = configs.load_json(os.path.join(workdir, "config.json"))
     obj = objectives.build(config)
-    if not hasattr(obj, "num_steps") or not hasattr(obj.source, "gmm"):
+    if obj.student.num_steps < 2 or not hasattr(obj.source, "gmm"):
         raise ValueError(f"{workdir}: expected a few-step ('dmd2_multistep' or 'tdm') run on data 'gmm'")
-    gen = jax.tree.map(jnp.asarray, checkpoint.restore_tree(workdir)["params"]["gen"])
-    sample = jax.jit(obj.train_sample)
-    weights = []
-    for k in range(obj.num_steps):
-        draws = obj.draws(jax.random.PRNGKey(seed), n)
-        draws["rollout"]["k"] = jnp.full((n,), k, jnp.int32)
-        h = mode_histogram(np.asarray(sample(gen, draws)), obj.source.gmm)
-        weights.append(h / h.sum())
+    weights = [step_weights(final_samples(obj, workdir, n, step=k), obj.source.gmm) for k in range(obj.student.num_steps)]
     return weights, np.asarray(obj.source.gmm.weights, np.float64)
+
+
+def step_weights(x: np.ndarray, gmm) -> np.ndarray:
+    """The share of samples nearest each mode."""
+    h = mode_histogram(x, gmm)
+    return h / h.sum()
 
 
 def main(argv=None):

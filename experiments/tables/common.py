@@ -16,13 +16,19 @@ def summarise(per_seed: list[dict]) -> dict:
     return out
 
 
-def final_samples(objective, workdir: str, n: int) -> np.ndarray:
-    """Student samples (the objective's sampler: one step, or K) from the run's last checkpoint, with
-    the same key as its evaluation."""
+def generator_params(workdir: str):
+    """The generator parameters a finished distillation run samples with (its EMA when it keeps one)."""
     from fdistill import checkpoint
 
-    gen = jax.tree.map(jnp.asarray, checkpoint.restore_tree(workdir)["params"]["gen"])
-    return objective.student_samples(gen, jax.random.PRNGKey(0), n)[0]
+    tree = checkpoint.restore_tree(workdir)
+    ema = (tree.get("ema_params") or {}).get("gen")
+    return jax.tree.map(jnp.asarray, ema if ema else tree["params"]["gen"])
+
+
+def final_samples(objective, workdir: str, n: int, step: int | None = None) -> np.ndarray:
+    """Student samples (the objective's sampler: one step, or K; or the output of step `step` of a
+    K-step rollout) from the run's last checkpoint, with the same key as its evaluation."""
+    return objective.evaluator.samples(generator_params(workdir), jax.random.PRNGKey(0), n, step=step)[0]
 
 
 def small_mode_mass(objective, x: np.ndarray, k: int = 2) -> float:

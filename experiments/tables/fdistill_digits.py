@@ -24,10 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fdistill import checkpoint, diffusion, objectives, train
+from experiments.tables.common import generator_params
+from fdistill import diffusion, objectives, train
 from fdistill import data as data_lib
 from fdistill.configs import load as load_config
-from fdistill.objectives import score as score_lib
+from fdistill.denoiser import sample_chunked
+from fdistill.objectives.score import load_teacher
 
 TEACHER_STEPS = (1, 2, 4, 9, 18)  # Heun NFE = 2N - 1: 1, 3, 7, 17, 35
 DIVERGENCES = ("rkl", "kl", "js")
@@ -55,14 +57,14 @@ def timed(fn, *args):
 
 def teacher_rows(teacher_dir, source, num_samples, grid_noise, key):
     """Heun samples of the teacher's EMA denoiser at each NFE: (rows, grids)."""
-    denoiser, params, tconfig = score_lib.load_teacher(teacher_dir)
+    denoiser, params, tconfig = load_teacher(teacher_dir)
     dc, chunk = tconfig.diffusion, 512
-    num_classes = int(tconfig.model.get("num_classes", 0))  # a class-conditional teacher gets random labels
+    num_classes = tconfig.model.num_classes  # a class-conditional teacher gets random labels
     kw = {"labels": grid_labels(len(grid_noise))} if num_classes else {}
     rows, grids = [], []
     for n_steps in TEACHER_STEPS:
-        run = lambda n, k=key: score_lib.generate(denoiser, params, source.shape, k, n, n_steps, "heun",  # noqa: E731
-                                                  dc, chunk, num_classes)
+        run = lambda n, k=key: sample_chunked(denoiser, params, source.shape, k, n, n_steps, "heun",  # noqa: E731
+                                              dc, chunk, num_classes)
         run(chunk)  # compile outside the timed region
         x, seconds = timed(run, num_samples)
         m = source.evaluate_samples(x)
@@ -109,7 +111,7 @@ def main(argv=None):
         if args.teacher_train_steps:
             tc.train.num_steps = args.teacher_train_steps
         _, timings["teacher_train_s"] = timed(train.train_and_evaluate, tc, teacher_dir)
-    tconfig = score_lib.load_teacher(teacher_dir)[2]
+    tconfig = load_teacher(teacher_dir)[2]
     source = data_lib.build(tconfig.data)
     print(f"[table] digits classifier test accuracy {source.classifier.test_accuracy:.4f}", flush=True)
 
@@ -133,8 +135,8 @@ def main(argv=None):
                "nonfinite_frac": results.get("nonfinite_frac", 0.0), "train_steps": results["step"]}
         rows.append(row)
         obj = objectives.build(c)
-        gen = jax.tree.map(jnp.asarray, checkpoint.restore_tree(sdir)["params"]["gen"])
-        grids.append((row["row"], np.asarray(jax.jit(obj.generate)(gen, grid_noise, grid_labels(len(grid_noise))))))
+        sample = jax.jit(obj.student.sample)
+        grids.append((row["row"], np.asarray(sample(generator_params(sdir), grid_noise, grid_labels(len(grid_noise))))))
         print(f"[table] {row}", flush=True)
 
     timings["total_s"] = time.perf_counter() - t_start

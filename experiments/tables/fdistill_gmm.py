@@ -158,10 +158,10 @@ def main(argv):
     # teacher's small-mode mass, for reference
     ref_obj = objectives.build(run_config(base, _DIVERGENCES.value[0], 0, num_steps))
     meta = {
-        "num_modes": int(base.data.num_modes), "imbalance": float(base.data.get("imbalance", 1.0)),
+        "num_modes": int(base.data.num_modes), "imbalance": float(base.data.imbalance),
         "seeds": _SEEDS.value, "num_steps": num_steps, "batch_size": int(base.train.batch_size),
         "fake_updates_per_gen": int(base.distill.fake_updates_per_gen), "lambda_gan": float(base.distill.lambda_gan),
-        "width": int(base.model.width), "alpha": float(base.distill.get("alpha", 0.5)), "wall_seconds": wall,
+        "width": int(base.model.width), "alpha": float(base.distill.alpha), "wall_seconds": wall,
     }
     teacher[f"teacher/{SMALL_MODE_KEY}"] = 1.0
     out = {"meta": meta, "teacher": teacher, "divergences": table, "per_seed": per_run}

@@ -151,7 +151,7 @@ def main(argv):
                 rows.append(results)
                 teacher = {k: v for k, v in results.items() if k.startswith("teacher/")}
                 meta["divergence"][row] = c.distill.divergence + (" + GAN" if c.distill.lambda_gan > 0 else "")
-                meta["sigmas"][row] = ", ".join(f"{s:.3g}" for s in objective.sigmas)
+                meta["sigmas"][row] = ", ".join(f"{s:.3g}" for s in objective.student.sigmas)
                 meta.update(num_steps=int(c.train.num_steps), batch_size=int(c.train.batch_size))
             per_run[row] = rows
             table[row] = summarise(rows)

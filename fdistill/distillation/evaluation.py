@@ -1,0 +1,125 @@
+"""Evaluation of a distilled student: its samples, its teacher's, and the quality of its critic.
+
+`Evaluator.evaluate` gives the student sampler's metrics on the data source (`nfe` = the student's
+steps, `samples_per_sec`), the teacher's deterministic ODE sampler's (`teacher/...`, computed once
+per process: the teacher is frozen), the `speedup`, and on the mixture `ratio_spearman`: the
+Spearman correlation between the discriminator's logit and the exact log p_sigma / q_sigma on
+held-out noised points (half data, half fresh student samples), q_sigma being the noised mixture of
+a batch of student samples (`fdistill.evaluation.ratio`), sigma log-uniform in
+[distill.ratio_eval_sigma_min, distill.ratio_eval_sigma_max].
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fdistill import diffusion
+from fdistill.distillation import teachers
+from fdistill.evaluation import ratio as ratio_lib
+
+_TEACHER_METRICS: dict = {}  # computed once per process (the teacher is frozen)
+
+
+class Evaluator:
+    def __init__(self, config, source, teacher, student, critic, label: str):
+        self.config, self.source, self.teacher, self.student, self.critic = config, source, teacher, student, critic
+        self.label = label  # e.g. "1-step distill (js)"
+        self._jitted = {}
+        self.last_samples = None
+
+    def _jit(self, name, fn):
+        if name not in self._jitted:
+            self._jitted[name] = jax.jit(fn)
+        return self._jitted[name]
+
+    def samples(self, gen_params, key, n: int, labels=None, step: int | None = None):
+        """(n samples of the student's sampler, their labels or None), in jitted chunks of
+        `config.eval.chunk`. `step` = k returns the output of step k of a K-step sampler's rollout
+        instead (for the per-step diagnostic)."""
+        chunk = int(self.config.eval.chunk)
+        s = self.student
+        if step is None:
+            fn = self._jit("sample", s.sample)
+        else:
+            fn = self._jit(f"step{step}", lambda p, z, lab: s.train_point(
+                p, {**s.draws(jax.random.PRNGKey(0), z.shape[0]), "z": z, "labels": lab,
+                    "k": jnp.full(z.shape[:1], step, jnp.int32)})["x"])
+        out, labs = [], []
+        for i, start in enumerate(range(0, n, chunk)):
+            k_z, k_l = jax.random.split(jax.random.fold_in(key, i))
+            z = jax.random.normal(k_z, (chunk,) + s.shape)
+            lab = s.draw_labels(k_l, chunk) if labels is None else jnp.asarray(
+                np.resize(np.asarray(labels)[start:start + chunk], chunk))
+            out.append(np.asarray(fn(gen_params, z, lab)))
+            labs.append(np.asarray(lab))
+        return np.concatenate(out)[:n], (np.concatenate(labs)[:n] if s.conditional else None)
+
+    def teacher_metrics(self, frozen, key, labels) -> dict[str, float]:
+        e = self.config.eval
+        cache_key = json.dumps([str(self.teacher.name), self.config.data.to_dict(), e.num_samples, e.num_steps,
+                                e.sampler], sort_keys=True, default=str)
+        if cache_key in _TEACHER_METRICS:
+            return _TEACHER_METRICS[cache_key]
+        num_classes = self.student.num_classes if self.student.conditional else 0
+
+        def run(n):
+            return teachers.sample(self.teacher, frozen["teacher"], self.student.shape, key, n, e,
+                                   self.config.diffusion, num_classes, labels)
+
+        run(min(e.num_samples, 256))  # compile outside the timed region
+        t0 = time.perf_counter()
+        x = run(e.num_samples)
+        elapsed = time.perf_counter() - t0
+        m = {f"teacher/{k}": float(v) for k, v in self.source.evaluate_samples(x, labels).items()}
+        m["teacher/nfe"] = float(diffusion.nfe(e.num_steps, e.sampler))
+        m["teacher/samples_per_sec"] = e.num_samples / elapsed
+        _TEACHER_METRICS[cache_key] = m
+        return m
+
+    def ratio_spearman(self, params, frozen, key, n_batch: int = 4096, n_points: int = 4096) -> float:
+        """See the module docstring."""
+        dc = self.config.distill
+        k_b, k_q, k_s, k_e = jax.random.split(key, 4)
+        gen = params["gen"]
+        batch, _ = self.samples(gen, k_b, n_batch)
+        fake, _ = self.samples(gen, k_q, n_points // 2)
+        real = self.source.reference(n_points - n_points // 2, seed=4242)
+        pts = jnp.asarray(np.concatenate([real, fake]), jnp.float32)
+        lo, hi = float(dc.ratio_eval_sigma_min), float(dc.ratio_eval_sigma_max)
+        sigma = jnp.exp(jax.random.uniform(k_s, (n_points,), minval=np.log(lo), maxval=np.log(hi)))
+        y = pts + sigma[:, None] * jax.random.normal(k_e, pts.shape)
+        logits = self._jit("logits", lambda p, f, y, s: self.critic.logits(p, f, y, s)[0])(params, frozen["teacher"],
+                                                                                            y, sigma)
+        exact = ratio_lib.exact_log_ratio(self.source.gmm, batch, y, sigma)
+        return ratio_lib.spearman(np.asarray(logits), np.asarray(exact))
+
+    def evaluate(self, params, gen_params, frozen, key) -> dict[str, float]:
+        """Student, teacher and critic metrics (module docstring); `gen_params` is what samples (the
+        generator's EMA when it keeps one)."""
+        e = self.config.eval
+        k_s, k_t, k_r = jax.random.split(key, 3)
+        self.samples(gen_params, k_s, min(e.num_samples, 256))  # compile outside the timed region
+        t0 = time.perf_counter()
+        x, labels = self.samples(gen_params, k_s, e.num_samples)
+        elapsed = time.perf_counter() - t0
+        metrics = dict(self.source.evaluate_samples(x, labels))
+        metrics["nfe"] = float(self.student.num_steps)
+        metrics["samples_per_sec"] = e.num_samples / elapsed
+        metrics.update(self.teacher_metrics(frozen, k_t, labels))
+        metrics["speedup"] = metrics["samples_per_sec"] / metrics["teacher/samples_per_sec"]
+        if hasattr(self.source, "gmm") and self.critic.use_disc:
+            metrics["ratio_spearman"] = self.ratio_spearman(params, frozen, k_r)
+        self.last_samples = x
+        return metrics
+
+    def plot(self, gen_params, plot_dir: str, step: int) -> list[str]:
+        x = self.last_samples
+        if x is None:
+            x, _ = self.samples(gen_params, jax.random.key(0), self.config.eval.num_samples)
+        path = os.path.join(plot_dir, f"samples_{step:07d}.png")
+        return [self.source.plot_samples(x, path, f"{self.label}, step {step}")]

@@ -1,0 +1,262 @@
+"""Student samplers: how the generator samples, and which training point an update differentiates.
+
+Every student shares one interface, used by the objective and the critic alike:
+
+    student.num_steps                         NFE of its sampler
+    student.draws(key, b)                     the randomness of b training points
+    student.train_point(gen_params, draws)    {'x': the sample the update differentiates,
+                                               'noise', 'sigma', 'index': x_t = x + sigma * noise at
+                                               Karras-grid index 'index', 'step': the student step
+                                               that produced x, 'labels'} (+ 'fake_weight' for TDM)
+    student.sample(gen_params, z, labels)     the sampler (evaluation)
+
+* `OneStep` (f-distill, DMD2): x = G(z) = D_gen(sigma_g z; sigma_g), sigma on the grid indices
+  [gen_index_min, gen_index_max] uniformly, noise ~ N(0, I).
+* `BackwardSimulation` (DMD2 section 4.4, arXiv 2405.14867): a K-step sampler that re-noises with
+  fresh noise, x_{i+1} = x0_i + sigma_{i+1} n_i. A training point picks a step k ~ U{0..K-1} per
+  example; steps 0..k-1 run without gradient from pure noise (the generator's own rollout: no
+  teacher, no data), and x = D_gen(x_k; sigma_k) is the one differentiated call. With K = 1 it is
+  `OneStep` exactly.
+* `TrajectorySegments` (TDM, arXiv 2503.06674; read from `Luo-Yihong/TDM/train_tdm_demo.py`): a
+  deterministic K-step sampler that re-noises with the predicted noise (VE DDIM),
+  x_{i+1} = x0_i + sigma_{i+1} eps_i, eps_i = (x_i - x0_i) / sigma_i. A training point takes the
+  segment k ~ U{0..K-1}, x = x0_theta = D_gen(x_k; sigma_k) and a level sigma drawn on the grid
+  inside the segment [sigma_{k+1}, sigma_k) (clamped to [gen_index_min, gen_index_max]) with
+      x_t = x0_theta + sigma_mid eps_theta + sqrt(sigma^2 - sigma_mid^2) xi = x0_theta + sigma n~,
+  sigma_mid = sigma_{k+1} (sigma_K = 0), the "mixed noise" n~ = (x_t - x0_theta) / sigma. The fake
+  score trains on the same points with TDM's weight min(1/sigma^2, c) w_IS, the importance weight
+  w_IS = exp(-mean(n~^2) / 2) / exp(-mean(xi^2) / 2) exactly as in the reference code.
+  Simplifications: EDM VE noise instead of the DDPM schedule; sigma_mid is the next boundary (TDM's
+  `--use_randmid` is not implemented); no classifier-free guidance; no pseudo-Huber loss.
+
+The K student noise levels (`distill.student_sigmas='karras'`) are the first K of K + 1 Karras
+points (arXiv 2206.00364 eq. 5) from `distill.gen_sigma` down to `diffusion.sigma_min`: K = 1: [80],
+K = 2: [80, 2.53], K = 4: [80, 17.6, 2.53, 0.171].
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fdistill import diffusion
+from fdistill.denoiser import Denoiser
+
+SIGMA_SCHEDULES = ("karras",)
+
+
+class NoiseLevels:
+    """The ascending Karras grid of distillation noise levels (index 0 = sigma_min, as in DMD2) and
+    the index range [gen_index_min, gen_index_max] of the generator and discriminator."""
+
+    def __init__(self, distill_config, diffusion_config):
+        dc, d = distill_config, diffusion_config
+        n = int(dc.num_sigmas)
+        self.grid = jnp.flip(diffusion.karras_sigmas(n, d.sigma_min, d.sigma_max, d.rho)[:n])
+        self.lo, self.hi = int(dc.gen_index_min), int(dc.gen_index_max)
+        if not 0 <= self.lo <= self.hi < n:
+            raise ValueError(f"config.distill.gen_index_min/max=({self.lo}, {self.hi}) must satisfy "
+                             f"0 <= min <= max < num_sigmas={n}")
+
+    def draw_index(self, key, b: int) -> jax.Array:
+        return jax.random.randint(key, (b,), self.lo, self.hi + 1)
+
+
+def student_sigmas(num_steps: int, spec, sigma_max: float, sigma_min: float, rho: float) -> np.ndarray:
+    """The K decreasing student noise levels: `spec='karras'` (the first K of K + 1 Karras points
+    from sigma_max to sigma_min) or an explicit sequence / comma-separated string of K floats."""
+    if isinstance(spec, str) and spec.strip() in SIGMA_SCHEDULES:
+        s = np.array(diffusion.karras_sigmas(num_steps + 1, sigma_min, sigma_max, rho)[:num_steps], np.float32)
+        s[0] = sigma_max  # exact (float32 powers give 79.99998): K = 1 is then the one-step G(z)
+        return s
+    try:
+        vals = [float(v) for v in (spec.split(",") if isinstance(spec, str) else spec)]
+    except (TypeError, ValueError):
+        raise ValueError(f"config.distill.student_sigmas={spec!r} must be one of {list(SIGMA_SCHEDULES)} "
+                         "or K comma-separated floats") from None
+    s = np.asarray(vals, np.float32)
+    if len(s) != num_steps or np.any(s <= 0) or np.any(np.diff(s) >= 0):
+        raise ValueError(f"config.distill.student_sigmas={spec!r} must be {num_steps} (= num_student_steps) "
+                         "strictly decreasing positive floats")
+    return s
+
+
+def select_step(xs: list, k: jax.Array) -> jax.Array:
+    """xs[k_b][b] per example b (xs: list of K arrays [B, ...], k: [B] int)."""
+    out = xs[0]
+    for i in range(1, len(xs)):
+        out = jnp.where(diffusion.expand(k == i, out), xs[i], out)
+    return out
+
+
+def importance_weight(mixed: jax.Array, xi: jax.Array) -> jax.Array:
+    """TDM's w_IS = exp(-mean(n~^2)/2) / exp(-mean(xi^2)/2), means over the features ([B])."""
+    axes = tuple(range(1, mixed.ndim))
+    return jnp.exp(-0.5 * (jnp.mean(mixed**2, axis=axes) - jnp.mean(xi**2, axis=axes)))
+
+
+class OneStep:
+    """G(z) = D_gen(sigma_g z; sigma_g) (see the module docstring)."""
+
+    def __init__(self, denoiser: Denoiser, levels: NoiseLevels, shape, num_classes: int, conditional: bool,
+                 distill_config, diffusion_config):
+        self.denoiser, self.levels = denoiser, levels
+        self.shape, self.num_classes, self.conditional = tuple(shape), int(num_classes), conditional
+        self.gen_sigma = float(distill_config.gen_sigma)
+        self.num_steps = 1
+        self.sigmas = np.array([self.gen_sigma], np.float32)
+
+    def kw(self, labels) -> dict:
+        return {"labels": labels} if self.conditional else {}
+
+    def draw_labels(self, key, b: int) -> jax.Array:
+        return jax.random.randint(key, (b,), 0, max(self.num_classes, 1))
+
+    def draws(self, key, b: int) -> dict:
+        """z, labels, the grid index of sigma and the noise of x_t."""
+        k_z, k_lab, k_i, k_e = jax.random.split(key, 4)
+        shape = (b,) + self.shape
+        return {"z": jax.random.normal(k_z, shape), "labels": self.draw_labels(k_lab, b),
+                "index": self.levels.draw_index(k_i, b), "eps": jax.random.normal(k_e, shape)}
+
+    def generate_at(self, gen_params, x, sigma, labels) -> jax.Array:
+        return self.denoiser(gen_params, x, sigma, **self.kw(labels))
+
+    def sample(self, gen_params, z, labels=None) -> jax.Array:
+        s = self.gen_sigma
+        return self.generate_at(gen_params, s * z, jnp.full(z.shape[:1], s), labels)
+
+    def train_point(self, gen_params, draws: dict) -> dict:
+        b = draws["z"].shape[0]
+        return {"x": self.sample(gen_params, draws["z"], draws["labels"]), "noise": draws["eps"],
+                "sigma": self.levels.grid[draws["index"]], "index": draws["index"],
+                "step": jnp.zeros((b,), jnp.int32), "labels": draws["labels"]}
+
+
+class _KStep(OneStep):
+    """The K-step sampler shared by backward simulation and TDM: schedule, rollout, NFE = K."""
+
+    stochastic = True  # re-noise with fresh noise (DMD2) or with the predicted noise (TDM)
+
+    def __init__(self, denoiser, levels, shape, num_classes, conditional, distill_config, diffusion_config):
+        super().__init__(denoiser, levels, shape, num_classes, conditional, distill_config, diffusion_config)
+        K = distill_config.num_student_steps
+        if not isinstance(K, (int, np.integer)) or K < 1:
+            raise ValueError(f"config.distill.num_student_steps must be an integer >= 1, got {K!r}")
+        self.num_steps = int(K)
+        self.sigmas = student_sigmas(self.num_steps, distill_config.student_sigmas, self.gen_sigma,
+                                     float(diffusion_config.sigma_min), float(diffusion_config.rho))
+        self.sampler_seed = int(distill_config.sampler_seed)
+
+    def renoise(self, x, x0, i: int, noise_i):
+        """x_{i+1} from step i's prediction: fresh noise (DMD2) or the predicted one (DDIM, TDM)."""
+        s_next = float(self.sigmas[i + 1])
+        if self.stochastic:
+            return x0 + s_next * noise_i
+        return x0 + (s_next / float(self.sigmas[i])) * (x - x0)
+
+    def trajectory(self, gen_params, z, labels=None, noise=None) -> list:
+        """States x_0 = sigma_0 z, ..., x_{K-1} of the K-step sampler (no gradient)."""
+        p = jax.lax.stop_gradient(gen_params)
+        x = self.sigmas[0] * z
+        xs = [x]
+        for i in range(self.num_steps - 1):
+            x0 = self.generate_at(p, x, jnp.full(z.shape[:1], self.sigmas[i]), labels)
+            x = jax.lax.stop_gradient(self.renoise(x, x0, i, None if noise is None else noise[i]))
+            xs.append(x)
+        return xs
+
+    def rollout_start(self, gen_params, z, labels, k: jax.Array, noise=None):
+        """(x_k, sigma_k) per example: the generator's rollout from x_0 = sigma_0 z stopped at its step k
+        (no gradient; `noise` [K-1, B, ...] is the fresh re-noising noise or None)."""
+        xs = self.trajectory(gen_params, z, labels, noise)
+        return select_step(xs, k), jnp.asarray(self.sigmas)[k]
+
+    def _eval_noise(self, z):
+        """Fresh re-noising noise of the sampler, keyed by z's bits (every chunk of z differs)."""
+        flat = z.reshape(-1)
+        bits = jax.lax.bitcast_convert_type(flat[jnp.array([0, flat.shape[0] - 1])].astype(jnp.float32), jnp.uint32)
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(self.sampler_seed), bits[0]), bits[1])
+        return jax.random.normal(key, (self.num_steps - 1,) + z.shape, z.dtype)
+
+    def sample(self, gen_params, z, labels=None):
+        """The K-step sampler (NFE = K): x_0 = sigma_0 z, then K denoiser calls with re-noising."""
+        noise = self._eval_noise(z) if (self.stochastic and self.num_steps > 1) else None
+        x_last = self.trajectory(gen_params, z, labels, noise)[-1]
+        return self.generate_at(gen_params, x_last, jnp.full(z.shape[:1], self.sigmas[-1]), labels)
+
+    def draws(self, key, b: int) -> dict:
+        """The one-step draws plus the step k [B] and the re-noising noise [K-1, B, ...]."""
+        d = super().draws(key, b)
+        k_k, k_n = jax.random.split(jax.random.fold_in(key, 1))
+        d["k"] = jax.random.randint(k_k, (b,), 0, self.num_steps)
+        if self.stochastic and self.num_steps > 1:
+            d["noise"] = jax.random.normal(k_n, (self.num_steps - 1, b) + self.shape)
+        return d
+
+
+class BackwardSimulation(_KStep):
+    """DMD2's K-step generator trained on its own backward-simulated inputs (module docstring)."""
+
+    stochastic = True
+
+    def train_point(self, gen_params, draws: dict) -> dict:
+        x_k, sigma_k = self.rollout_start(gen_params, draws["z"], draws["labels"], draws["k"], draws.get("noise"))
+        return {"x": self.generate_at(gen_params, x_k, sigma_k, draws["labels"]), "noise": draws["eps"],
+                "sigma": self.levels.grid[draws["index"]], "index": draws["index"], "step": draws["k"],
+                "labels": draws["labels"]}
+
+
+class TrajectorySegments(_KStep):
+    """TDM: sampling-steps-aware matching along the student's deterministic trajectory."""
+
+    stochastic = False
+
+    def __init__(self, denoiser, levels, shape, num_classes, conditional, distill_config, diffusion_config):
+        super().__init__(denoiser, levels, shape, num_classes, conditional, distill_config, diffusion_config)
+        self.snr_clip = float(distill_config.tdm_snr_clip)
+        self.use_is = bool(distill_config.tdm_importance_weight)
+        grid = np.asarray(levels.grid)
+        ext = np.concatenate([self.sigmas, [0.0]])
+        # Karras-index range of each segment k: sigma in [sigma_{k+1}, sigma_k), within [lo, hi].
+        lo = np.clip(np.searchsorted(grid, ext[1:], side="left"), levels.lo, levels.hi)
+        hi = np.clip(np.searchsorted(grid, ext[:-1], side="left") - 1, lo, levels.hi)
+        self.segment_lo, self.segment_hi = lo.astype(np.int32), hi.astype(np.int32)
+        self.sigmas_ext = ext.astype(np.float32)
+
+    def draws(self, key, b):
+        """The K-step draws with the grid index drawn inside segment k."""
+        d = super().draws(key, b)
+        k = d["k"]
+        lo, hi = jnp.asarray(self.segment_lo)[k], jnp.asarray(self.segment_hi)[k]
+        d["index"] = jax.random.randint(jax.random.fold_in(key, 2), (b,), lo, hi + 1)
+        return d
+
+    def train_point(self, gen_params, draws: dict) -> dict:
+        """x = x0_theta = D_gen(x_k; sigma_k) (differentiated) and TDM's x_t = x + sigma n~."""
+        z, labels, k = draws["z"], draws["labels"], draws["k"]
+        x_k, sigma_k = self.rollout_start(gen_params, z, labels, k)
+        x0 = self.generate_at(gen_params, x_k, sigma_k, labels)
+        x0_sg = jax.lax.stop_gradient(x0)
+        eps_theta = (x_k - x0_sg) / diffusion.expand(sigma_k, x_k)
+        sigma_mid = jnp.asarray(self.sigmas_ext)[k + 1]
+        sigma = self.levels.grid[draws["index"]]
+        xi = draws["eps"]
+        spread = jnp.sqrt(jnp.maximum(sigma**2 - sigma_mid**2, 0.0))
+        offset = diffusion.expand(sigma_mid, x0) * eps_theta + diffusion.expand(spread, x0) * xi
+        mixed = jax.lax.stop_gradient(offset / diffusion.expand(sigma, x0))
+        w_is = importance_weight(mixed, xi) if self.use_is else jnp.ones(sigma.shape, jnp.float32)
+        fake_weight = jnp.minimum(1.0 / sigma**2, self.snr_clip) * jax.lax.stop_gradient(w_is)
+        return {"x": x0, "noise": mixed, "sigma": sigma, "index": draws["index"], "step": k, "labels": labels,
+                "fake_weight": fake_weight, "w_is": w_is}
+
+
+STUDENTS = {"distill": OneStep, "dmd2_multistep": BackwardSimulation, "tdm": TrajectorySegments}
+
+
+def build(objective: str, denoiser, levels, shape, num_classes, conditional, distill_config, diffusion_config):
+    """The student sampler of objective `objective` ('distill', 'dmd2_multistep' or 'tdm')."""
+    if objective == "distill" and distill_config.num_student_steps != 1:
+        raise ValueError(f"config.distill.num_student_steps={distill_config.num_student_steps} needs a few-step "
+                         "objective: config.objective='dmd2_multistep' or 'tdm' ('distill' is one-step)")
+    return STUDENTS[objective](denoiser, levels, shape, num_classes, conditional, distill_config, diffusion_config)

@@ -1,0 +1,117 @@
+"""The frozen teacher of a distillation: the exact mixture denoiser or a finished score run.
+
+A teacher gives the real denoiser D_real(x_t; sigma) = E_p[x_0 | x_t] (the teacher's score is
+(D_real - x_t) / sigma^2), samples for the reference metrics, and the network architecture (and
+possibly the initial weights) of the generator and the fake score. Its parameters travel in
+`frozen['teacher']`: an argument of the jitted step, never a closed-over constant.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+
+from fdistill.denoiser import build_denoiser, sample_chunked
+
+
+class AnalyticTeacher:
+    """The exact GMM denoiser (`config.distill.teacher='analytic'`; GMM data only). The student's
+    networks use `config.model`; the generator and fake score start from random weights."""
+
+    has_features = False
+
+    def __init__(self, config, source):
+        if config.data.name != "gmm":
+            raise ValueError(f"config.distill.teacher='analytic' needs config.data.name='gmm' (got "
+                             f"{config.data.name!r}); for other data pass the workdir of a finished 'score' run")
+        self.source = source
+        self.net_config = config
+        self.denoiser = build_denoiser(config, source.shape)
+        self.sigma_data = self.denoiser.sigma_data
+        self.init_params = None
+        self.name = "analytic"
+
+    def frozen(self):
+        return self.source.gmm
+
+    def __call__(self, gmm, x: jax.Array, sigma: jax.Array, **kw) -> jax.Array:
+        """D_real in the `Denoiser` calling convention (`gmm` is `frozen['teacher']`)."""
+        return gmm.denoise(x, sigma)
+
+    def features(self, frozen_teacher, x_t, sigma, **kw):
+        raise ValueError("config.distill.disc_on='teacher' needs a network teacher (a score run's workdir in "
+                         "config.distill.teacher); the analytic mixture has no features")
+
+
+class ScoreRunTeacher:
+    """The EMA network of a finished `score` run (`config.distill.teacher=<workdir>`). Its config
+    defines the student networks' architecture, and its weights initialise the generator and the
+    fake score (DMD2)."""
+
+    has_features = True
+
+    def __init__(self, config, source):
+        from fdistill.objectives.score import load_teacher
+
+        workdir = config.distill.teacher
+        if not isinstance(workdir, str) or not os.path.isdir(os.path.expanduser(workdir)):
+            raise ValueError(f"config.distill.teacher={workdir!r} must be 'analytic' or the workdir of a finished "
+                             "'score' run")
+        self.denoiser, params, tconfig = load_teacher(workdir, allow_unfinished=config.distill.allow_unfinished_teacher)
+        check_same(config, tconfig, workdir)
+        self.net_config = tconfig
+        self.sigma_data = self.denoiser.sigma_data
+        self.init_params = params
+        self._params = params
+        self.name = workdir
+        overridden = model_differences(config.model, tconfig.model)
+        if overridden:
+            print(f"[fdistill] the generator and fake score copy the teacher's architecture "
+                  f"({workdir}); ignored student fields: {overridden}", flush=True)
+
+    def frozen(self):
+        return self._params
+
+    def __call__(self, params, x: jax.Array, sigma: jax.Array, **kw) -> jax.Array:
+        return self.denoiser(params, x, sigma, **kw)
+
+    def features(self, params, x_t, sigma, **kw):
+        """Hidden features of the frozen teacher network at (x_t, sigma) (FastGen's discriminator input)."""
+        return self.denoiser.with_features(params, x_t, sigma, **kw)[1]
+
+
+def check_same(config, teacher_config, teacher_dir: str) -> None:
+    """The student's `config.data` and `config.diffusion` must describe the teacher's: every field
+    equal except `data_dir` (a path) and, for stored datasets, the shuffling `seed`."""
+    skip = {"data_dir"} | ({"seed"} if config.data.name != "gmm" else set())
+    diff = []
+    for section, ignore in (("data", skip), ("diffusion", set())):
+        ours, theirs = config[section].to_dict(), teacher_config[section].to_dict()
+        diff += [f"config.{section}.{k}={ours[k]!r} (teacher: {theirs[k]!r})" for k in sorted(set(ours) & set(theirs))
+                 if k not in ignore and ours[k] != theirs[k]]
+    if diff:
+        raise ValueError(f"the student's config differs from the teacher's in config.distill.teacher={teacher_dir!r}: "
+                         + ", ".join(diff))
+
+
+def model_differences(student_model, teacher_model) -> str:
+    """The student's `config.model` fields that the teacher's architecture replaces (for a notice)."""
+    ours, theirs = student_model.to_dict(), teacher_model.to_dict()
+    return ", ".join(f"model.{k}={ours[k]!r} (teacher: {theirs.get(k)!r})" for k in sorted(ours)
+                     if ours[k] != theirs.get(k))
+
+
+def build(config, source):
+    """The teacher named by `config.distill.teacher`."""
+    if config.distill.teacher == "analytic":
+        return AnalyticTeacher(config, source)
+    return ScoreRunTeacher(config, source)
+
+
+def sample(teacher, frozen_teacher, shape, key, n: int, eval_config, diffusion_config, num_classes: int,
+           labels=None) -> np.ndarray:
+    """n deterministic samples of the teacher's probability-flow ODE (Heun/Euler, `config.eval`)."""
+    return sample_chunked(teacher, frozen_teacher, shape, key, n, eval_config.num_steps, eval_config.sampler,
+                          diffusion_config, eval_config.chunk, num_classes, labels)
+
