@@ -235,23 +235,18 @@ def diffusion_po() -> ConfigDict:
     return c
 
 
-FAMILIES = {
-    "score": ("score",),
-    "distill": ("distill", "dmd2_multistep", "tdm"),
-    "sft": ("sft",),
-    "po": ("po",),
-    "diffusion_po": ("diffusion_po",),
-}
 DEFAULT_DATA = {"score": "gmm", "distill": "gmm", "diffusion_po": "gmm"}
 DEFAULT_MODEL = {"score": "mlp", "distill": "mlp", "sft": "transformer", "po": "transformer", "diffusion_po": "mlp"}
 
 
 def family_of(objective: str) -> str:
-    for family, names in FAMILIES.items():
-        if objective in names:
-            return family
-    known = sorted(n for names in FAMILIES.values() for n in names)
-    raise ConfigError(f"config.objective={objective!r} is not a known objective; allowed: {known}")
+    """The config family an objective reads (declared where it registers: `objectives.register`)."""
+    from fdistill.objectives import base as objectives_base
+
+    try:
+        return objectives_base.family(objective)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def base(objective: str, data: str | None = None, model: str | None = None) -> ConfigDict:

@@ -26,6 +26,9 @@ _TEACHER_METRICS: dict = {}  # computed once per process (the teacher is frozen)
 
 
 class Evaluator:
+    """Scores a student sampler against its teacher (and its critic's ratio, when it has a
+    discriminator; `critic=None` for objectives without one)."""
+
     def __init__(self, config, source, teacher, student, critic, label: str):
         self.config, self.source, self.teacher, self.student, self.critic = config, source, teacher, student, critic
         self.label = label  # e.g. "1-step distill (js)"
@@ -112,7 +115,7 @@ class Evaluator:
         metrics["samples_per_sec"] = e.num_samples / elapsed
         metrics.update(self.teacher_metrics(frozen, k_t, labels))
         metrics["speedup"] = metrics["samples_per_sec"] / metrics["teacher/samples_per_sec"]
-        if hasattr(self.source, "gmm") and self.critic.use_disc:
+        if hasattr(self.source, "gmm") and self.critic is not None and self.critic.use_disc:
             metrics["ratio_spearman"] = self.ratio_spearman(params, frozen, k_r)
         self.last_samples = x
         return metrics

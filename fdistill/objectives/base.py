@@ -37,19 +37,31 @@ import numpy as np
 Pytree = Any
 
 _REGISTRY: dict[str, type] = {}
+_FAMILY: dict[str, str] = {}
 
 
-def register(name: str) -> Callable[[type], type]:
-    """Class decorator registering an `Objective` under `name` (the value of `config.objective`)."""
+def register(name: str, family: str | None = None) -> Callable[[type], type]:
+    """Decorator registering an `Objective` (or a factory `config -> Objective`) under `name`, the
+    value of `config.objective`. `family` names the config base it reads (`fdistill.configs.base`;
+    default: `name`), e.g. a new distillation method registers with `family='distill'`."""
 
     def deco(cls: type) -> type:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"objective {name!r} registered twice ({_REGISTRY[name]} and {cls})")
         _REGISTRY[name] = cls
+        _FAMILY[name] = family or name
         cls.name = name
         return cls
 
     return deco
+
+
+def family(name: str) -> str:
+    """The config family of objective `name`; unknown names list the allowed ones."""
+    _discover()
+    if name not in _FAMILY:
+        raise ValueError(f"config.objective={name!r} is not a known objective; allowed: {sorted(_REGISTRY)}")
+    return _FAMILY[name]
 
 
 def _discover() -> None:

@@ -203,4 +203,4 @@ def _objective(student_kind: str):
 
 
 for _name in students.STUDENTS:
-    register(_name)(_objective(_name))
+    register(_name, family="distill")(_objective(_name))

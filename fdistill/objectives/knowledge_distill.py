@@ -1,0 +1,78 @@
+"""Knowledge distillation on the teacher's ODE endpoints (Luhman & Luhman 2021, arXiv 2101.02388).
+
+The one-step student G(z) = D_gen(sigma_max z; sigma_max) regresses, from the same noise, the end
+point of the teacher's deterministic sampler (EDM Algorithm 1, arXiv 2206.00364; Heun or Euler with
+`config.eval.num_steps` steps, the sampler the teacher is evaluated with):
+
+    L(theta) = E_z || G_theta(z) - ODE_teacher(sigma_max z) ||^2   (mean over features).
+
+Luhman & Luhman precompute a dataset of (z, endpoint) pairs and use a perceptual loss on images;
+here the endpoints are computed in the step (cheap for the analytic mixture) and the loss is the MSE.
+Assembled from the distillation pieces: the teacher (`distillation.teachers`), the one-step student
+(`distillation.students.OneStep`) and the evaluator; no critic.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fdistill import data as data_lib
+from fdistill import diffusion
+from fdistill import train_state as ts
+from fdistill.distillation import evaluation, students, teachers
+from fdistill.objectives.base import Objective, register
+
+
+@register("kd", family="distill")
+class KnowledgeDistillation(Objective):
+    def __init__(self, config):
+        super().__init__(config)
+        self.source = data_lib.build(config.data)
+        self.teacher = teachers.build(config, self.source)
+        conditional = bool(self.source.num_classes and self.teacher.net_config.model.num_classes)
+        levels = students.NoiseLevels(config.distill, config.diffusion)
+        self.student = students.OneStep(self.teacher.denoiser, levels, self.source.shape, self.source.num_classes,
+                                        conditional, config.distill, config.diffusion)
+        if config.distill.gen_sigma != config.diffusion.sigma_max:
+            raise ValueError(f"config.distill.gen_sigma={config.distill.gen_sigma} must equal config.diffusion."
+                             f"sigma_max={config.diffusion.sigma_max}: the student maps the ODE's starting noise")
+        self.optimizer = ts.Optimizer(ts.OptimizerSettings.from_config(config.train, learning_rate=config.distill.lr_gen))
+        self.evaluator = evaluation.Evaluator(config, self.source, self.teacher, self.student, None, "1-step kd")
+
+    def init(self, key):
+        k_gen, k_rng = jax.random.split(key)
+        if self.teacher.init_params is None:
+            x = jnp.zeros((1,) + self.student.shape, jnp.float32)
+            gen = self.student.denoiser.init(k_gen, x, **self.student.kw(jnp.zeros((1,), jnp.int32)))
+        else:
+            gen = jax.tree.map(jnp.array, self.teacher.init_params)
+        return ts.create_state(gen, self.optimizer, k_rng), {"teacher": self.teacher.frozen()}
+
+    def ode_endpoint(self, frozen_teacher, z, labels) -> jax.Array:
+        """The teacher's deterministic sample from the noise sigma_max z."""
+        d, e = self.config.diffusion, self.config.eval
+        kw = self.student.kw(labels)
+        return diffusion.sample(lambda x, s: self.teacher(frozen_teacher, x, s, **kw), z, e.num_steps,
+                                sampler=e.sampler, sigma_min=d.sigma_min, sigma_max=d.sigma_max, rho=d.rho)
+
+    def loss(self, gen_params, frozen, z, labels) -> jax.Array:
+        target = jax.lax.stop_gradient(self.ode_endpoint(frozen["teacher"], z, labels))
+        return jnp.mean((self.student.sample(gen_params, z, labels) - target) ** 2)
+
+    def train_step(self, state, frozen, batch):
+        b = batch["x"].shape[0]  # only the batch size: KD needs no data, only the teacher
+        k_z, k_lab = jax.random.split(ts.step_key(state))
+        z = jax.random.normal(k_z, (b,) + self.student.shape)
+        labels = self.student.draw_labels(k_lab, b)
+        loss, grads = jax.value_and_grad(self.loss)(state.params, frozen, z, labels)
+        state, metrics = ts.apply_gradients(state, grads, self.optimizer)
+        return state.replace(step=state.step + 1), {"loss": loss, **metrics}
+
+    def batch(self, step, process_index=0, process_count=1):
+        return self.source.batch(step, self.config.train.batch_size, process_index, process_count)
+
+    def evaluate(self, state, frozen, key):
+        return self.evaluator.evaluate(state.params, ts.eval_params(state), frozen, key)
+
+    def plot(self, state, frozen, plot_dir, step):
+        return self.evaluator.plot(ts.eval_params(state), plot_dir, step)

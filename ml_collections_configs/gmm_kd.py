@@ -1,0 +1,16 @@
+"""Knowledge distillation (Luhman & Luhman 2021, arXiv 2101.02388) of the analytic mixture teacher.
+
+    python -m experiments.run --config ml_collections_configs/gmm_kd.py --workdir runs/gmm_kd
+
+The one-step generator regresses the teacher's 18-step Heun endpoint (35 NFE) from the same noise
+(the README's "Adding an objective" example). Same mixture, network and budget as `gmm_fdistill.py`.
+"""
+from fdistill import configs
+
+
+def get_config():
+    c = configs.load("gmm_fdistill")
+    c.objective = "kd"
+    c.distill.lr_gen = 1e-3
+    c.eval.num_steps = 18  # the teacher's ODE: 18 Heun steps (NFE 35), for the targets and the reference row
+    return c
