@@ -17,3 +17,14 @@ def best_rate(call, seconds: float, windows: int = 3, sync=lambda: None) -> floa
         sync()
         rates.append(n / (time.perf_counter() - t0))
     return max(rates)
+
+
+def run_worker(cmd: list[str], env: dict, what: str, timeout: float = 900) -> dict:
+    """Runs a benchmark worker process and returns the JSON object on the last line of its stdout."""
+    import json
+    import subprocess
+
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise SystemExit(f"{what} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

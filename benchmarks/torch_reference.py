@@ -26,7 +26,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 
@@ -448,10 +447,9 @@ def run_worker(framework: str, spec_path: str, seconds: float, threads: int = 0,
         env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework, "--spec", spec_path,
            "--seconds", str(seconds), "--threads", str(threads)] + (["--torch_compile"] if compile else [])
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    if out.returncode != 0:
-        raise SystemExit(f"{framework} worker failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    from timing import run_worker as run_json_worker
+
+    return run_json_worker(cmd, env, f"{framework} worker")
 
 
 def main():

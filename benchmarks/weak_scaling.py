@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -59,10 +58,9 @@ def run(step_name: str, global_batch: int, num_devices: int, seconds: float) -> 
                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", step_name, "--global_batch", str(global_batch),
            "--num_devices", str(num_devices), "--seconds", str(seconds)]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    if out.returncode != 0:
-        raise SystemExit(f"worker {step_name} n={num_devices} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    from timing import run_worker
+
+    return run_worker(cmd, env, f"worker {step_name} n={num_devices}")
 
 
 def main():

@@ -24,3 +24,20 @@ def tiny_score_config(num_steps: int = 20, **train):
     for k, v in train.items():
         c.train[k] = v
     return c
+
+
+def tiny_distill_config(name: str = "gmm_fdistill", **distill):
+    """A distillation config with a small network and batch (a step in milliseconds); `distill`
+    overrides fields of `config.distill`."""
+    c = load_config(name)
+    c.model.width, c.model.depth, c.model.emb_dim = 32, 1, 16
+    c.distill.fake_updates_per_gen = 2
+    c.distill.disc_hidden = 32
+    for k, v in distill.items():
+        c.distill[k] = v
+    c.train.batch_size = 64
+    c.train.log_every = 1
+    c.train.eval_every = 0
+    c.train.checkpoint_every = 0
+    c.eval.num_samples = 4096
+    return c

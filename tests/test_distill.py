@@ -15,27 +15,14 @@ from fdistill import divergences, objectives, sharding
 from fdistill.configs import load as load_config
 from fdistill.data.gmm import GMM
 from fdistill.evaluation import ratio as ratio_lib
+from tests.helpers import tiny_distill_config
 from fdistill.distillation import critics, losses, students, teachers
 
 
 def tiny_config(divergence="js", **distill_kw):
     """gmm_fdistill with a small network and batch: a step in milliseconds."""
-    c = load_config("gmm_fdistill")
-    c.model.width = 32
-    c.model.depth = 1
-    c.model.emb_dim = 16
-    c.distill.divergence = divergence
-    c.distill.fake_updates_per_gen = 2
-    c.distill.disc_hidden = 32
-    for k, v in distill_kw.items():
-        c.distill[k] = v
-    c.train.batch_size = 64
+    c = tiny_distill_config("gmm_fdistill", divergence=divergence, **distill_kw)
     c.train.num_steps = 4
-    c.train.log_every = 1
-    c.train.eval_every = 0
-    c.train.checkpoint_every = 0
-    c.eval.num_samples = 4096
-    c.eval.num_steps = 18
     return c
 
 

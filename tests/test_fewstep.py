@@ -13,25 +13,12 @@ import pytest
 from fdistill import objectives
 from fdistill.configs import load as load_config
 from fdistill.distillation import students
+from tests.helpers import tiny_distill_config
 
 
 def tiny(name="gmm_dmd2_multistep", K=4, **distill_kw):
     """The named config with a small network and batch (a step in milliseconds)."""
-    c = load_config(name)
-    c.model.width = 32
-    c.model.depth = 1
-    c.model.emb_dim = 16
-    c.distill.num_student_steps = K
-    c.distill.fake_updates_per_gen = 2
-    c.distill.disc_hidden = 32
-    for k, v in distill_kw.items():
-        c.distill[k] = v
-    c.train.batch_size = 64
-    c.train.log_every = 1
-    c.train.eval_every = 0
-    c.train.checkpoint_every = 0
-    c.eval.num_samples = 4096
-    return c
+    return tiny_distill_config(name, num_student_steps=K, **distill_kw)
 
 
 class CountingTeacher:
