@@ -293,3 +293,78 @@ def test_named_configs(name, objective):
     if name.startswith("gmm"):
         obj = objectives.build(c)
         assert obj.student.num_steps == 4 and obj.student.sigmas[0] == c.distill.gen_sigma
+
+
+# ----- the step-aware critic ----------------------------------------------------------------------
+
+
+def _perturbed(params, seed=9):
+    """Every parameter moved a little (zero-initialised output layers make fresh networks ignore
+    their conditioning)."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    return jax.tree.unflatten(tree, [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize("divergence", ["rkl", "js"])
+def test_step_aware_critic_sees_the_step(divergence):
+    """With `step_aware_critic` the critic loss on a fixed batch changes when the step labels are
+    permuted (the fake score and discriminator are conditioned on the step); the pooled critic's
+    does not."""
+    for aware in (True, False):
+        obj = objectives.build(tiny(K=4, divergence=divergence, lambda_gan=0.0, step_aware_critic=aware))
+        state, frozen = obj.init(jax.random.PRNGKey(0))
+        params = _perturbed(state.params)
+        point = obj.student.train_point(params["gen"], obj.student.draws(jax.random.PRNGKey(1), 64))
+        real = jnp.asarray(obj.batch(0)["x"][:, 0])
+        args = (real, jnp.zeros(64, jnp.int32), jax.random.PRNGKey(2))
+        loss = float(obj.critic.loss(params, frozen["teacher"], point, *args)[0])
+        permuted = {**point, "step": jnp.roll(point["step"], 1)}
+        loss_perm = float(obj.critic.loss(params, frozen["teacher"], permuted, *args)[0])
+        assert (loss != loss_perm) == aware, (aware, loss, loss_perm)
+        if aware:  # one embedding row per step: (K, emb_dim)
+            assert params["fake"]["Embed_0"]["embedding"].shape[0] == 4
+
+
+def test_step_aware_critic_with_k1_is_the_one_step_critic():
+    """K = 1: nothing to condition on, so the step-aware option builds exactly the one-step objective."""
+    c = tiny(K=1, divergence="js", lambda_gan=1e-3, step_aware_critic=True)
+    base = c.copy_and_resolve_references()
+    base.objective, base.distill.step_aware_critic = "distill", False
+    few, ref = objectives.build(c), objectives.build(base)
+    s_few, frozen = few.init(jax.random.PRNGKey(0))
+    s_ref, _ = ref.init(jax.random.PRNGKey(0))
+    chex.assert_trees_all_equal(s_few.params, s_ref.params)
+    for i in range(2):
+        s_few, m_few = jax.jit(few.train_step)(s_few, frozen, few.batch(i))
+        s_ref, m_ref = jax.jit(ref.train_step)(s_ref, frozen, ref.batch(i))
+    chex.assert_trees_all_close(s_few.params, s_ref.params, rtol=1e-5, atol=1e-7)
+
+
+def test_step_aware_fake_score_from_a_teacher_starts_as_the_teacher():
+    """Started from teacher weights, the step-aware fake score's extra class embedding is zero: it
+    computes the teacher's denoiser for every step."""
+    from fdistill.distillation.critics import copy_matching
+
+    obj = objectives.build(tiny(K=4, step_aware_critic=True))
+    state, _ = obj.init(jax.random.PRNGKey(0))
+    teacher = _perturbed(state.params["gen"])  # an unconditional "teacher" network
+    fake = copy_matching(teacher, state.params["fake"])
+    x, s = jax.random.normal(jax.random.PRNGKey(3), (16, 2)), jnp.full((16,), 0.5)
+    want = obj.student.denoiser(teacher, x, s)
+    for k in range(4):
+        got = obj.critic.fake_denoise({"fake": fake}, x, s, None, jnp.full((16,), k, jnp.int32))
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_per_step_mode_diagnostic_on_a_hand_built_sample_set():
+    """`fewstep_step_modes.step_weights` counts the samples nearest each mode."""
+    from experiments.diagnostics.fewstep_step_modes import step_weights
+
+    obj = objectives.build(tiny(K=2))
+    means = np.asarray(obj.source.gmm.means)
+    x = np.concatenate([np.repeat(means[:1], 30, 0), np.repeat(means[3:4], 10, 0) + 0.01])  # 3:1 on modes 0, 3
+    w = step_weights(x, obj.source.gmm)
+    expect = np.zeros(len(means))
+    expect[0], expect[3] = 0.75, 0.25
+    np.testing.assert_allclose(w, expect)

@@ -176,7 +176,7 @@ class LearnedCritic:
         s_r = self.levels.grid[self.levels.draw_index(k_ir, b)]
         xt_r = x_real + diffusion.expand(s_r, x_real) * jax.random.normal(k_er, x_real.shape)
         xt_f = x + diffusion.expand(point["sigma"], x) * point["noise"]
-        step_r = jnp.zeros_like(step)  # real data carries no student step; the discriminator sees it as step 0
+        step_r = step  # a step-aware discriminator compares data with each step's samples: same step labels
         if self.disc_on == "fake_score":
             # One pass of the fake-score network over [DSM inputs; noised fake; noised real]: the same
             # losses as three separate calls, with fewer (larger) matmuls.
