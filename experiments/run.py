@@ -6,8 +6,8 @@
 Re-running the same command resumes from the latest checkpoint in the workdir; a changed config
 that would change what is trained is refused (exit status 2) unless --force_new starts the workdir
 over. Exit status: 0 when finished, 143 / 130 when SIGTERM / Ctrl-C stopped it after saving a
-checkpoint (re-run to resume), 1 when the workdir is in use by another run or the disk is full, 2 for
-an invalid or changed config. Multi-process runs pass --coordinator_address/--num_processes/
+checkpoint (re-run to resume), 1 when the workdir is in use by another run, the disk is full or a
+dataset file is corrupt, 2 for an invalid or changed config. Multi-process runs pass --coordinator_address/--num_processes/
 --process_id (or FDISTILL_* environment variables; on TPU pods and SLURM set
 FDISTILL_AUTO_DISTRIBUTED=1).
 """
@@ -43,14 +43,15 @@ def main(argv):
         jax.config.update("jax_compilation_cache_dir", _CACHE.value)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     from fdistill import configs, sharding, train, workdir
+    from fdistill.data.tfds_build import CorruptDataError
 
     if _COORDINATOR.value:
         sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     try:
         train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, force_new=_FORCE_NEW.value)
-    except (workdir.WorkdirError, configs.ConfigError) as e:  # stated in full by the message: no traceback
+    except (workdir.WorkdirError, configs.ConfigError, CorruptDataError) as e:  # the message says it all
         sys.stderr.write(f"error: {e}\n")
-        sys.exit(getattr(e, "exit_code", 2))
+        sys.exit(2 if isinstance(e, configs.ConfigError) else getattr(e, "exit_code", 1))
 
 
 def check_config_overrides(argv: list[str]) -> None:

@@ -11,8 +11,10 @@ another structure (the code or the config changed) is an error, never a fallback
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -62,6 +64,20 @@ class _DropDiskFullLogs(logging.Filter):
                     or (exc is not None and workdir_lib.is_disk_full(exc)))
 
 
+def _drop_disk_full_logs() -> None:
+    """Installs `_DropDiskFullLogs` on the loggers Orbax's threads and futures report through
+    (once per process: a failed write is also reported when its future is collected, at exit)."""
+    for name in ("absl", "asyncio"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropDiskFullLogs) for f in logger.filters):
+            logger.addFilter(_DropDiskFullLogs())
+
+
+def _tree_size(path: str) -> int:
+    """Bytes of the files under `path`."""
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+
+
 def _shapes(tree: Any) -> dict[str, tuple]:
     """'a/b/c' leaf paths -> shapes (of arrays, ShapeDtypeStructs or Orbax array metadata)."""
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -90,8 +106,7 @@ class Checkpointer:
                                                  cleanup_tmp_directories=True),
             item_handlers=ocp.StandardCheckpointHandler(),
         )
-        self._log_filter = _DropDiskFullLogs()
-        logging.getLogger("absl").addFilter(self._log_filter)
+        _drop_disk_full_logs()
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -103,9 +118,19 @@ class Checkpointer:
         return self.save_every > 0 and step % self.save_every == 0
 
     def save(self, step: int, state: Any) -> None:
-        """Saves `state` at `step` (asynchronously); a step already on disk is left alone."""
-        if step in self.manager.all_steps():
+        """Saves `state` at `step` (asynchronously); a step already on disk is left alone. Raises
+        OSError(ENOSPC) before writing anything when the disk visibly lacks the space (the size of
+        the latest checkpoint, or of the state plus 1 MiB): a save that fails half-way in Orbax's
+        threads is reported later, noisily, and leaves a temporary directory behind."""
+        steps = self.manager.all_steps()
+        if step in steps:
             return
+        usage = shutil.disk_usage(self.directory)
+        need = _tree_size(os.path.join(self.directory, str(max(steps)))) if steps else (
+            sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(state)) + 2**20)
+        if usage.total and usage.free < need:
+            raise OSError(errno.ENOSPC, f"saving step {step} needs about {need / 2**20:.2f} MiB, "
+                          f"{usage.free / 2**20:.2f} MiB free", self.directory)
         self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
     def raise_if_failed(self) -> None:
@@ -194,8 +219,6 @@ class Checkpointer:
         except Exception:  # noqa: BLE001
             if not quiet:
                 raise
-        finally:
-            logging.getLogger("absl").removeFilter(self._log_filter)
 
 
 def abstract_like(tree: Any, sharding) -> Any:

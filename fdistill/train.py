@@ -11,6 +11,7 @@ be checkpointed. SIGTERM or Ctrl-C saves a checkpoint and raises `Stopped` (exit
 from __future__ import annotations
 
 import collections
+import errno
 import math
 import os
 import signal
@@ -217,9 +218,11 @@ def _disk_full_error(e: BaseException, wd: workdir_lib.Workdir) -> workdir_lib.D
     last_row = workdir_lib.last_metrics_step(wd.metrics_path)
     if last_row is not None:
         intact += f"; metrics.jsonl through step {last_row}"
+    detail = next((f" ({x.strerror})" for x in (e, e.__cause__) if isinstance(x, OSError) and x.strerror
+                   and x.strerror != os.strerror(errno.ENOSPC)), "")
     return workdir_lib.DiskFull(
-        f"no space left on {workdir_lib.failed_path(e, wd.path)}: the run stopped at this first failed write. "
-        f"Intact in {wd.path}: {intact}. Free space on that disk and re-run the same command to resume.")
+        f"no space left on {workdir_lib.failed_path(e, wd.path)}{detail}; the run stopped at this first "
+        f"failed write. Intact in {wd.path}: {intact}. Free space on that disk and re-run the same command to resume.")
 
 
 def _train_and_evaluate(config, wd: workdir_lib.Workdir, mesh, stop: _StopFlag, force_new: bool) -> dict:

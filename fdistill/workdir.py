@@ -271,12 +271,11 @@ def differences(stored, current) -> dict[str, tuple[Any, Any]]:
 
 # ----- disk full -----------------------------------------------------------------------------------
 
-_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "RESOURCE_EXHAUSTED")
-
-
 def says_disk_full(text: str) -> bool:
-    """Whether an error message reports a write that failed for lack of space."""
-    return any(t in text for t in _DISK_FULL_TEXT)
+    """Whether an error message reports a write that failed for lack of space (TensorStore says
+    RESOURCE_EXHAUSTED for a failed write; for memory it says 'Out of memory')."""
+    return ("No space left on device" in text or "Disk quota exceeded" in text
+            or re.search(r"RESOURCE_EXHAUSTED: .*[Ww]rit", text) is not None)
 
 
 def is_disk_full(exc: BaseException) -> bool:
