@@ -14,7 +14,9 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import shutil
+import sys
 from typing import Any
 
 import jax
@@ -30,16 +32,23 @@ class CheckpointMismatch(ValueError):
     """A readable checkpoint holds a state of another structure than the one asked for."""
 
 
-def one_sentence(exc: BaseException, limit: int = 240) -> str:
+def one_sentence(exc: BaseException, limit: int = 200) -> str:
     """The root cause of `exc` in one line: the innermost exception's type and first line (the
-    outer ones of Orbax/TensorStore repeat it with pages of specs)."""
+    outer ones of Orbax/TensorStore repeat it with pages of specs), without TensorStore's spec and
+    source locations, and, when still long, its most specific (last) clauses."""
     root, seen = exc, set()
     while (root.__cause__ or root.__context__) is not None and id(root) not in seen:
         seen.add(id(root))
         root = root.__cause__ or root.__context__
     text = (str(root).strip().splitlines() or [""])[0]
-    text = f"{type(root).__name__}: {text}" if text else type(root).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    text = re.sub(r"\s*\[(tensorstore_spec|source locations)=.*$", "", text)
+    if len(text) > limit:
+        clauses = text.split(": ")
+        text = clauses.pop()
+        while clauses and len(clauses[-1]) + len(text) + 2 <= limit:
+            text = clauses.pop() + ": " + text
+        text = "...: " + text[-limit:]
+    return f"{type(root).__name__}: {text}" if text else type(root).__name__
 
 
 @contextlib.contextmanager
@@ -54,23 +63,39 @@ def _absl_silenced():
         logger.setLevel(level)
 
 
-class _DropDiskFullLogs(logging.Filter):
-    """Drops Orbax's background-thread logs of writes that failed for lack of space (one per
-    thread, each with a traceback): the training loop reports the failure once."""
+class _SecondaryReports(logging.Filter):
+    """Drops the logs that repeat a failed save or restore: Orbax's background threads log each
+    write that failed for lack of space (with a traceback), and asyncio logs every Orbax task whose
+    error nobody retrieved when it is collected (one per array of a corrupt checkpoint). The
+    training loop and `restore_latest` report the failure once, in a line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return not (workdir_lib.says_disk_full(record.getMessage())
-                    or (exc is not None and workdir_lib.is_disk_full(exc)))
+        message = record.getMessage()
+        disk_full = workdir_lib.says_disk_full(message) or (exc is not None and workdir_lib.is_disk_full(exc))
+        unretrieved_orbax_error = "exception was never retrieved" in message and "orbax" in message
+        return not (disk_full or unretrieved_orbax_error)
 
 
-def _drop_disk_full_logs() -> None:
-    """Installs `_DropDiskFullLogs` on the loggers Orbax's threads and futures report through
-    (once per process: a failed write is also reported when its future is collected, at exit)."""
+def _quiet_orbax_failures() -> None:
+    """Drops the secondary reports of a failed save or restore, once per process: the logs of
+    `_SecondaryReports`, and the "Event loop is closed" errors of TensorStore reads that complete
+    after Orbax closed the event loop of a failed restore (hundreds of unraisable-exception
+    tracebacks for one corrupt checkpoint; any other unraisable exception is reported as before)."""
     for name in ("absl", "asyncio"):
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropDiskFullLogs) for f in logger.filters):
-            logger.addFilter(_DropDiskFullLogs())
+        if not any(isinstance(f, _SecondaryReports) for f in logger.filters):
+            logger.addFilter(_SecondaryReports())
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_event_loop", False):
+        return
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_closed_event_loop = True
+    sys.unraisablehook = hook
 
 
 def _tree_size(path: str) -> int:
@@ -106,7 +131,7 @@ class Checkpointer:
                                                  cleanup_tmp_directories=True),
             item_handlers=ocp.StandardCheckpointHandler(),
         )
-        _drop_disk_full_logs()
+        _quiet_orbax_failures()
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
