@@ -241,18 +241,19 @@ def test_a_full_disk_stops_at_the_first_failed_write_with_a_short_message(tmp_pa
 
 
 def test_a_corrupt_arrayrecord_file_is_named_with_its_split_and_how_to_regenerate_it(tmp_path):
-    from fdistill.data import diffusion_preference, digits, tfds_build
+    from fdistill.data import diffusion_preference, digits, preference, tfds_build
 
     def cut(path):
         with open(path, "r+b") as f:
             f.truncate(os.path.getsize(path) // 2)
 
-    def flip(path):
+    def flip(path):  # one bit-flipped byte of data (not of the zero padding)
         with open(path, "r+b") as f:
-            data = bytearray(f.read())
-            data[len(data) // 3] ^= 0xFF
+            data = np.frombuffer(f.read(), np.uint8).copy()
+            nonzero = np.flatnonzero(data)
+            data[nonzero[len(nonzero) // 3]] ^= 0xFF
             f.seek(0)
-            f.write(data)
+            f.write(data.tobytes())
 
     data_dir = str(tmp_path / "digits")
     folder = str(digits.build_dataset(data_dir).data_dir)
@@ -270,9 +271,16 @@ def test_a_corrupt_arrayrecord_file_is_named_with_its_split_and_how_to_regenerat
     pairs = {"index": np.arange(8), "x_w": np.zeros((8, 2), np.float32), "x_l": np.ones((8, 2), np.float32),
              "reward_w": np.ones(8, np.float32), "reward_l": np.zeros(8, np.float32), "p_label": np.ones(8, np.float32)}
     pair_dir = diffusion_preference.write_pairs(str(tmp_path / "pairs"), "p0", pairs)
-    cut(glob.glob(os.path.join(pair_dir, "*-train.array_record*"))[0])
+    cut(glob.glob(os.path.join(pair_dir, "*-train.array_record*"))[0])  # a small file cut short reads as Nones
     with pytest.raises(tfds_build.CorruptDataError, match=r"\(split 'train'\) is corrupt: .*To regenerate it: delete"):
         diffusion_preference.read_pairs(str(tmp_path / "pairs"), "p0", (2,))
+
+    record = {"index": 0, "prompt": np.array([1, 5, 6, 2], np.int32), "chosen": np.array([7], np.int32),
+              "rejected": np.array([8], np.int32), "reward_chosen": 1.0, "reward_rejected": 0.0, "p_chosen": 0.5}
+    lm_dir = preference.write_pairs(str(tmp_path / "lm"), "p0", {"train": [record], "test": [record]})
+    flip(glob.glob(os.path.join(lm_dir, "*-test.array_record*"))[0])
+    with pytest.raises(tfds_build.CorruptDataError, match=r"\(split 'test'\) is corrupt: Corrupted Riegeli"):
+        preference.read_pairs(str(tmp_path / "lm"), "p0", preference.SyntheticLanguage(configs.task()))
 
 
 @pytest.mark.parametrize("name,field", [("gmm_score", "num_samples"), ("gmm_fdistill", "num_samples"),
@@ -295,6 +303,7 @@ def test_a_student_records_the_architecture_of_its_teacher(tmp_path, capsys):
     c.train.num_steps, c.eval.num_steps = 1, 2
     t = tiny_score_config(10)
     t.data = c.data  # the student's mixture
+    t.eval.num_samples, t.eval.num_steps = 16, 1
     train.train_and_evaluate(t, teacher)
     c.distill.teacher = teacher
     c.model.width = 64  # replaced by the teacher's 32
@@ -312,9 +321,9 @@ def test_a_student_records_the_architecture_of_its_teacher(tmp_path, capsys):
 def test_a_table_stopped_by_sigterm_exits_143_without_starting_the_next_row_and_resumes(tmp_path):
     wd = str(tmp_path / "table")
     cmd = [sys.executable, "-m", "experiments.tables.fdistill_gmm", "--workdir", wd, "--divergences=rkl,kl",
-           "--seeds=1", "--num_steps=400", "--config.model.width=32", "--config.model.depth=1",
+           "--seeds=1", "--num_steps=200", "--config.model.width=32", "--config.model.depth=1",
            "--config.model.emb_dim=16", "--config.distill.fake_updates_per_gen=1", "--config.distill.disc_hidden=32",
-           "--config.train.batch_size=64", "--config.eval.num_steps=2"]
+           "--config.train.batch_size=64", "--config.eval.num_steps=1"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for_rows(os.path.join(wd, "rkl", "seed_0"), 1, proc)
@@ -334,4 +343,4 @@ def test_a_table_stopped_by_sigterm_exits_143_without_starting_the_next_row_and_
     with open(os.path.join(wd, "table.json")) as f:
         table = json.load(f)
     assert {d: len(runs) for d, runs in table["per_seed"].items()} == {"rkl": 1, "kl": 1}
-    assert all(runs[0]["step"] == 400 for runs in table["per_seed"].values())
+    assert all(runs[0]["step"] == 200 for runs in table["per_seed"].values())

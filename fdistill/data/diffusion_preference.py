@@ -313,8 +313,7 @@ def read_pairs(data_dir: str, name: str, shape, conditional: bool = False, num_p
     out = {k: [] for k in fields}
     shape = tuple(shape)
     for i in range(n):
-        with tfds_build.naming_corrupt_files(b.data_dir):
-            rec = src[i]
+        rec = tfds_build.read_records(src, [i], b.data_dir)[0]
         missing = [k for k in fields if k not in rec]
         if missing:
             raise ValueError(f"{where}: record {i} lacks field(s) {missing}")

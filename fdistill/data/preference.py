@@ -393,8 +393,7 @@ def read_pairs(data_dir: str, name: str, task: SyntheticLanguage) -> dict[str, d
         if split not in sources:
             raise ValueError(f"{b.data_dir}: split {split!r} is missing (have {sorted(sources)})")
         src = sources[split]
-        with tfds_build.naming_corrupt_files(b.data_dir):
-            records = list(src.__getitems__(list(range(len(src))))) if len(src) else []
+        records = tfds_build.read_records(src, range(len(src)), b.data_dir)
         out[split] = records_to_arrays(records, task, f"{b.data_dir} split {split!r}")
     return out
 

@@ -8,8 +8,9 @@ FileExistsError. `prepare_once` serialises them with an exclusive `fcntl` lock o
 `<data_dir>/.<name>.lock`: the first process builds, the others wait and then find it prepared.
 
 A truncated or bit-flipped ArrayRecord file fails Riegeli's checksums with "Corrupted
-Riegeli/records file" and no file name; readers wrap their reads in `naming_corrupt_files`, which
-finds the bad file and says which split it holds and how to write it again.
+Riegeli/records file" and no file name (or, cut short enough, reads back as records of None);
+readers read through `read_records`, which then finds the bad file and says which split it holds
+and how to write it again.
 """
 from __future__ import annotations
 
@@ -74,14 +75,17 @@ def corrupt_file(dataset_dir: str) -> tuple[str, str, str] | None:
     return None
 
 
-@contextlib.contextmanager
-def naming_corrupt_files(dataset_dir: str, regenerate: str = "") -> Iterator[None]:
-    """Turns an error of the reads in the block that comes from a corrupt ArrayRecord file in
-    `dataset_dir` into a CorruptDataError naming the file, its split and `regenerate` (how to write
-    it again; default: delete the dataset's directory and re-run, for datasets that are written
-    when missing); any other error passes through unchanged. Files are checked only on an error."""
+def read_records(source, indices, dataset_dir: str, regenerate: str = "") -> list:
+    """`source.__getitems__(indices)` (a TFDS data source of the dataset in `dataset_dir`). When the
+    read fails, or yields a record whose features are all None (what TFDS returns from a file cut
+    short), the ArrayRecord files are checked and a CorruptDataError names the bad one, its split and
+    `regenerate` (how to write it again; default: delete the dataset's directory and re-run, for
+    datasets that are written when missing). Files are read a second time only on an error."""
+    indices = [int(i) for i in indices]
     try:
-        yield
+        records = list(source.__getitems__(indices)) if indices else []
+        if any(isinstance(r, dict) and r and all(v is None for v in r.values()) for r in records):
+            raise ValueError(f"a record of {dataset_dir} read back empty")
     except Exception as e:
         bad = corrupt_file(str(dataset_dir))
         if bad is None:
@@ -90,3 +94,4 @@ def naming_corrupt_files(dataset_dir: str, regenerate: str = "") -> Iterator[Non
         regenerate = regenerate or (f"delete {dataset_dir} and re-run the same command (the dataset is written "
                                     "again when missing)")
         raise CorruptDataError(f"{path} (split {split!r}) is corrupt: {cause}. To regenerate it: {regenerate}") from e
+    return records

@@ -117,8 +117,7 @@ class TFDSImageSource:
         self._reference_features = None
 
     def read(self, indices) -> dict:
-        with tfds_build.naming_corrupt_files(self.dataset_dir, self.regenerate):
-            records = self.records.__getitems__([int(i) for i in indices])
+        records = tfds_build.read_records(self.records, indices, self.dataset_dir, self.regenerate)
         out = {"x": image_lib.to_unit_range(np.stack([r[self.image_key] for r in records]))}
         if self.label_key:
             out["label"] = np.asarray([r[self.label_key] for r in records], np.int32)
