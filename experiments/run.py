@@ -7,9 +7,9 @@ Re-running the same command resumes from the latest checkpoint in the workdir; a
 that would change what is trained is refused (exit status 2) unless --force_new starts the workdir
 over. Exit status: 0 when finished, 143 / 130 when SIGTERM / Ctrl-C stopped it after saving a
 checkpoint (re-run to resume), 1 when the workdir is in use by another run, the disk is full or a
-dataset file is corrupt, 2 for an invalid or changed config. Multi-process runs pass --coordinator_address/--num_processes/
---process_id (or FDISTILL_* environment variables; on TPU pods and SLURM set
-FDISTILL_AUTO_DISTRIBUTED=1).
+dataset file is corrupt, 2 for an invalid or changed config. Multi-process runs pass
+--coordinator_address/--num_processes/--process_id (or FDISTILL_* environment variables; on TPU
+pods and SLURM set FDISTILL_AUTO_DISTRIBUTED=1).
 """
 from __future__ import annotations
 

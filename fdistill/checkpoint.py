@@ -153,7 +153,12 @@ class Checkpointer:
         usage = shutil.disk_usage(self.directory)
         need = _tree_size(os.path.join(self.directory, str(max(steps)))) if steps else (
             sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(state)) + 2**20)
-        if usage.total and usage.free < need:
+        short = bool(usage.total) and usage.free < need
+        if jax.process_count() > 1:  # every process saves: all of them stop, or none
+            from fdistill import sharding
+
+            short = sharding.any_process(short)
+        if short:
             raise OSError(errno.ENOSPC, f"saving step {step} needs about {need / 2**20:.2f} MiB, "
                           f"{usage.free / 2**20:.2f} MiB free", self.directory)
         self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
@@ -190,9 +195,10 @@ class Checkpointer:
                     raise self._mismatch(step, keys) from None
                 corrupt.append(step)
                 older = steps[-2 - i] if i + 1 < len(steps) else None
+                then = f"falling back to the previous checkpoint (step {older})" if older is not None else \
+                    "no older checkpoint left"
                 print(f"WARNING: checkpoint {self.directory}/{step} is unreadable ({one_sentence(e)}); set aside as "
-                      f"{step}.corrupt, " + (f"falling back to the previous checkpoint (step {older})" if older is not None
-                                             else "no older checkpoint left"), flush=True)
+                      f"{step}.corrupt, {then}", flush=True)
         self._set_aside(corrupt)
         if restored is None and steps:
             raise RuntimeError(f"no checkpoint in {self.directory} could be restored (steps {steps}, now set aside as "
@@ -227,9 +233,10 @@ class Checkpointer:
             multihost_utils.sync_global_devices("fdistill_checkpoint_set_aside")
         if jax.process_index() == 0:
             for step in steps:
-                src, dst, n = os.path.join(self.directory, str(step)), os.path.join(self.directory, f"{step}.corrupt"), 1
-                while os.path.exists(dst):
-                    dst, n = os.path.join(self.directory, f"{step}.corrupt.{n}"), n + 1
+                src = os.path.join(self.directory, str(step))
+                dst, n = f"{src}.corrupt", 1
+                while os.path.exists(dst):  # set aside before: keep both
+                    dst, n = f"{src}.corrupt.{n}", n + 1
                 os.rename(src, dst)
         if multi:
             multihost_utils.sync_global_devices("fdistill_checkpoint_set_aside_done")

@@ -92,7 +92,8 @@ class MetricWriter:
             return
         from tensorboardX.proto import event_pb2, summary_pb2
 
-        workdir_lib.append_jsonl(self.path, {"step": int(step), **{prefix + k: _jsonable(v) for k, v in metrics.items()}})
+        row = {"step": int(step), **{prefix + k: _jsonable(v) for k, v in metrics.items()}}
+        workdir_lib.append_jsonl(self.path, row)
         values = [summary_pb2.Summary.Value(tag=prefix + k, simple_value=float(v)) for k, v in metrics.items()
                   if isinstance(v, (int, float)) and math.isfinite(v)]
         self.events.write_event(event_pb2.Event(wall_time=time.time(), step=int(step),
@@ -174,7 +175,8 @@ class _StopFlag:
         if self.deferred and signum != signal.SIGINT:
             return  # already stopping
         if self.deferred:
-            message = "aborted by a second Ctrl-C without saving; re-running the same command resumes from the latest checkpoint"
+            message = ("aborted by a second Ctrl-C without saving; re-running the same command resumes from the "
+                       "latest checkpoint")
         else:
             message = f"stopped by {name}; nothing trained was lost; re-running the same command resumes"
         tqdm.write(f"[fdistill] {message}")
@@ -190,9 +192,10 @@ def train_and_evaluate(config, workdir: str, num_devices: int | None = None, for
 
     Returns the final evaluation metrics, also written to results.json with `step` and
     `evaluated_with` (the evaluation settings). Raises `Stopped` (status 143/130) when SIGTERM or
-    Ctrl-C stopped training after saving a checkpoint; a `workdir.WorkdirError` when the workdir is
-    held by another run, was trained with another config, or a write failed for lack of space;
-    `NonFiniteError` on NaN/inf. `force_new` deletes the workdir's previous run and starts over.
+    Ctrl-C stopped the run (after saving a checkpoint when it was training); a
+    `workdir.WorkdirError` when the workdir is held by another run, was trained with another
+    config, or a write failed for lack of space; `NonFiniteError` on NaN/inf. `force_new` deletes
+    the workdir's previous run and starts over.
     """
     sharding.initialize_distributed()
     config = configs.complete(config)

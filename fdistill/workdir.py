@@ -363,7 +363,8 @@ class Workdir:
 
     def has_run_files(self) -> bool:
         ckpts = os.listdir(self.checkpoints) if os.path.isdir(self.checkpoints) else []
-        return any(n.split(".")[0].isdigit() for n in ckpts) or any(os.path.exists(p) for p in (self.metrics_path, self.results_path))
+        steps = any(n.split(".")[0].isdigit() for n in ckpts)
+        return steps or os.path.exists(self.metrics_path) or os.path.exists(self.results_path)
 
     def check_config(self, config, trajectory_fields=()) -> dict[str, tuple[Any, Any]]:
         """The fields `config` changes relative to config.json (allowed ones only); ConfigMismatch

@@ -70,5 +70,6 @@ def cli_env(num_devices: int = 1) -> dict:
 
 def score_cli(workdir: str, config) -> list[str]:
     """`python -m experiments.run` training `config` (a gmm_score config) in `workdir`."""
-    return [sys.executable, "-m", "experiments.run", "--config", os.path.join(REPO, "ml_collections_configs/gmm_score.py"),
-            "--workdir", workdir, *config_flags(config, load_config("gmm_score"))]
+    path = os.path.join(REPO, "ml_collections_configs/gmm_score.py")
+    return [sys.executable, "-m", "experiments.run", "--config", path, "--workdir", workdir,
+            *config_flags(config, load_config("gmm_score"))]

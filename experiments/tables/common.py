@@ -23,7 +23,8 @@ def train_row(config, workdir: str, row: str) -> dict:
     try:
         results = train.train_and_evaluate(config, workdir)
     except train.Stopped as e:
-        print(f"[table] {e.signal_name} stopped row {row!r}: {e}. Complete rows: {', '.join(COMPLETED_ROWS) or 'none'}. "
+        done = ", ".join(COMPLETED_ROWS) or "none"
+        print(f"[table] {e.signal_name} stopped row {row!r}: {e}. Complete rows: {done}. "
               f"Re-running the same command resumes (finished rows are reused, {row!r} continues from {workdir}).",
               flush=True)
         sys.exit(e.code)
