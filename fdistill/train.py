@@ -81,11 +81,13 @@ class MetricWriter:
         self.enabled = enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.events = None
+        self.tb = os.path.join(workdir, "tb")
         if enabled:
             from tensorboardX.event_file_writer import EventsWriter
 
-            os.makedirs(os.path.join(workdir, "tb"), exist_ok=True)
-            self.events = EventsWriter(os.path.join(workdir, "tb", "events"))
+            os.makedirs(self.tb, exist_ok=True)
+            with workdir_lib.naming(self.tb):
+                self.events = EventsWriter(os.path.join(self.tb, "events"))
 
     def write(self, step: int, metrics: dict[str, float], prefix: str = "") -> None:
         if not self.enabled:
@@ -96,9 +98,10 @@ class MetricWriter:
         workdir_lib.append_jsonl(self.path, row)
         values = [summary_pb2.Summary.Value(tag=prefix + k, simple_value=float(v)) for k, v in metrics.items()
                   if isinstance(v, (int, float)) and math.isfinite(v)]
-        self.events.write_event(event_pb2.Event(wall_time=time.time(), step=int(step),
-                                                summary=summary_pb2.Summary(value=values)))
-        self.events.flush()
+        with workdir_lib.naming(self.tb):
+            self.events.write_event(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                                    summary=summary_pb2.Summary(value=values)))
+            self.events.flush()
 
     def close(self, quiet: bool = False) -> None:
         """Closes the event file; `quiet` (while another error is being raised) ignores a failed flush."""

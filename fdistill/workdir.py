@@ -81,16 +81,28 @@ class DiskFull(WorkdirError):
 # ----- files ---------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def naming(path: str) -> Iterator[None]:
+    """Makes the OSErrors of the block name `path` (a failed write to an open file says only
+    "No space left on device")."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename:
+            raise
+        raise OSError(e.errno, e.strerror, path) from e
+
+
 def write_json(path: str, obj: Any) -> None:
     """Writes JSON atomically (temporary file + rename)."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with naming(path), open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
     os.replace(tmp, path)
 
 
 def append_jsonl(path: str, row: dict) -> None:
-    with open(path, "a") as f:
+    with naming(path), open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
 
 
