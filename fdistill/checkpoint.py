@@ -25,8 +25,6 @@ import orbax.checkpoint as ocp
 
 from fdistill import workdir as workdir_lib
 
-log = logging.getLogger(__name__)
-
 
 class CheckpointMismatch(ValueError):
     """A readable checkpoint holds a state of another structure than the one asked for."""

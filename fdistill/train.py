@@ -271,8 +271,8 @@ def _train_and_evaluate(config, wd: workdir_lib.Workdir, mesh, stop: _StopFlag, 
                 _log(is_main, f"already trained to step {start}; results in {wd.results_path}")
                 ok = True
                 return results
-            _log(is_main, f"evaluation settings changed since results.json ("
-                 + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in stale.items()) + f"): re-evaluating step {start}")
+            changed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in stale.items())
+            _log(is_main, f"evaluation settings changed since results.json ({changed}): re-evaluating step {start}")
         # From here on the workdir changes: its results no longer describe it until the end.
         wd.prepare_to_continue(start, evaluate_again=start >= num_steps)
 
