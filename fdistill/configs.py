@@ -35,7 +35,7 @@ ConfigDict = ml_collections.ConfigDict
 
 
 class ConfigError(ValueError):
-    """A config field that does not exist or has the wrong type."""
+    """A config field that does not exist, has the wrong type or an invalid value."""
 
 
 def _section(**fields) -> ConfigDict:

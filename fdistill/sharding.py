@@ -132,13 +132,20 @@ def to_host(tree: Any) -> Any:
     return jax.tree.map(get, tree)
 
 
-def any_process(flag: bool) -> bool:
-    """True in every process if `flag` is True in any process (a collective: every process must
-    call it at the same point). Used to stop all processes at the same step on SIGTERM; with one
-    process it returns `flag` without communicating."""
+def max_over_processes(value: int) -> int:
+    """The largest `value` over all processes (a collective: every process must call it at the
+    same point). Used to stop all processes at the same step when any of them got a signal (the
+    value is the signal number, 0 for none); with one process it returns `value` without
+    communicating."""
     if jax.process_count() == 1:
-        return bool(flag)
+        return int(value)
     from jax.experimental import multihost_utils
 
-    flags = multihost_utils.process_allgather(np.array([int(bool(flag))], np.int32))
-    return bool(np.any(flags))
+    values = multihost_utils.process_allgather(np.array([int(value)], np.int32))
+    return int(np.max(values))
+
+
+def any_process(flag: bool) -> bool:
+    """True in every process if `flag` is True in any process (a collective, like
+    `max_over_processes`)."""
+    return bool(max_over_processes(int(bool(flag))))

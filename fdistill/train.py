@@ -1,20 +1,21 @@
 """The one training loop, shared by every objective (see `fdistill.objectives.base`).
 
-`train_and_evaluate(config, workdir)` writes into `workdir`:
-  config.json, checkpoints/, metrics.jsonl, tb/ (TensorBoard events), plots/, results.json.
-Re-running the same command resumes from the latest checkpoint; raising `config.train.num_steps`
-continues training. A NaN/inf metric or state stops training with an error naming the step and
-the metric, before it can be checkpointed. SIGTERM saves a checkpoint and returns cleanly.
+`train_and_evaluate(config, workdir)` writes into `workdir` (see `fdistill.workdir` for what each
+file guarantees): config.json, runs.jsonl, checkpoints/, metrics.jsonl, tb/ (TensorBoard events),
+plots/, results.json. It holds the workdir's lock while it runs. Re-running the same command
+resumes from the latest checkpoint; raising `config.train.num_steps` continues training; changing
+a field that changes what is trained is refused, changing an evaluation setting re-evaluates. A
+NaN/inf metric or state stops training with an error naming the step and the metric, before it can
+be checkpointed. SIGTERM or Ctrl-C saves a checkpoint and raises `Stopped` (exit status 143/130).
 """
 from __future__ import annotations
 
 import collections
-import json
+import errno
 import math
 import os
 import signal
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,7 @@ from fdistill import checkpoint as ckpt_lib
 from fdistill import configs
 from fdistill import objectives
 from fdistill import sharding
+from fdistill import workdir as workdir_lib
 
 # Steps dispatched ahead of the host. A deep queue of collective programs deadlocks XLA's CPU
 # runtime with several (simulated or multi-process) CPU devices: the all-reduce rendezvous times
@@ -32,45 +34,84 @@ from fdistill import sharding
 # flight keep the device busy on every backend.
 MAX_STEPS_IN_FLIGHT = 4
 
+# The smallest evaluation sizes (checked at start, before any training): k-NN precision/recall
+# (k = 3) need more than 3 samples; the other counts need at least one.
+EVAL_MINIMA = {"num_samples": 4, "chunk": 1, "samples_per_prompt": 1, "num_heldout": 1, "num_pairs": 1}
 
 
 class NonFiniteError(FloatingPointError):
     """A training metric or the training state became NaN/inf."""
 
 
-def validate_train_config(config) -> None:
-    """Sane values of the loop's fields (their presence is guaranteed by `configs.complete`)."""
+class Stopped(SystemExit):
+    """Training was stopped by a signal: SIGTERM (preemption, `kill`) or SIGINT (Ctrl-C).
+
+    When `saved`, the checkpoint of `step` holds everything trained so far and re-running the same
+    command resumes. It is a `SystemExit` with status 128 + the signal number (143 for SIGTERM,
+    130 for SIGINT): uncaught, the process exits with that status and no traceback, so a script
+    that trains several runs stops too (`experiments.tables.common.train_row` also reports which
+    rows are complete)."""
+
+    def __init__(self, signum: int, message: str, step: int | None = None, saved: bool = False):
+        super().__init__(128 + int(signum))
+        self.signum, self.message, self.step, self.saved = int(signum), message, step, saved
+        self.signal_name = signal.Signals(signum).name
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def validate_config(config) -> None:
+    """Sane values of the loop's fields and of the evaluation sizes (their presence is guaranteed
+    by `configs.complete`), so that a run never trains and then fails to evaluate."""
     for field in ("num_steps", "batch_size", "log_every"):
         if int(config.train[field]) <= 0:
-            raise ValueError(f"config.train.{field} must be positive, got {config.train[field]}")
+            raise configs.ConfigError(f"config.train.{field} must be positive, got {config.train[field]}")
+    for field, minimum in EVAL_MINIMA.items():
+        if "eval" in config and field in config.eval and int(config.eval[field]) < minimum:
+            raise configs.ConfigError(f"config.eval.{field}={config.eval[field]} is below the minimum {minimum}: the "
+                             "evaluation after training could not run")
 
 
 class MetricWriter:
-    """metrics.jsonl (one JSON object per row, each with `step`) and TensorBoard events (process 0)."""
+    """metrics.jsonl (one JSON object per row, each with `step`) and TensorBoard events (process 0),
+    written synchronously so that a failed write (a full disk) raises at the step that made it."""
 
     def __init__(self, workdir: str, enabled: bool):
         self.enabled = enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
-        self.tb = None
+        self.events = None
+        self.tb = os.path.join(workdir, "tb")
         if enabled:
-            from tensorboardX import SummaryWriter
+            from tensorboardX.event_file_writer import EventsWriter
 
-            self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+            os.makedirs(self.tb, exist_ok=True)
+            with workdir_lib.naming(self.tb):
+                self.events = EventsWriter(os.path.join(self.tb, "events"))
 
     def write(self, step: int, metrics: dict[str, float], prefix: str = "") -> None:
         if not self.enabled:
             return
-        row = {"step": int(step), **{prefix + k: _jsonable(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)) and math.isfinite(v):
-                self.tb.add_scalar(prefix + k, v, step)
-        self.tb.flush()
+        from tensorboardX.proto import event_pb2, summary_pb2
 
-    def close(self):
-        if self.tb is not None:
-            self.tb.close()
+        row = {"step": int(step), **{prefix + k: _jsonable(v) for k, v in metrics.items()}}
+        workdir_lib.append_jsonl(self.path, row)
+        values = [summary_pb2.Summary.Value(tag=prefix + k, simple_value=float(v)) for k, v in metrics.items()
+                  if isinstance(v, (int, float)) and math.isfinite(v)]
+        with workdir_lib.naming(self.tb):
+            self.events.write_event(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                                    summary=summary_pb2.Summary(value=values)))
+            self.events.flush()
+
+    def close(self, quiet: bool = False) -> None:
+        """Closes the event file; `quiet` (while another error is being raised) ignores a failed flush."""
+        if self.events is not None:
+            events, self.events = self.events, None
+            try:
+                events.close()
+            except OSError:
+                if not quiet:
+                    raise
 
 
 def _jsonable(v):
@@ -103,53 +144,106 @@ def _tree_all_finite(tree) -> jax.Array:
 
 
 class _StopFlag:
-    """Set by SIGTERM/SIGINT-like preemption signals; the loop saves and returns."""
+    """SIGTERM and SIGINT (Ctrl-C) for the length of one run.
+
+    While the loop has progress that is not yet saved (`deferred`), the first signal is recorded in
+    `signum`: the loop saves a checkpoint at the next step and raises `Stopped`; a repeated SIGTERM
+    is ignored and a second Ctrl-C aborts at once without saving. Elsewhere (setting up, compiling,
+    the final evaluation after the last checkpoint was written) nothing would be lost, and a signal
+    raises `Stopped` at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
+        self.signum = 0
+        self.deferred = False
         self._previous = {}
 
     def __enter__(self):
-        try:
-            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not in the main thread: no signal handling
-            pass
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread: no signal handling
+                pass
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        name = signal.Signals(signum).name
+        if self.deferred and not self.signum:
+            self.signum = signum
+            if signum == signal.SIGINT:
+                tqdm.write("[fdistill] Ctrl-C: saving a checkpoint at the next step, then stopping "
+                           "(press Ctrl-C again to abort at once without saving)")
+            return
+        if self.deferred and signum != signal.SIGINT:
+            return  # already stopping
+        if self.deferred:
+            message = ("aborted by a second Ctrl-C without saving; re-running the same command resumes from the "
+                       "latest checkpoint")
+        else:
+            message = f"stopped by {name}; nothing trained was lost; re-running the same command resumes"
+        tqdm.write(f"[fdistill] {message}")
+        raise Stopped(signum, message)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
 
-def write_json(path: str, obj: Any) -> None:
-    """Writes JSON atomically (temporary file + rename)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-
-
-def train_and_evaluate(config, workdir: str, num_devices: int | None = None) -> dict[str, float] | None:
+def train_and_evaluate(config, workdir: str, num_devices: int | None = None, force_new: bool = False) -> dict:
     """Trains `config.objective` for `config.train.num_steps` steps in `workdir`, then evaluates.
 
-    Returns the final evaluation metrics (also written to results.json), or None when training
-    was stopped by SIGTERM (a checkpoint was saved; re-running resumes).
+    Returns the final evaluation metrics, also written to results.json with `step` and
+    `evaluated_with` (the evaluation settings). Raises `Stopped` (status 143/130) when SIGTERM or
+    Ctrl-C stopped the run (after saving a checkpoint when it was training); a
+    `workdir.WorkdirError` when the workdir is held by another run, was trained with another
+    config, or a write failed for lack of space; `NonFiniteError` on NaN/inf. `force_new` deletes
+    the workdir's previous run and starts over.
     """
     sharding.initialize_distributed()
     config = configs.complete(config)
-    validate_train_config(config)
+    validate_config(config)
     mesh = sharding.make_mesh(num_devices)
     sharding.check_batch_size(config.train.batch_size, mesh)
-    objective = objectives.build(config)
-    is_main = jax.process_index() == 0
-    workdir = os.path.abspath(workdir)
-    plot_dir = os.path.join(workdir, "plots")
+    wd = workdir_lib.Workdir(workdir, is_main=jax.process_index() == 0)
+    with wd.locked(), _StopFlag() as stop:
+        try:
+            return _train_and_evaluate(config, wd, mesh, stop, force_new)
+        except Exception as e:
+            if workdir_lib.is_disk_full(e) and not isinstance(e, workdir_lib.DiskFull):
+                raise _disk_full_error(e, wd) from None
+            raise
+
+
+def _disk_full_error(e: BaseException, wd: workdir_lib.Workdir) -> workdir_lib.DiskFull:
+    """What failed and what is intact, in a few lines."""
+    ckpts = os.listdir(wd.checkpoints) if os.path.isdir(wd.checkpoints) else []
+    steps = sorted(int(n) for n in ckpts if n.isdigit())
+    intact = (f"checkpoints of steps {steps} (the run resumes from step {steps[-1]})" if steps
+              else "no checkpoint yet (the run starts from step 0)")
+    last_row = workdir_lib.last_metrics_step(wd.metrics_path)
+    if last_row is not None:
+        intact += f"; metrics.jsonl through step {last_row}"
+    detail = next((f" ({x.strerror})" for x in (e, e.__cause__) if isinstance(x, OSError) and x.strerror
+                   and x.strerror != os.strerror(errno.ENOSPC)), "")
+    return workdir_lib.DiskFull(
+        f"no space left on {workdir_lib.failed_path(e, wd.path)}{detail}; the run stopped at this first "
+        f"failed write. Intact in {wd.path}: {intact}. Free space on that disk and re-run the same command to resume.")
+
+
+def _train_and_evaluate(config, wd: workdir_lib.Workdir, mesh, stop: _StopFlag, force_new: bool) -> dict:
+    is_main = wd.is_main
+    objective = objectives.build(config)  # a teacher run's architecture is adopted into `config` here
+    trajectory = tuple(objective.trajectory_fields)
+    changes, error = {}, None
     if is_main:
-        os.makedirs(plot_dir, exist_ok=True)
-        write_json(os.path.join(workdir, "config.json"), config.to_dict())
+        try:
+            if force_new:
+                wd.start_over()
+            changes = wd.check_config(config, trajectory)
+        except workdir_lib.WorkdirError as e:
+            error = e
+    wd.agree(error)
     tc = config.train
     num_steps = int(tc.num_steps)
 
@@ -160,29 +254,31 @@ def train_and_evaluate(config, workdir: str, num_devices: int | None = None) -> 
     state = sharding.replicate(state, mesh)
     frozen = sharding.replicate(frozen, mesh)
 
-    ckpt = ckpt_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints, save_every=tc.checkpoint_every
-    )
-    restored = ckpt.restore_latest(ckpt_lib.abstract_like(state, repl))
-    start = 0
-    if restored is not None:
-        state, start = restored
-        _log(is_main, f"resumed from {workdir}/checkpoints at step {start}")
-
-    results_path = os.path.join(workdir, "results.json")
-    if start >= num_steps and os.path.exists(results_path):
-        with open(results_path) as f:
-            results = json.load(f)
-        if results.get("step") == start:
-            _log(is_main, f"already trained to step {start}; results in {results_path}")
-            ckpt.close()
-            return results
-
-    writer = MetricWriter(workdir, is_main)
-    pidx, pcount = jax.process_index(), jax.process_count()
-    step = start
-    stopped = False
+    ckpt = ckpt_lib.Checkpointer(wd.checkpoints, keep=tc.keep_checkpoints, save_every=tc.checkpoint_every)
+    writer, ok = None, False
     try:
+        restored = ckpt.restore_latest(ckpt_lib.abstract_like(state, repl))
+        start = 0
+        if restored is not None:
+            state, start = restored
+            _log(is_main, f"resumed from {wd.checkpoints} at step {start}")
+        wd.record(config, changes, start, trajectory)
+
+        results = wd.read_results()
+        if start >= num_steps and results is not None and results.get("step") == start:
+            stale = wd.stale_evaluation(results, config, trajectory)
+            if not stale:
+                _log(is_main, f"already trained to step {start}; results in {wd.results_path}")
+                ok = True
+                return results
+            changed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in stale.items())
+            _log(is_main, f"evaluation settings changed since results.json ({changed}): re-evaluating step {start}")
+        # From here on the workdir changes: its results no longer describe it until the end.
+        wd.prepare_to_continue(start, evaluate_again=start >= num_steps)
+
+        writer = MetricWriter(wd.path, is_main)
+        pidx, pcount = jax.process_index(), jax.process_count()
+        step = start
         if step < num_steps:
             batch = sharding.shard_batch(objective.batch(step, pidx, pcount), mesh)
             step_fn = jax.jit(
@@ -196,10 +292,12 @@ def train_and_evaluate(config, workdir: str, num_devices: int | None = None) -> 
             _log(is_main, f"compiled the {objective.name} step in {time.perf_counter() - t0:.1f}s; "
                  + _describe_compiled(compiled))
 
-        with _StopFlag() as stop, tqdm(total=num_steps, initial=step, disable=not is_main, mininterval=2.0,
-                                       desc=objective.name, dynamic_ncols=True) as bar:
+        stop_signal = 0
+        with tqdm(total=num_steps, initial=step, disable=not is_main, mininterval=2.0,
+                  desc=objective.name, dynamic_ncols=True) as bar:
             t_log, step_log = time.perf_counter(), step
             in_flight = collections.deque()
+            stop.deferred = step < num_steps  # from the first step on, a signal first saves
             while step < num_steps:
                 if step > start:
                     batch = sharding.shard_batch(objective.batch(step, pidx, pcount), mesh)
@@ -209,13 +307,14 @@ def train_and_evaluate(config, workdir: str, num_devices: int | None = None) -> 
                     jax.block_until_ready(in_flight.popleft())
                 step += 1
                 bar.update(1)
-                stop_now = stop.requested  # read once: the signal may arrive at any moment
+                stop_signal = stop.signum  # read once: the signal may arrive at any moment
                 if pcount > 1:
                     # All processes must stop at the same step, or the others block forever in
                     # the next step's collectives: agree on log steps (already host-synchronous).
-                    stop_now = step % tc.log_every == 0 and sharding.any_process(stop_now)
-                save_now = ckpt.should_save(step) or step == num_steps or stop_now
+                    stop_signal = sharding.max_over_processes(stop_signal) if step % tc.log_every == 0 else 0
+                save_now = ckpt.should_save(step) or step == num_steps or stop_signal
                 if step % tc.log_every == 0 or save_now:
+                    ckpt.raise_if_failed()  # a background save that failed stops the run before more writes
                     values = _to_floats(metrics)
                     _check_finite(values, step)
                     now = time.perf_counter()
@@ -228,25 +327,30 @@ def train_and_evaluate(config, workdir: str, num_devices: int | None = None) -> 
                         raise NonFiniteError(f"training stopped: the state has NaN/inf values at step {step}; "
                                              "not checkpointed, the last good checkpoint remains")
                     ckpt.save(step, state)
-                if stop_now:
-                    stopped = True
+                if stop_signal:
                     break
                 if tc.eval_every and step % tc.eval_every == 0 and step < num_steps:
-                    _evaluate(objective, state, frozen, eval_key, step, writer, plot_dir, is_main)
+                    _evaluate(objective, state, frozen, eval_key, step, writer, wd.plots, is_main)
         ckpt.wait()
-        if stopped:
-            _log(is_main, f"stop requested (SIGTERM): saved step {step}; re-run the same command to resume")
-            return None
-        results = _evaluate(objective, state, frozen, eval_key, step, writer, plot_dir, is_main)
+        stop.deferred = False
+        stop_signal = stop_signal or stop.signum
+        if stop_signal:
+            name = signal.Signals(stop_signal).name
+            message = f"stopped by {name}: saved step {step}; re-running the same command resumes"
+            _log(is_main, message)
+            raise Stopped(stop_signal, message, step=step, saved=True)
+        results = _evaluate(objective, state, frozen, eval_key, step, writer, wd.plots, is_main)
         results["step"] = step
-        if is_main:
-            write_json(results_path, {k: _jsonable(v) for k, v in results.items()})
-            _log(is_main, "results: " + ", ".join(f"{k}={v:.4g}" for k, v in results.items()
-                                                  if isinstance(v, (int, float))))
+        results["evaluated_with"] = workdir_lib.evaluation_settings(config, trajectory)
+        wd.write_results({k: _jsonable(v) for k, v in results.items()})
+        _log(is_main, "results: " + ", ".join(f"{k}={v:.4g}" for k, v in results.items()
+                                              if isinstance(v, (int, float))))
+        ok = True
         return results
     finally:
-        ckpt.close()
-        writer.close()
+        ckpt.close(quiet=not ok)
+        if writer is not None:
+            writer.close(quiet=not ok)
 
 
 def _evaluate(objective, state, frozen, key, step, writer, plot_dir, is_main) -> dict[str, float]:

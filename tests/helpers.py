@@ -1,5 +1,6 @@
-"""Small configs shared by the tests."""
+"""Small configs shared by the tests, and the command line and environment of subprocess runs."""
 import os
+import sys
 
 from fdistill.configs import load as load_config
 
@@ -41,3 +42,34 @@ def tiny_distill_config(name: str = "gmm_fdistill", **distill):
     c.train.checkpoint_every = 0
     c.eval.num_samples = 4096
     return c
+
+
+def config_flags(config, base) -> list[str]:
+    """`--config.a.b=v` flags turning `base` into `config` (scalar fields only)."""
+    flags = []
+
+    def walk(c, b, prefix):
+        for k, v in c.items():
+            if hasattr(v, "items"):
+                walk(v, b[k], f"{prefix}{k}.")
+            elif b.get(k) != v:
+                flags.append(f"--config.{prefix}{k}={v}")
+
+    walk(config, base, "")
+    return flags
+
+
+def cli_env(num_devices: int = 1) -> dict:
+    """The environment of a subprocess run: CPU, `num_devices` devices, this checkout's code first on
+    the path, and the tests' persistent compilation cache."""
+    cache = os.environ.get("FDISTILL_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fdistill_jax"))
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
+                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_COMPILATION_CACHE_DIR=cache,
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+
+
+def score_cli(workdir: str, config) -> list[str]:
+    """`python -m experiments.run` training `config` (a gmm_score config) in `workdir`."""
+    path = os.path.join(REPO, "ml_collections_configs/gmm_score.py")
+    return [sys.executable, "-m", "experiments.run", "--config", path, "--workdir", workdir,
+            *config_flags(config, load_config("gmm_score"))]

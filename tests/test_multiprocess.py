@@ -19,25 +19,10 @@ import numpy as np
 import pytest
 
 from fdistill import checkpoint, train
-from tests.helpers import REPO, load_config, tiny_score_config
+from tests.helpers import REPO, config_flags, load_config, tiny_score_config
 
 NUM_STEPS = 12
 TIMEOUT_S = 150  # per subprocess; the whole test takes ~30-50 s on 2 shared cores
-
-
-def config_flags(config, base) -> list[str]:
-    """`--config.a.b=v` flags turning `base` into `config` (scalar fields only)."""
-    flags = []
-
-    def walk(c, b, prefix):
-        for k, v in c.items():
-            if hasattr(v, "items"):
-                walk(v, b[k], f"{prefix}{k}.")
-            elif b.get(k) != v:
-                flags.append(f"--config.{prefix}{k}={v}")
-
-    walk(config, base, "")
-    return flags
 
 
 def read_rows(workdir):
@@ -74,12 +59,12 @@ def launch_two_processes(config, workdir, tmp_path):
     return procs, logs
 
 
-def wait_all(procs, logs, deadline):
-    """Waits for every process; on a timeout or a failure kills the others (no hang) and fails with
-    the logs."""
+def wait_all(procs, logs, deadline, expected_status: int = 0):
+    """Waits for every process; on a timeout or an unexpected exit status kills the others (no hang)
+    and fails with the logs."""
     try:
         while any(p.poll() is None for p in procs):
-            if time.time() > deadline or any(p.returncode not in (None, 0) for p in procs):
+            if time.time() > deadline or any(p.returncode not in (None, expected_status) for p in procs):
                 break
             time.sleep(0.2)
     finally:
@@ -87,7 +72,7 @@ def wait_all(procs, logs, deadline):
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    if any(p.returncode != 0 for p in procs):
+    if any(p.returncode != expected_status for p in procs):
         text = []
         for i, log in enumerate(logs):
             log.seek(0)
@@ -159,7 +144,7 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
             time.sleep(0.2)
         procs[1].send_signal(signal.SIGTERM)
     finally:
-        wait_all(procs, logs, time.time() + 60)
+        wait_all(procs, logs, time.time() + 60, expected_status=143)  # both stopped early: 128 + SIGTERM
     saved = [int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit()]
     assert len(saved) == 1 and saved[0] % 20 == 0, saved
     assert read_rows(wd)[-1]["step"] == saved[0]

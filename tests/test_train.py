@@ -1,7 +1,6 @@
 """The training loop: workdir contents, resume, faults (NaN, corrupt checkpoint, SIGTERM)."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -105,7 +104,7 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path, capsys):
     ckpt.close()
     assert step == 10
     assert "falling back to the previous checkpoint" in capsys.readouterr().out
-    shutil.rmtree(latest)
+    assert not os.path.exists(latest) and os.path.isdir(latest + ".corrupt")  # set aside: step 20 is saved again
     assert train.train_and_evaluate(tiny_score_config(20), wd)["step"] == 20
 
 
@@ -123,8 +122,8 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out.decode()[-3000:]
-    assert "stop requested (SIGTERM)" in out.decode(), out.decode()[-3000:]
+    assert proc.returncode == 143, out.decode()[-3000:]  # 128 + SIGTERM: stopped early, resumable
+    assert "stopped by SIGTERM: saved step" in out.decode(), out.decode()[-3000:]
     saved = checkpoint.restore_tree(wd)
     stopped_at = int(saved["step"])
     assert stopped_at >= 30

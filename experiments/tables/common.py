@@ -1,9 +1,35 @@
-"""Helpers shared by the distillation tables (no flags here, so every table module can import it)."""
+"""Helpers shared by the table scripts (no flags here, so every table module can import it)."""
 from __future__ import annotations
+
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# Rows of this process's table whose runs are finished, in order (`train_row`).
+COMPLETED_ROWS: list[str] = []
+
+
+def train_row(config, workdir: str, row: str) -> dict:
+    """Trains one table row's run (or resumes it, or reuses it when finished) with
+    `fdistill.train.train_and_evaluate` and returns its results.
+
+    When SIGTERM or Ctrl-C stops the run (after it saved a checkpoint), the table stops too: this
+    prints which rows are complete and that re-running the same command resumes, then exits with
+    the signal's status (143 for SIGTERM, 130 for SIGINT) instead of going on to the next row."""
+    from fdistill import train
+
+    try:
+        results = train.train_and_evaluate(config, workdir)
+    except train.Stopped as e:
+        done = ", ".join(COMPLETED_ROWS) or "none"
+        print(f"[table] {e.signal_name} stopped row {row!r}: {e}. Complete rows: {done}. "
+              f"Re-running the same command resumes (finished rows are reused, {row!r} continues from {workdir}).",
+              flush=True)
+        sys.exit(e.code)
+    COMPLETED_ROWS.append(row)
+    return dict(results)
 
 
 def summarise(per_seed: list[dict]) -> dict:

@@ -11,7 +11,8 @@ class_entropy (nats; log 10 = 2.303 is uniform over the 10 classes) and samples/
 local devices, jitted chunks of 512, compile excluded). A `data (test split)` row scores the 297
 held-out digits (its FD is inflated by the small sample). Writes WORKDIR/table.md, table.json and
 samples.png (one image grid per row; all rows start from the same noise). About 40 minutes on
-2 CPU cores with --teacher, 60 without.
+2 CPU cores with --teacher, 60 without. SIGTERM or Ctrl-C stops the table after the run in progress
+saved a checkpoint (exit status 143 / 130); re-running the same command resumes.
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.tables.common import generator_params
-from fdistill import diffusion, objectives, train
+from experiments.tables.common import generator_params, train_row
+from fdistill import diffusion, objectives
 from fdistill import data as data_lib
 from fdistill.configs import load as load_config
 from fdistill.denoiser import sample_chunked
@@ -110,7 +111,7 @@ def main(argv=None):
         tc.data.data_dir = args.data_dir
         if args.teacher_train_steps:
             tc.train.num_steps = args.teacher_train_steps
-        _, timings["teacher_train_s"] = timed(train.train_and_evaluate, tc, teacher_dir)
+        _, timings["teacher_train_s"] = timed(train_row, tc, teacher_dir, "teacher")
     tconfig = load_teacher(teacher_dir)[2]
     source = data_lib.build(tconfig.data)
     print(f"[table] digits classifier test accuracy {source.classifier.test_accuracy:.4f}", flush=True)
@@ -130,7 +131,7 @@ def main(argv=None):
     for div in [d for d in args.divergences.split(",") if d]:
         c = student_config(args, teacher_dir, div)
         sdir = os.path.join(workdir, f"student_{div}")
-        results, timings[f"student_{div}_s"] = timed(train.train_and_evaluate, c, sdir)
+        results, timings[f"student_{div}_s"] = timed(train_row, c, sdir, f"1-step student ({div})")
         row = {"row": f"1-step student ({div})", "nfe": 1, **{k: results[k] for k in COLUMNS},
                "nonfinite_frac": results.get("nonfinite_frac", 0.0), "train_steps": results["step"]}
         rows.append(row)

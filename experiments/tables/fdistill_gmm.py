@@ -5,7 +5,8 @@ Gaussian-mixture teacher, one row per f-divergence, averaged over seeds.
         [--divergences rkl,sf,neyman,js,sh,kl,jf,pearson] [--num_steps 2000] [--config.distill.lambda_gan=0]
 
 Every (divergence, seed) trains through `fdistill.train.train_and_evaluate` in
-`WORKDIR/<divergence>/seed_<s>` (re-running resumes or reuses finished runs), starting from
+`WORKDIR/<divergence>/seed_<s>` (re-running resumes or reuses finished runs; SIGTERM or Ctrl-C stops
+the table after the run in progress saved a checkpoint, exit status 143 / 130), starting from
 `ml_collections_configs/gmm_fdistill.py` with the overrides below. Writes `WORKDIR/table.md`,
 `WORKDIR/table.json` (per divergence: mean and std of every metric over seeds, and the per-seed
 values) and `WORKDIR/samples.png` (one scatter panel per divergence, seed 0, over teacher data).
@@ -21,7 +22,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments.tables.common import final_samples, small_mode_mass, summarise
+from experiments.tables.common import final_samples, small_mode_mass, summarise, train_row
 from fdistill import divergences, objectives
 from fdistill.configs import CONFIG_DIR
 
@@ -126,8 +127,6 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-    from fdistill import train
-
     base = _CONFIG.value
     num_steps = int(_NUM_STEPS.value or base.train.num_steps)
     for d in _DIVERGENCES.value:
@@ -142,7 +141,7 @@ def main(argv):
             c = run_config(base, d, seed, num_steps)
             sub = os.path.join(workdir, d, f"seed_{seed}")
             print(f"[fdistill_gmm] {d} seed {seed} -> {sub}", flush=True)
-            results = dict(train.train_and_evaluate(c, sub))
+            results = train_row(c, sub, f"{d} seed {seed}")
             objective = objectives.build(c)
             x = final_samples(objective, sub, int(c.eval.num_samples))
             results[SMALL_MODE_KEY] = small_mode_mass(objective, x)

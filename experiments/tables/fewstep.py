@@ -6,7 +6,8 @@ K in {1, 2, 4} sampling steps, one row per (method, K), with NFE and measured sa
     python -m experiments.tables.fewstep --data digits --teacher runs/digits_score --workdir runs/fewstep_digits
 
 Each (method, K, seed) trains through `fdistill.train.train_and_evaluate` in
-`WORKDIR/<method>/K<k>/seed_<s>` (re-running resumes or reuses finished runs) from
+`WORKDIR/<method>/K<k>/seed_<s>` (re-running resumes or reuses finished runs; SIGTERM or Ctrl-C stops
+the table after the run in progress saved a checkpoint, exit status 143 / 130) from
 `ml_collections_configs/<data>_dmd2_multistep.py` / `<data>_tdm.py` with `distill.num_student_steps`
 = K. Writes `WORKDIR/table.md` and `WORKDIR/table.json` (per row: mean and std over seeds of every
 metric, and the per-seed values) whose row names (`dmd2_multistep K=4`, ...) and columns follow
@@ -21,7 +22,7 @@ import time
 
 from absl import app, flags
 
-from experiments.tables.common import final_samples, small_mode_mass, summarise
+from experiments.tables.common import final_samples, small_mode_mass, summarise, train_row
 from fdistill import objectives
 from fdistill.configs import CONFIG_DIR, load
 
@@ -118,8 +119,6 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import jax
 
-    from fdistill import train
-
     for m in _METHODS.value:
         if m not in METHODS:
             raise app.UsageError(f"--methods={m!r} is not allowed; allowed: {list(METHODS)}")
@@ -140,7 +139,7 @@ def main(argv):
                                _TEACHER.value)
                 sub = os.path.join(workdir, method, f"K{K}", f"seed_{seed}")
                 print(f"[fewstep] {row} seed {seed} -> {sub}", flush=True)
-                results = dict(train.train_and_evaluate(c, sub))
+                results = train_row(c, sub, f"{row} seed {seed}")
                 objective = objectives.build(c)
                 x = final_samples(objective, sub, int(c.eval.num_samples))
                 if hasattr(objective.source, "gmm"):

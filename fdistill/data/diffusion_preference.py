@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fdistill.data import tfds_build
 from fdistill.sharding import process_slice
 
 REWARDS = ("half_plane", "mode_subset", "classifier")
@@ -312,7 +313,7 @@ def read_pairs(data_dir: str, name: str, shape, conditional: bool = False, num_p
     out = {k: [] for k in fields}
     shape = tuple(shape)
     for i in range(n):
-        rec = src[i]
+        rec = tfds_build.read_records(src, [i], b.data_dir)[0]
         missing = [k for k in fields if k not in rec]
         if missing:
             raise ValueError(f"{where}: record {i} lacks field(s) {missing}")

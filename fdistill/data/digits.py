@@ -100,8 +100,9 @@ def load_split(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     key = (os.path.abspath(data_dir), split)
     with _LOCK:
         if key not in _ARRAYS:
-            source = build_dataset(data_dir).as_data_source(split=split)
-            records = source.__getitems__(list(range(len(source))))
+            builder = build_dataset(data_dir)
+            source = builder.as_data_source(split=split)
+            records = tfds_build.read_records(source, range(len(source)), builder.data_dir)
             order = np.argsort([r["index"] for r in records])
             x = np.stack([records[i]["image"] for i in order]).astype(np.float32)
             y = np.asarray([records[i]["label"] for i in order], np.int32)

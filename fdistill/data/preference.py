@@ -31,6 +31,7 @@ import os
 
 import numpy as np
 
+from fdistill.data import tfds_build
 from fdistill.sharding import process_slice
 
 PAD, BOS, SEP, EOS = 0, 1, 2, 3
@@ -392,7 +393,7 @@ def read_pairs(data_dir: str, name: str, task: SyntheticLanguage) -> dict[str, d
         if split not in sources:
             raise ValueError(f"{b.data_dir}: split {split!r} is missing (have {sorted(sources)})")
         src = sources[split]
-        records = list(src.__getitems__(list(range(len(src))))) if len(src) else []
+        records = tfds_build.read_records(src, range(len(src)), b.data_dir)
         out[split] = records_to_arrays(records, task, f"{b.data_dir} split {split!r}")
     return out
 

@@ -104,6 +104,9 @@ class TFDSImageSource:
         if split not in builder.info.splits:
             raise ValueError(f"config.data.split={split!r} is not a split of {self.name!r}; "
                              f"allowed: {sorted(builder.info.splits.keys())}")
+        self.dataset_dir = str(builder.data_dir)
+        self.regenerate = (f"tfds build {self.name} --data_dir={self.data_dir} --file_format=array_record "
+                           "--overwrite")
         self.records = builder.as_data_source(split=split)
         self.shape = tuple(int(d) for d in features[self.image_key].shape)
         if len(self.shape) != 3 or None in self.shape:
@@ -114,7 +117,7 @@ class TFDSImageSource:
         self._reference_features = None
 
     def read(self, indices) -> dict:
-        records = self.records.__getitems__([int(i) for i in indices])
+        records = tfds_build.read_records(self.records, indices, self.dataset_dir, self.regenerate)
         out = {"x": image_lib.to_unit_range(np.stack([r[self.image_key] for r in records]))}
         if self.label_key:
             out["label"] = np.asarray([r[self.label_key] for r in records], np.int32)

@@ -47,7 +47,9 @@ class AnalyticTeacher:
 class ScoreRunTeacher:
     """The EMA network of a finished `score` run (`config.distill.teacher=<workdir>`). Its config
     defines the student networks' architecture, and its weights initialise the generator and the
-    fake score (DMD2)."""
+    fake score (DMD2). The student's `config.model` and `config.train.compute_dtype` are replaced by
+    the teacher's (`adopt_architecture`), so the student's recorded config.json names the
+    architecture actually trained; the fields that changed are printed at start."""
 
     has_features = True
 
@@ -65,10 +67,10 @@ class ScoreRunTeacher:
         self.init_params = params
         self._params = params
         self.name = workdir
-        overridden = model_differences(config.model, tconfig.model)
-        if overridden:
-            print(f"[fdistill] the generator and fake score copy the teacher's architecture "
-                  f"({workdir}); ignored student fields: {overridden}", flush=True)
+        replaced = adopt_architecture(config, tconfig)
+        if replaced:
+            print(f"[fdistill] the generator and fake score copy the teacher's architecture ({workdir}); the "
+                  f"student's config now records it: {replaced}", flush=True)
 
     def frozen(self):
         return self._params
@@ -95,11 +97,18 @@ def check_same(config, teacher_config, teacher_dir: str) -> None:
                          + ", ".join(diff))
 
 
-def model_differences(student_model, teacher_model) -> str:
-    """The student's `config.model` fields that the teacher's architecture replaces (for a notice)."""
-    ours, theirs = student_model.to_dict(), teacher_model.to_dict()
-    return ", ".join(f"model.{k}={ours[k]!r} (teacher: {theirs.get(k)!r})" for k in sorted(ours)
-                     if ours[k] != theirs.get(k))
+def adopt_architecture(config, teacher_config) -> str:
+    """Replaces the student's `config.model` and `config.train.compute_dtype` by the teacher's (the
+    networks are built from the teacher's config); returns the student fields that changed, as
+    'model.width=64 -> 32, ...' ('' when none)."""
+    ours, theirs = config.model.to_dict(), teacher_config.model.to_dict()
+    changed = [f"model.{k}={ours.get(k)!r} -> {theirs.get(k)!r}" for k in sorted(set(ours) | set(theirs))
+               if ours.get(k) != theirs.get(k)]
+    if config.train.compute_dtype != teacher_config.train.compute_dtype:
+        changed.append(f"train.compute_dtype={config.train.compute_dtype!r} -> {teacher_config.train.compute_dtype!r}")
+    config.model = teacher_config.model.copy_and_resolve_references()
+    config.train.compute_dtype = teacher_config.train.compute_dtype
+    return ", ".join(changed)
 
 
 def build(config, source):

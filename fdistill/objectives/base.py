@@ -21,6 +21,8 @@ Conventions:
     processes follow the same trajectory and a resumed run sees the same data.
   * Randomness inside the step comes from `jax.random.fold_in(state.rng, state.step)`.
   * `metrics` is a flat dict of scalar arrays; training rows must contain `loss`.
+  * An objective whose training reads an evaluation field (`config.eval.*`) lists it in
+    `trajectory_fields`, so that a resumed run cannot change it (see `fdistill.workdir`).
 
 Adding an objective means adding one module under `fdistill/objectives/` (auto-discovered) and one
 config file with `config.objective = '<name>'`.
@@ -93,6 +95,10 @@ class Objective(abc.ABC):
     """Base class: see the module docstring for the contract."""
 
     name: str = "?"
+    # Config fields outside the usual training sections that this objective's training reads, in
+    # `fdistill.workdir`'s dotted names ('eval.num_steps'): a resumed run must keep them (by default
+    # `eval.*` fields only change the evaluation and may change on resume).
+    trajectory_fields: tuple[str, ...] = ()
 
     def __init__(self, config):
         self.config = config

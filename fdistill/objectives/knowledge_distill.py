@@ -25,6 +25,8 @@ from fdistill.objectives.base import Objective, register
 
 @register("kd", family="distill")
 class KnowledgeDistillation(Objective):
+    trajectory_fields = ("eval.num_steps", "eval.sampler")  # the regression targets' sampler
+
     def __init__(self, config):
         super().__init__(config)
         self.source = data_lib.build(config.data)
