@@ -1,9 +1,22 @@
-"""Few-step students: DMD2 backward simulation (arXiv 2405.14867) and TDM (arXiv 2503.06674) with
-K in {1, 2, 4} sampling steps, one row per (method, K), with NFE and measured samples/s.
+"""Few-step students: DMD2 backward simulation (arXiv 2405.14867; pooled or step-aware critic) and
+TDM (arXiv 2503.06674) with K in {1, 2, 4} sampling steps, one row per (method, K), with NFE and
+measured samples/s, at equal generator updates or at equal wall time.
 
     python -m experiments.tables.fewstep --workdir runs/fewstep_gmm [--data gmm] [--steps 1,2,4] \
-        [--methods dmd2_multistep,tdm] [--seeds 1] [--num_steps 2000] [--divergence js]
+        [--methods dmd2_multistep,dmd2_stepaware,tdm] [--seeds 1] [--num_steps 2000] [--divergence js] \
+        [--budget updates|wall]
     python -m experiments.tables.fewstep --data digits --teacher runs/digits_score --workdir runs/fewstep_digits
+
+Methods: `dmd2_multistep` (one fake score and discriminator for the outputs of every step),
+`dmd2_stepaware` (the same with `distill.step_aware_critic=True`: the critic is conditioned on the
+step that produced a sample) and `tdm`. `--budget=updates` trains every row for `--num_steps`
+generator updates. `--budget=wall` gives every row the wall time that the method's K = 1 row needs
+for `--num_steps` updates: each row's training rate (updates/s) is measured first, back to back in
+this process (`calibrate`, the best of three timing windows), and a row with rate r_K trains
+round(num_steps * r_K / r_1) updates (recorded in table.json and the table). The per-step column
+(`max step TV`) is the largest mode-weight TV over the outputs of single steps k = 0..K-1 of the
+rollout (`experiments.diagnostics.fewstep_step_modes`; GMM only): it is low only when every step's
+output matches the data, not merely the mixture over steps.
 
 Each (method, K, seed) trains through `fdistill.train.train_and_evaluate` in
 `WORKDIR/<method>/K<k>/seed_<s>` (re-running resumes or reuses finished runs; SIGTERM or Ctrl-C stops
@@ -20,16 +33,24 @@ import json
 import os
 import time
 
+import numpy as np
 from absl import app, flags
 
 from experiments.tables.common import final_samples, small_mode_mass, summarise, train_row
 from fdistill import objectives
 from fdistill.configs import CONFIG_DIR, load
 
-METHODS = ("dmd2_multistep", "tdm")
+# method -> (config suffix <data>_<suffix>.py, distill overrides)
+METHODS = {
+    "dmd2_multistep": ("dmd2_multistep", {}),
+    "dmd2_stepaware": ("dmd2_multistep", {"step_aware_critic": True}),
+    "tdm": ("tdm", {}),
+}
+BUDGETS = ("updates", "wall")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (one sub-workdir per method, K and seed).")
 _DATA = flags.DEFINE_string("data", "gmm", "Config prefix: <data>_dmd2_multistep.py and <data>_tdm.py.")
 _METHODS = flags.DEFINE_list("methods", list(METHODS), f"Methods; allowed: {list(METHODS)}.")
+_BUDGET = flags.DEFINE_enum("budget", "updates", BUDGETS, "Equal generator updates, or equal wall time (see above).")
 _STEPS = flags.DEFINE_list("steps", ["1", "2", "4"], "Student step counts K.")
 _SEEDS = flags.DEFINE_integer("seeds", 1, "Training seeds per row (train.seed = 0..N-1).")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", None, "Generator updates per run (default: the config's).")
@@ -49,6 +70,8 @@ COLUMNS = [
     ("high_quality_frac", "high-quality frac", "{:.3f}"),
     ("mmd", "MMD", "{:.4f}"),
     ("small_mode_mass", "mass on 2 smallest modes / true", "{:.2f}"),
+    ("max_step_tv", "max step TV", "{:.3f}"),
+    ("train_updates", "updates", "{:.0f}"),
     ("fd_digits", "fd_digits", "{:.2f}"),
     ("precision", "precision", "{:.3f}"),
     ("recall", "recall", "{:.3f}"),
@@ -57,7 +80,7 @@ COLUMNS = [
 
 
 def config_path(data: str, method: str) -> str:
-    path = os.path.join(CONFIG_DIR, f"{data}_{method}.py")
+    path = os.path.join(CONFIG_DIR, f"{data}_{METHODS[method][0]}.py")
     if not os.path.exists(path):
         raise FileNotFoundError(f"--data={data!r} --methods={method!r}: no config {path}")
     return path
@@ -67,6 +90,8 @@ def run_config(data: str, method: str, K: int, seed: int, num_steps: int | None,
                divergence: str | None = None, teacher: str | None = None):
     c = load(config_path(data, method))
     c.distill.num_student_steps = K
+    for k, v in METHODS[method][1].items():
+        c.distill[k] = v
     if divergence:
         c.distill.divergence = divergence
     if teacher:
@@ -83,12 +108,46 @@ def run_config(data: str, method: str, K: int, seed: int, num_steps: int | None,
     return c
 
 
+def calibrate(config, seconds: float = 6.0) -> float:
+    """Generator updates per second of `config`'s compiled train step on this machine (one device
+    per process as in the runs; the best of three windows, the least disturbed by other jobs)."""
+    import jax
+
+    obj = objectives.build(config)
+    state, frozen = obj.init(jax.random.PRNGKey(0))
+    batch = jax.tree.map(jax.numpy.asarray, obj.batch(0))
+    step = jax.jit(obj.train_step, donate_argnums=(0,))
+    state, _ = step(state, frozen, batch)
+    jax.block_until_ready(state)
+    rates = []
+    for _ in range(3):
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / 3:
+            state, _ = step(state, frozen, batch)
+            n += 1
+        jax.block_until_ready(state)
+        rates.append(n / (time.perf_counter() - t0))
+    return max(rates)
+
+
+def max_step_tv(objective, workdir: str, n: int) -> float:
+    """The largest mode-weight TV over the outputs of single rollout steps k = 0..K-1."""
+    from experiments.diagnostics.fewstep_step_modes import step_weights
+
+    true = np.asarray(objective.source.gmm.weights, np.float64)
+    tvs = [0.5 * float(np.abs(step_weights(final_samples(objective, workdir, n, step=k), objective.source.gmm)
+                              - true).sum()) for k in range(objective.student.num_steps)]
+    return max(tvs)
+
+
 def write_markdown(path: str, table: dict, teacher: dict, meta: dict) -> None:
     cols = [col for col in COLUMNS if any(col[0] in s for s in table.values())]
     lines = [
         f"# Few-step students on {meta['data']}: DMD2 backward simulation and TDM",
         "",
-        f"{meta['seeds']} seed(s) per row, {meta['num_steps']} generator updates, batch {meta['batch_size']}. "
+        f"{meta['seeds']} seed(s) per row, batch {meta['batch_size']}, "
+        + ("equal generator updates. " if meta["budget"] == "updates" else
+           "equal wall time (each method's K = 1 budget; updates per row in the 'updates' column). ") +
         f"Mean +- std over seeds. samples/s: the K-step sampler, jitted, on this machine "
         f"({meta['backend']}). Wall time {meta['wall_seconds'] / 60:.1f} min.",
         "",
@@ -129,21 +188,31 @@ def main(argv):
     t0 = time.perf_counter()
     table, per_run, samples, teacher = {}, {}, {}, {}
     meta = {"data": _DATA.value, "seeds": _SEEDS.value, "steps": steps, "backend": jax.default_backend(),
-            "divergence": {}, "sigmas": {}}
+            "budget": _BUDGET.value, "divergence": {}, "sigmas": {}, "updates_per_sec": {}, "updates": {}}
     for method in _METHODS.value:
+        updates = {K: _NUM_STEPS.value for K in steps}
+        if _BUDGET.value == "wall":
+            rates = {K: calibrate(run_config(_DATA.value, method, K, 0, None, _BATCH.value, _DIVERGENCE.value,
+                                             _TEACHER.value)) for K in sorted(set(steps) | {1})}
+            base = int(_NUM_STEPS.value or run_config(_DATA.value, method, 1, 0, None, None).train.num_steps)
+            updates = {K: max(1, round(base * rates[K] / rates[1])) for K in steps}
+            meta["updates_per_sec"][method] = rates
+            print(f"[fewstep] {method}: updates/s {rates} -> equal-wall-time updates {updates}", flush=True)
         for K in steps:
             row = f"{method} K={K}"
             rows = []
             for seed in range(_SEEDS.value):
-                c = run_config(_DATA.value, method, K, seed, _NUM_STEPS.value, _BATCH.value, _DIVERGENCE.value,
+                c = run_config(_DATA.value, method, K, seed, updates[K], _BATCH.value, _DIVERGENCE.value,
                                _TEACHER.value)
                 sub = os.path.join(workdir, method, f"K{K}", f"seed_{seed}")
                 print(f"[fewstep] {row} seed {seed} -> {sub}", flush=True)
                 results = train_row(c, sub, f"{row} seed {seed}")
+                results["train_updates"] = int(c.train.num_steps)
                 objective = objectives.build(c)
                 x = final_samples(objective, sub, int(c.eval.num_samples))
                 if hasattr(objective.source, "gmm"):
                     results["small_mode_mass"] = small_mode_mass(objective, x)
+                    results["max_step_tv"] = max_step_tv(objective, sub, int(c.eval.num_samples))
                 if seed == 0:
                     samples[row] = objective.source.plot_samples(
                         x, os.path.join(workdir, f"samples_{method}_K{K}.png"), f"{row} ({c.distill.divergence})")
@@ -151,6 +220,7 @@ def main(argv):
                 teacher = {k: v for k, v in results.items() if k.startswith("teacher/")}
                 meta["divergence"][row] = c.distill.divergence + (" + GAN" if c.distill.lambda_gan > 0 else "")
                 meta["sigmas"][row] = ", ".join(f"{s:.3g}" for s in objective.student.sigmas)
+                meta["updates"][row] = int(c.train.num_steps)
                 meta.update(num_steps=int(c.train.num_steps), batch_size=int(c.train.batch_size))
             per_run[row] = rows
             table[row] = summarise(rows)

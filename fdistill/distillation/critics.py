@@ -95,12 +95,15 @@ class LearnedCritic:
         return max(student.num_classes if student.conditional else 1, 1) * student.num_steps
 
     # ----- conditioning ----------------------------------------------------------------------
-    def kw(self, labels, step) -> dict:
-        """Network keywords: the class labels, and with a step-aware critic the (label, step) pair."""
-        if self.step_aware:
-            base = labels if self.student.conditional else jnp.zeros_like(step)
-            return {"labels": base * self.student.num_steps + step}
-        return self.student.kw(labels)
+    def kw(self, labels, step, n: int | None = None) -> dict:
+        """Network keywords: the class labels, and with a step-aware critic the (label, step) pair.
+        `step=None` (evaluation: the samples are the sampler's output) means the last step."""
+        if not self.step_aware:
+            return self.student.kw(labels)
+        if step is None:
+            step = jnp.full((n,), self.student.num_steps - 1, jnp.int32)
+        base = labels if self.student.conditional else jnp.zeros_like(step)
+        return {"labels": base * self.student.num_steps + step}
 
     # ----- parameters ------------------------------------------------------------------------
     def init(self, key, frozen_teacher) -> dict:
@@ -120,7 +123,7 @@ class LearnedCritic:
 
     # ----- evaluations -----------------------------------------------------------------------
     def fake_denoise(self, params, x_t, sigma, labels=None, step=None) -> jax.Array:
-        return self.denoiser(params["fake"], x_t, sigma, **self.kw(labels, step))
+        return self.denoiser(params["fake"], x_t, sigma, **self.kw(labels, step, x_t.shape[0]))
 
     def features(self, params, frozen_teacher, x_t, sigma, kw):
         if self.disc_on == "fake_score":
@@ -131,7 +134,7 @@ class LearnedCritic:
 
     def logits(self, params, frozen_teacher, x_t, sigma, labels=None, step=None, with_fake: bool = False):
         """(logit of "real" at (x_t, sigma), D_fake(x_t; sigma) when `with_fake` else None)."""
-        kw = self.kw(labels, step)
+        kw = self.kw(labels, step, x_t.shape[0])
         d_fake = None
         if self.disc_on == "fake_score":
             d_fake, feats = self.denoiser.with_features(params["fake"], x_t, sigma, **kw)
