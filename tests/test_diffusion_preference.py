@@ -17,7 +17,7 @@ from fdistill.data import gmm as gmm_lib
 from fdistill.objectives import diffusion_preference as dp
 from fdistill.objectives import preference as prefloss
 from fdistill.objectives import score
-from tests.helpers import load_config, tiny_score_config
+from tests.helpers import check_named_run_errors, load_config, tiny_score_config
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,18 +225,8 @@ def test_bad_config_values_name_the_field(teacher_dir):
 
 
 def test_reference_is_a_named_finished_run(teacher_dir, tmp_path):
-    make = "python -m experiments.run --config ml_collections_configs/gmm_score.py --workdir"
-    with pytest.raises(ValueError, match=rf"config.dpo.reference is empty: .*{make} DIR"):
-        objectives.build(po_config(""))
-    missing = str(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match=rf"config.dpo.reference='{missing}' is not a run's workdir "
-                                                rf"\(no config.json\); make it with: {make} {missing}"):
-        objectives.build(po_config(missing))
-    os.makedirs(tmp_path / "unfinished")
-    with open(tmp_path / "unfinished" / "config.json", "w") as f:
-        json.dump(tiny_teacher_config().to_dict(), f)
-    with pytest.raises(FileNotFoundError, match=r"config.dpo.reference='.*unfinished' is unfinished \(no results.json\)"):
-        objectives.build(po_config(str(tmp_path / "unfinished")))
+    check_named_run_errors(lambda wd: objectives.build(po_config(wd)), "dpo.reference", "gmm_score",
+                           tiny_teacher_config(), tmp_path)
     c = po_config(teacher_dir)
     c.model.width = 32
     with pytest.raises(ValueError, match=r"config.dpo.reference='.*' was made with other data/model/diffusion "

@@ -16,6 +16,7 @@ from fdistill.evaluation import preference as prefeval
 from fdistill.models.transformer import TransformerLM
 from fdistill.objectives import language
 from fdistill.objectives import preference as prefloss
+from tests.helpers import check_named_run_errors
 
 
 def tiny_sft_config(num_steps=60):
@@ -324,13 +325,8 @@ def test_bad_configs_name_the_field(tmp_path):
 
 
 def test_sft_reference_is_a_named_finished_run_with_the_same_task_and_model(sft_workdir, tmp_path):
-    make = "python -m experiments.run --config ml_collections_configs/synthetic_sft.py --workdir"
-    with pytest.raises(ValueError, match=rf"config.po.sft_workdir is empty: .*{make} DIR"):
-        objectives.build(tiny_dpo_config(""))
-    missing = str(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match=rf"config.po.sft_workdir='{missing}' is not a run's workdir "
-                                                rf"\(no config.json\); make it with: {make} {missing}"):
-        objectives.build(tiny_dpo_config(missing))
+    check_named_run_errors(lambda wd: objectives.build(tiny_dpo_config(wd)), "po.sft_workdir", "synthetic_sft",
+                           tiny_sft_config(), tmp_path)
     c = tiny_dpo_config(sft_workdir)
     c.task.length_cost = 0.2
     c.model.width = 64

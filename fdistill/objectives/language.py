@@ -263,11 +263,8 @@ def validate_po_config(config) -> None:
     prefloss.check_params(po.loss, po.beta, prefloss.params_from(po), section="config.po")
     if po.reference not in REFERENCES:
         raise ValueError(f"config.po.reference={po.reference!r} is not known; allowed: {list(REFERENCES)}")
-    for f in ("num_pairs", "num_test_pairs"):
-        if int(po.pairs[f]) <= 0:
-            raise ValueError(f"config.po.pairs.{f} must be positive, got {po.pairs[f]}")
-    for f in ("bt_temperature", "sample_temperature"):
-        if not float(po.pairs[f]) > 0:
+    for f in ("num_pairs", "num_test_pairs", "bt_temperature", "sample_temperature"):
+        if not po.pairs[f] > 0:
             raise ValueError(f"config.po.pairs.{f} must be positive, got {po.pairs[f]}")
     if config.train.batch_size > int(po.pairs.num_pairs):
         raise ValueError(f"config.train.batch_size={config.train.batch_size} exceeds "
