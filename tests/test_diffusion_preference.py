@@ -265,57 +265,30 @@ def test_prepare_trains_the_missing_reference_once_into_the_named_workdir(tmp_pa
     assert prepare.plan(sft, "W") == []
 
 
-def test_every_registry_loss_runs_in_the_objective(teacher_dir):
-    """Any loss of the registry is a `config.dpo.method` (on -err/2, lengths 1); at the start the
-    policy equals the reference, so every pair's log-ratio margin is zero."""
-    rows = None
-    for name in prefloss.LOSSES:
-        obj = objectives.build(po_config(teacher_dir, method=name))
-        state, frozen = obj.init(jax.random.PRNGKey(0))
-        if rows is None:
-            rows = jax.tree.map(jnp.asarray, obj.batch(0))
-            inputs = {**rows, **dp.pair_noise(jax.random.PRNGKey(1), rows["x_w"], -1.2, 1.2)}
-        (loss, m), grads = jax.value_and_grad(obj.loss, has_aux=True)(state.params, frozen["ref"], inputs)
-        assert np.isfinite(float(loss)) and all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads)), name
-        for k in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-                  "logps/rejected", "err_w", "err_l"):
-            assert k in m, (name, k)
-        np.testing.assert_allclose(m["logps/chosen"], -0.5 * m["err_w"], rtol=1e-6)
-        if name == "dpo":
-            np.testing.assert_allclose(loss, np.log(2.0), rtol=1e-6)
-        if name == "ipo":  # (h - 1/(2 beta))^2 at h = 0
-            np.testing.assert_allclose(loss, (1 / (2 * obj.beta)) ** 2, rtol=1e-5)
-
-
-@pytest.mark.parametrize("method,space", [("diffusion_dpo", "perceptual"), ("mapo", "pixel"), ("ipo", "pixel")])
+@pytest.mark.parametrize("method,space", [("diffusion_dpo", "perceptual"), ("ipo", "pixel"), ("simpo", "pixel")])
 def test_step_compiles_once_and_only_the_policy_moves(teacher_dir, method, space):
+    """Any registry loss is a `config.dpo.method` (on -err/2, lengths 1), here a reference-based and a
+    reference-free one named after language losses; MaPO runs in test_short_mapo_run_*."""
     obj = objectives.build(po_config(teacher_dir, method, space=space))
     state, frozen = obj.init(jax.random.PRNGKey(0))
     ref_before = jax.tree.map(np.asarray, frozen["ref"])
     step = jax.jit(chex.assert_max_traces(obj.train_step, n=1))
+    history = []
     for i in range(3):
         state, m = step(state, frozen, jax.tree.map(jnp.asarray, obj.batch(i)))
+        history.append(m)
     assert np.isfinite(float(m["loss"])) and int(state.step) == 3
-    for k in ("grad_norm", "param_norm", "update_norm", "rewards/accuracies"):  # the shared update path's metrics
-        assert np.isfinite(float(m[k])), k
+    for k in ("grad_norm", "param_norm", "update_norm", "rewards/chosen", "rewards/margins", "logps/chosen", "err_w"):
+        assert np.isfinite(float(m[k])), k  # the shared update path's and the registry's metrics
+    np.testing.assert_allclose(m["logps/chosen"], -0.5 * m["err_w"], rtol=1e-6)
+    # step 1: policy == reference, so every log-ratio margin h is 0 (up to float rounding)
+    at_zero = {"diffusion_dpo": np.log(2.0), "ipo": (1 / (2 * obj.beta)) ** 2}.get(method)
+    if at_zero is not None:
+        np.testing.assert_allclose(history[0]["loss"], at_zero, rtol=1e-3)
     chex.assert_trees_all_equal(frozen["ref"], ref_before)
     moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state.params, frozen["ref"])
     assert max(jax.tree.leaves(moved)) > 0
     chex.clear_trace_counter()
-
-
-def test_gradient_accumulation_sees_the_full_batch_draws(teacher_dir):
-    """Two micro-batches of 32 pairs: the same loss and (up to float rounding) the same update as one
-    batch of 64, because sigma and the noise are drawn once for the whole batch."""
-    out = {}
-    for k in (1, 2):
-        c = po_config(teacher_dir)
-        c.train.grad_accum_steps = k
-        obj = objectives.build(c)
-        state, frozen = obj.init(jax.random.PRNGKey(0))
-        out[k] = jax.jit(obj.train_step)(state, frozen, jax.tree.map(jnp.asarray, obj.batch(0)))
-    np.testing.assert_allclose(out[2][1]["loss"], out[1][1]["loss"], rtol=1e-5)
-    chex.assert_trees_all_close(out[2][0].params, out[1][0].params, rtol=1e-5, atol=1e-7)
 
 
 def test_short_dpo_run_raises_the_mean_reward(teacher_dir, tmp_path):
@@ -337,10 +310,13 @@ def test_short_mapo_run_raises_the_mean_reward(teacher_dir, tmp_path):
 
 
 def test_one_and_eight_devices_agree(teacher_dir, tmp_path):
+    """Also gradient accumulation: 8 devices with 2 micro-batches of 32 pairs follow the 1-device run,
+    as sigma and the noise are drawn once for the whole batch."""
     losses = {}
     for n in (1, 8):
         wd = str(tmp_path / str(n))
         c = po_config(teacher_dir, steps=6)
+        c.train.grad_accum_steps = 1 if n == 1 else 2
         c.eval.num_samples = c.eval.chunk = 256
         train.train_and_evaluate(c, wd, num_devices=n)
         with open(os.path.join(wd, "metrics.jsonl")) as f:

@@ -368,10 +368,8 @@ class PreferenceObjective(Objective):
         self.pairs = prefdata.PreferencePairs(arrays["train"], self.task, seed, arrays["_path"])
         self.test_pairs = prefdata.PreferencePairs(arrays["test"], self.task, seed, arrays["_path"])
         if self.precompute_ref and not self.reference_free:
-            t0 = time.perf_counter()
             for pairs in (self.pairs, self.test_pairs):
                 pairs.set_reference_logps(*self._dataset_logps(ref_params, pairs))
-            self.precompute_seconds = time.perf_counter() - t0
         self.optimizer = ts.Optimizer(ts.OptimizerSettings.from_config(config.train))
         self.num_micro = ts.check_grad_accum(config.train.grad_accum_steps, config.train.batch_size)
         self._pair_metrics = jax.jit(self._metrics_on_rows)
