@@ -111,7 +111,7 @@ def run_command(argv: list[str], empty: dict[str, str]) -> str:
     args, skip = [], False
     for a in argv:
         name = a.split("=")[0]
-        if skip or name in ("--steps", "--dry_run", "--nodry_run") or name[len("--config."):] in empty:
+        if skip or name in ("--steps", "--dry_run", "--nodry_run") or name.removeprefix("--config.") in empty:
             skip = name == "--steps" and "=" not in a and not skip
             continue
         args.append(a)

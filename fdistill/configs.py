@@ -194,14 +194,6 @@ def distill() -> ConfigDict:
     )
 
 
-def preference_loss_params() -> dict:
-    """One field per parameter of the preference-loss registry (`fdistill.objectives.preference`),
-    with its default: `config.po` and `config.dpo` accept every loss, so both carry all of them."""
-    from fdistill.objectives.preference import config_fields  # the registry declares them
-
-    return config_fields()
-
-
 def po() -> ConfigDict:
     """`config.po`: preference optimisation of a language policy (`fdistill.objectives.language`)."""
     return _section(
@@ -215,6 +207,14 @@ def po() -> ConfigDict:
         data_dir="",  # preference pairs; '' = <sft_workdir>/preference_data
         pairs=_section(num_pairs=4096, num_test_pairs=512, bt_temperature=0.25, sample_temperature=1.0, seed=0),
     )
+
+
+def preference_loss_params() -> dict:
+    """One field per parameter of the preference-loss registry (`fdistill.objectives.preference`),
+    with its default: `config.po` and `config.dpo` accept every loss, so both carry all of them."""
+    from fdistill.objectives.preference import config_fields  # the registry declares them
+
+    return config_fields()
 
 
 def task() -> ConfigDict:

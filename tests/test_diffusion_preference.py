@@ -265,10 +265,10 @@ def test_prepare_trains_the_missing_reference_once_into_the_named_workdir(tmp_pa
     assert prepare.plan(sft, "W") == []
 
 
-@pytest.mark.parametrize("method,space", [("diffusion_dpo", "perceptual"), ("ipo", "pixel"), ("simpo", "pixel")])
+@pytest.mark.parametrize("method,space", [("diffusion_dpo", "perceptual"), ("ipo", "pixel")])
 def test_step_compiles_once_and_only_the_policy_moves(teacher_dir, method, space):
-    """Any registry loss is a `config.dpo.method` (on -err/2, lengths 1), here a reference-based and a
-    reference-free one named after language losses; MaPO runs in test_short_mapo_run_*."""
+    """Any registry loss is a `config.dpo.method` (on -err/2, lengths 1), here one named after a
+    language loss (ipo); MaPO, reference-free, runs in test_short_mapo_run_*."""
     obj = objectives.build(po_config(teacher_dir, method, space=space))
     state, frozen = obj.init(jax.random.PRNGKey(0))
     ref_before = jax.tree.map(np.asarray, frozen["ref"])

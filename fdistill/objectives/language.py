@@ -158,6 +158,14 @@ def token_nll(model, params, tokens, loss_mask, denominator=None) -> jax.Array:
     return -jnp.sum(tok * m) / (num_tokens(loss_mask) if denominator is None else denominator)
 
 
+def sft_value_and_grad(model, params, batch, num_micro: int = 1):
+    """(token-mean NLL of the batch, its gradient) over `num_micro` micro-batches: each divides by
+    the *full* batch's token count / num_micro, so their mean is exactly the full batch's token mean."""
+    denominator = num_tokens(batch["loss_mask"]) / num_micro
+    loss_fn = lambda p, x: token_nll(model, p, x["tokens"], x["loss_mask"], denominator)
+    return ts.value_and_grad(loss_fn, params, batch, num_micro)
+
+
 def _eval_prompts(task, samples_per_prompt: int) -> np.ndarray:
     if samples_per_prompt < 1:
         raise ValueError(f"config.eval.samples_per_prompt must be >= 1, got {samples_per_prompt}")
@@ -217,9 +225,7 @@ class SFTObjective(Objective):
         return ts.create_state(init_params(self.model, k_init), self.optimizer, k_rng), {}
 
     def train_step(self, state, frozen, batch):
-        denominator = num_tokens(batch["loss_mask"]) / self.num_micro  # the full batch's token mean
-        loss_fn = lambda p, x: token_nll(self.model, p, x["tokens"], x["loss_mask"], denominator)
-        loss, grads = ts.value_and_grad(loss_fn, state.params, batch, self.num_micro)
+        loss, grads = sft_value_and_grad(self.model, state.params, batch, self.num_micro)
         state, metrics = ts.apply_gradients(state, grads, self.optimizer)
         return state.replace(step=state.step + 1), {"loss": loss, **metrics}
 
