@@ -234,9 +234,17 @@ def test_reference_is_a_named_finished_run(teacher_dir, tmp_path):
         objectives.build(c)
 
 
-def test_prepare_trains_the_missing_reference_once_into_the_named_workdir(tmp_path):
+def test_prepare_trains_the_missing_reference_once_into_the_named_workdir(tmp_path, monkeypatch):
     from experiments import prepare
 
+    make = prepare.dependency_config
+
+    def cheaper(config, step, num_steps=0):  # gmm_score.py with a small batch and evaluation
+        c = make(config, step, num_steps)
+        c.train.batch_size, c.eval.num_samples, c.eval.chunk, c.eval.num_steps = 64, 256, 256, 4
+        return c
+
+    monkeypatch.setattr(prepare, "dependency_config", cheaper)
     c = po_config("")
     c.pairs.num_pairs = 128
     assert [(s.field, s.make_with, s.finished) for s in prepare.plan(c, str(tmp_path))] == [
