@@ -271,6 +271,12 @@ def test_prepare_trains_the_missing_reference_once_into_the_named_workdir(tmp_pa
         ("distill.teacher", "digits_score", str(tmp_path / "teacher")), ("po.sft_workdir", "synthetic_sft", "W/sft")]
     sft.po.reference = "init"
     assert prepare.plan(sft, "W") == []
+    # the follow-up command: prepare's own flags dropped, the empty field named
+    argv = ["--config", "ml_collections_configs/gmm_mapo.py", "--workdir=W", "--steps", "20", "--config.dpo.reference=",
+            "--dry_run", "--config.dpo.beta=0.5"]
+    assert prepare.run_command(argv, {"dpo.reference": "W/reference"}) == (
+        "python -m experiments.run --config ml_collections_configs/gmm_mapo.py --workdir=W --config.dpo.beta=0.5 "
+        "--config.dpo.reference=W/reference")
 
 
 @pytest.mark.parametrize("method,space", [("diffusion_dpo", "perceptual"), ("ipo", "pixel")])
