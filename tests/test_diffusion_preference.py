@@ -17,7 +17,8 @@ from fdistill.data import gmm as gmm_lib
 from fdistill.objectives import diffusion_preference as dp
 from fdistill.objectives import preference as prefloss
 from fdistill.objectives import score
-from tests.helpers import check_named_run_errors, load_config, tiny_score_config
+from tests.helpers import load_config, tiny_score_config
+from tests.named_runs import check_named_run_errors
 
 
 # ----------------------------------------------------------------------------------------------

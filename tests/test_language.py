@@ -15,7 +15,7 @@ from fdistill.data import preference as prefdata
 from fdistill.evaluation import preference as prefeval
 from fdistill.models.transformer import TransformerLM
 from fdistill.objectives import language
-from tests.helpers import check_named_run_errors
+from tests.named_runs import check_named_run_errors
 
 
 def tiny_sft_config(num_steps=60):
