@@ -126,7 +126,7 @@ def po_configs(sizes: str, dtype: str):
     for width, depth, batch in shapes:
         c = configs.load("synthetic_dpo")
         c.po.reference = "init"
-        c.po.sft.model.width, c.po.sft.model.depth = width, depth
+        c.model.width, c.model.depth = width, depth
         c.train.batch_size, c.train.compute_dtype = batch, dtype
         c.po.pairs.num_pairs = max(batch, 1024)
         yield f"dpo transformer d={width} L={depth}, batch {batch} pairs", c

@@ -196,21 +196,24 @@ def distill() -> ConfigDict:
 def po() -> ConfigDict:
     """`config.po`: preference optimisation of a language policy (`fdistill.objectives.language`)."""
     return _section(
-        loss="dpo",  # see fdistill.objectives.preference
+        loss="dpo",  # any loss of fdistill.objectives.preference
         beta=0.1,
-        label_smoothing=0.1,  # cdpo
-        gamma=0.5,  # simpo
-        alpha=1.0,  # rpo
-        lambda_=0.1,  # orpo
-        precompute_ref=True,
-        reference="sft",  # sft | init
-        init_seed=0,
-        sft_workdir="",
-        sft=None,  # TODO(runs-named): removed with the auto-training of references
-        sft_cache="",
-        data_dir="",
+        **preference_loss_params(),  # label_smoothing (cdpo), gamma (simpo), alpha (rpo), lambda_ (orpo), ...
+        precompute_ref=True,  # reference log-probs computed once, not in every step
+        reference="sft",  # sft (the run in sft_workdir) | init (random reference of config.model, demonstrator pairs)
+        sft_workdir="",  # workdir of a finished 'sft' run with this config's task and model
+        init_seed=0,  # reference='init' only
+        data_dir="",  # preference pairs; '' = <sft_workdir>/preference_data
         pairs=_section(num_pairs=4096, num_test_pairs=512, bt_temperature=0.25, sample_temperature=1.0, seed=0),
     )
+
+
+def preference_loss_params() -> dict:
+    """One field per parameter of the preference-loss registry (`fdistill.objectives.preference`),
+    with its default: `config.po` and `config.dpo` accept every loss, so both carry all of them."""
+    from fdistill.objectives.preference import config_fields  # the registry declares them
+
+    return config_fields()
 
 
 def task() -> ConfigDict:
@@ -220,15 +223,21 @@ def task() -> ConfigDict:
 
 
 def lm_eval() -> ConfigDict:
-    return _section(samples_per_prompt=8, temperature=1.0, num_heldout=2048, num_pairs=512, use_ema=False,
+    """`config.eval` of the language objectives (responses on the held-out prompts)."""
+    return _section(samples_per_prompt=8, temperature=1.0, num_heldout=2048, num_pairs=512, use_ema=True,
                     chunk=1024)
 
 
 def diffusion_po() -> ConfigDict:
     """`config.dpo`, `config.reward`, `config.pairs`: diffusion preference optimisation."""
     c = ConfigDict()
-    c.dpo = _section(method="diffusion_dpo", space="pixel", beta=100.0, snr_value=0.5, margin_scale=1000.0,
-                     reference="", reference_cache="", teacher=None)
+    c.dpo = _section(
+        method="diffusion_dpo",  # any loss of fdistill.objectives.preference (diffusion_dpo = dpo on -err/2)
+        space="pixel",  # pixel | perceptual (errors in the reference network's features)
+        beta=100.0,
+        **preference_loss_params(),  # snr_value, margin_scale (mapo), label_smoothing, gamma, alpha, lambda_
+        reference="",  # workdir of a finished 'score' run with this config's data, model and diffusion
+    )
     c.reward = _section(kind="half_plane", angle_deg=22.5, offset=0.0, scale=1.0, modes=(0, 1, 2, 7),
                         smoothing=0.1, target_class=0)
     c.pairs = _section(num_pairs=8192, temperature=0.1, seed=0, num_steps=0, dir="")

@@ -3,12 +3,15 @@
 A run that depends on another (a student on its teacher, DPO on its SFT policy, Diffusion-DPO on
 its reference) names the other's workdir in its config. Nothing is trained on demand: a missing or
 unfinished run is an error that says how to make it (`experiments.run` with the config to use).
+`DEPENDENCIES` lists the fields that name runs; `python -m experiments.prepare --config CFG
+--workdir DIR` trains the runs a config names that do not exist yet.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -59,3 +62,72 @@ def restore_params(run: FinishedRun):
     if not params:
         raise KeyError(f"the checkpoint of {run.workdir!r} holds no parameters (keys {sorted(tree)})")
     return jax.tree.map(jnp.asarray, params)
+
+
+# ----- config fields that name other runs ---------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Dependency:
+    """A config field (`section.name`) holding the workdir of another run.
+
+    `objectives`: what that run must be. `make_with`: the experiment config (in
+    ml_collections_configs/) that makes it, by `config.data.name` of the config naming it ('*': any).
+    `shared`: sections the run must have in common with the config naming it (checked on opening,
+    copied by `experiments.prepare`). `needed(config)`: whether the config uses the field at all.
+    `subdir`: the sub-workdir `experiments.prepare` trains into when the field is empty.
+    """
+
+    objectives: tuple[str, ...]
+    make_with: dict[str, str]
+    shared: tuple[str, ...]
+    subdir: str
+    needed: Callable[[configs.ConfigDict], bool] = lambda config: True
+    allow_unfinished: str = ""  # a boolean field of the same section allowing an unfinished run
+
+    def config_name(self, config) -> str | None:
+        if "*" in self.make_with:
+            return self.make_with["*"]
+        return self.make_with.get(str(config.data.name).split(":")[0])
+
+
+SCORE_CONFIGS = {"gmm": "gmm_score", "digits": "digits_score"}
+DEPENDENCIES: dict[str, Dependency] = {
+    "po.sft_workdir": Dependency(("sft",), {"*": "synthetic_sft"}, ("task", "model"), "sft",
+                                 needed=lambda c: c.po.reference == "sft"),
+    "dpo.reference": Dependency(("score",), SCORE_CONFIGS, ("data", "model", "diffusion"), "reference"),
+    "distill.teacher": Dependency(("score",), SCORE_CONFIGS, ("data",), "teacher",
+                                  needed=lambda c: c.distill.teacher != "analytic",
+                                  allow_unfinished="allow_unfinished_teacher"),
+}
+
+
+def field_value(config, field: str):
+    section, name = field.split(".")
+    return config[section][name]
+
+
+def open_dependency(config, field: str) -> FinishedRun:
+    """The finished run named by `config.<field>` (a key of `DEPENDENCIES`), checked to hold the
+    right objective and the same shared sections as `config`."""
+    dep = DEPENDENCIES[field]
+    section = field.split(".")[0]
+    make_with = dep.config_name(config) or f"<a {'/'.join(dep.objectives)} config for config.data.name={config.data.name}>"
+    allow = bool(config[section][dep.allow_unfinished]) if dep.allow_unfinished else False
+    run = open_run(field_value(config, field), f"config.{field}", dep.objectives, make_with, allow)
+    check_shared(config, run, field, dep.shared)
+    return run
+
+
+def check_shared(config, run: FinishedRun, field: str, sections: tuple[str, ...]) -> None:
+    """Every field of `sections` equal in `config` and the run's config (paths `data_dir` excepted);
+    otherwise a ValueError listing the differences."""
+    diffs = []
+    for section in sections:
+        ours, theirs = config[section].to_dict(), run.config[section].to_dict()
+        diffs += [f"config.{section}.{k}={ours.get(k)!r} (run: {theirs.get(k)!r})"
+                  for k in sorted(set(ours) | set(theirs)) if k != "data_dir" and ours.get(k) != theirs.get(k)]
+    if diffs:
+        raise ValueError(f"config.{field}={run.workdir!r} was made with other {'/'.join(sections)} settings: "
+                         f"{', '.join(diffs)}; use the run's values (python -m experiments.prepare copies them "
+                         f"from the config that names the run)")

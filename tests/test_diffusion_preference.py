@@ -1,5 +1,7 @@
-"""Diffusion preference optimisation: loss formulas against NumPy, rewards, Bradley-Terry pairs, the
-TFDS pair dataset, and short runs on a tiny GMM teacher (reward rises; 1 and 8 devices agree)."""
+"""Diffusion preference optimisation: denoising errors by hand, rewards, Bradley-Terry pairs, the TFDS
+pair dataset, the reference named by its workdir (and made by experiments.prepare), every registry
+loss in the objective, and short runs on a tiny GMM teacher (reward rises; 1 and 8 devices agree).
+The loss formulas themselves are tested in test_preference_losses.py."""
 import json
 import os
 
@@ -13,62 +15,10 @@ from fdistill import objectives, train
 from fdistill.data import diffusion_preference as prefdata
 from fdistill.data import gmm as gmm_lib
 from fdistill.objectives import diffusion_preference as dp
+from fdistill.objectives import preference as prefloss
 from fdistill.objectives import score
 from tests.helpers import load_config, tiny_score_config
-
-
-def np_log_sigmoid(z):
-    return -np.logaddexp(0.0, -z)
-
-
-def random_errors(seed, n=64):
-    rng = np.random.default_rng(seed)
-    return [rng.uniform(0.0, 3.0, n).astype(np.float32) for _ in range(4)]
-
-
-# ----------------------------------------------------------------------------------------------
-# Loss formulas
-# ----------------------------------------------------------------------------------------------
-class LossFormulas(chex.TestCase):
-    @chex.variants(with_jit=True, without_jit=True)
-    def test_diffusion_dpo_matches_eq14_in_numpy(self):
-        ew, el, rw, rl = random_errors(0)
-        beta = 7.0
-        loss, inside = self.variant(lambda *a: dp.diffusion_dpo(*a, beta=beta))(ew, el, rw, rl)
-        # arXiv 2311.12908 eq. 14 with beta*T*omega -> beta/2 (the public code's scale_term):
-        x = (ew.astype(np.float64) - rw) - (el.astype(np.float64) - rl)
-        np.testing.assert_allclose(inside, -0.5 * beta * x, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(loss, -np_log_sigmoid(-0.5 * beta * x), rtol=1e-5, atol=1e-6)
-        # d loss / d err_w = (beta/2) sigmoid(-inside) > 0: a worse winner error costs more.
-        g = jax.grad(lambda e: jnp.sum(dp.diffusion_dpo(e, el, rw, rl, beta)[0]))(ew)
-        np.testing.assert_allclose(g, 0.5 * beta / (1 + np.exp(-0.5 * beta * x)), rtol=1e-4)
-
-    def test_diffusion_dpo_is_log2_when_policy_equals_reference(self):
-        ew, el, _, _ = random_errors(1)
-        loss, _ = dp.diffusion_dpo(ew, el, ew, el, beta=1000.0)
-        np.testing.assert_allclose(loss, np.log(2.0), rtol=1e-6)
-
-    @chex.variants(with_jit=True, without_jit=True)
-    def test_mapo_matches_public_formula_in_numpy(self):
-        ew, el, _, _ = random_errors(2)
-        beta, s, t = 0.3, 0.5, 1000.0
-        loss, margin = self.variant(lambda a, b: dp.mapo(a, b, beta, s, t))(ew, el)
-        h = lambda u: u / (np.exp(u) - 1.0)  # mapo-t2i/mapo utils.py::compute_loss
-        m = h(s * ew.astype(np.float64)) - h(s * el.astype(np.float64))
-        np.testing.assert_allclose(margin, m, rtol=1e-5, atol=1e-7)
-        np.testing.assert_allclose(loss, ew - beta * np_log_sigmoid(t * m), rtol=1e-5, atol=1e-5)
-
-    def test_odds_link_limits_and_finite_gradients(self):
-        u = jnp.array([0.0, 1e-8, 1e-3, 1.0, 50.0, 1e4])
-        np.testing.assert_allclose(dp.odds_link(u)[:2], [1.0, 1.0], atol=1e-7)
-        np.testing.assert_allclose(dp.odds_link(u)[2:4], [1e-3 / np.expm1(1e-3), 1 / np.expm1(1.0)], rtol=1e-5)
-        assert float(dp.odds_link(u)[-1]) == 0.0
-        g = jax.vmap(jax.grad(dp.odds_link))(u)
-        assert np.all(np.isfinite(g))
-        np.testing.assert_allclose(g[0], -0.5, atol=1e-6)  # h'(0) = -1/2
-        # MaPO gradient is finite at zero and huge errors.
-        gw = jax.grad(lambda e: jnp.sum(dp.mapo(e, jnp.flip(e), 0.1)[0]))(u)
-        assert np.all(np.isfinite(gw))
+from tests.named_runs import check_named_run_errors
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,13 +47,13 @@ def test_pair_errors_share_noise_and_match_hand_computation():
     rng = np.random.default_rng(0)
     x_w, x_l = (jnp.asarray(rng.normal(size=(16, 2)), jnp.float32) for _ in range(2))
     key = jax.random.PRNGKey(3)
-    errors = jax.jit(lambda a, b: dp.pair_errors(d, params, params, a, b, key, -1.2, 1.2, "pixel"))
+    errors = jax.jit(lambda a, b: dp.pair_errors(d, params, params, a, b, dp.pair_noise(key, a, -1.2, 1.2), "pixel"))
     ew, el = errors(x_w, x_l)
     # Identical samples in a pair get identical errors (same sigma, same noise).
     ew2, el2 = errors(x_w, x_w)
     np.testing.assert_array_equal(ew2, el2)
     np.testing.assert_array_equal(ew, ew2)
-    # By hand: the same key splits as pair_errors documents.
+    # By hand: the same key splits as pair_noise documents.
     k_sigma, k_noise, _, _ = jax.random.split(key, 4)
     sigma = np.asarray(jnp.exp(-1.2 + 1.2 * jax.random.normal(k_sigma, (16,))), np.float64)
     noise = np.asarray(jax.random.normal(k_noise, (16, 2)), np.float64)
@@ -225,18 +175,25 @@ def test_pairs_roundtrip_through_tfds_and_bad_records_are_named(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # The objective on a tiny trained teacher
 # ----------------------------------------------------------------------------------------------
+def tiny_teacher_config(num_steps=300):
+    cfg = tiny_score_config(num_steps, learning_rate=3e-3, checkpoint_every=num_steps, log_every=100)
+    cfg.model.width, cfg.model.depth = 64, 2
+    return cfg
+
+
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
+    """A tiny finished score run: the reference of every objective test (named by its workdir)."""
     wd = str(tmp_path_factory.mktemp("teacher"))
-    cfg = tiny_score_config(300, learning_rate=3e-3, checkpoint_every=300, log_every=100)
-    cfg.model.width, cfg.model.depth = 64, 2
-    train.train_and_evaluate(cfg, wd)
+    train.train_and_evaluate(tiny_teacher_config(), wd)
     return wd
 
 
 def po_config(reference, method="diffusion_dpo", steps=10, lr=1e-4, **dpo):
     c = load_config("gmm_mapo" if method == "mapo" else "gmm_diffusion_dpo")
     c.dpo.reference = reference
+    c.dpo.method = method
+    c.model = tiny_teacher_config().model  # the reference's network
     for k, v in dpo.items():
         c.dpo[k] = v
     c.pairs.num_pairs = 1024
@@ -252,10 +209,13 @@ def po_config(reference, method="diffusion_dpo", steps=10, lr=1e-4, **dpo):
 
 
 def test_bad_config_values_name_the_field(teacher_dir):
-    for field, value, match in (("method", "ppo", r"config.dpo.method='ppo' is not known; allowed: \['diffusion_dpo'"),
+    names = str(list(prefloss.LOSSES) + ["diffusion_dpo"]).replace("[", r"\[").replace("]", r"\]")
+    for field, value, match in (("method", "ppo", r"config.dpo.method='ppo' is not a known preference loss; allowed: "
+                                 + names),
                                 ("space", "clip", r"config.dpo.space='clip' is not known; allowed: \['pixel'"),
-                                ("beta", -1.0, r"config.dpo.beta must be > 0")):
-        c = po_config(teacher_dir)
+                                ("beta", -1.0, r"config.dpo.beta must be > 0"),
+                                ("label_smoothing", 0.5, r"config.dpo.label_smoothing must be in \[0, 0.5\)")):
+        c = po_config(teacher_dir, method="cdpo")
         c.dpo[field] = value
         with pytest.raises(ValueError, match=match):
             objectives.build(c)
@@ -263,21 +223,83 @@ def test_bad_config_values_name_the_field(teacher_dir):
     c.reward.kind = "aesthetic"
     with pytest.raises(ValueError, match=r"config.reward.kind='aesthetic' is not known"):
         objectives.build(c)
+
+
+def test_reference_is_a_named_finished_run(teacher_dir, tmp_path):
+    check_named_run_errors(lambda wd: objectives.build(po_config(wd)), "dpo.reference", "gmm_score",
+                           tiny_teacher_config(), tmp_path)
     c = po_config(teacher_dir)
-    c.dpo.reference = teacher_dir + "/nope"
-    with pytest.raises(FileNotFoundError, match="config.dpo.reference="):
+    c.model.width = 32
+    with pytest.raises(ValueError, match=r"config.dpo.reference='.*' was made with other data/model/diffusion "
+                                         r"settings: config.model.width=32 \(run: 64\)"):
         objectives.build(c)
 
 
-@pytest.mark.parametrize("method,space", [("diffusion_dpo", "perceptual"), ("mapo", "pixel")])
+def test_prepare_trains_the_missing_reference_once_into_the_named_workdir(tmp_path, monkeypatch):
+    from experiments import prepare
+
+    make = prepare.dependency_config
+
+    def cheaper(config, step, num_steps=0):  # gmm_score.py with a small batch and evaluation
+        c = make(config, step, num_steps)
+        c.train.batch_size, c.eval.num_samples, c.eval.chunk, c.eval.num_steps = 64, 256, 256, 4
+        return c
+
+    monkeypatch.setattr(prepare, "dependency_config", cheaper)
+    c = po_config("")
+    c.pairs.num_pairs = 128
+    assert [(s.field, s.make_with, s.finished) for s in prepare.plan(c, str(tmp_path))] == [
+        ("dpo.reference", "gmm_score", False)]
+    empty = prepare.prepare(c, str(tmp_path), num_steps=20)
+    ref = str(tmp_path / "reference")
+    assert empty == {"dpo.reference": ref}
+    with open(os.path.join(ref, "config.json")) as f:  # gmm_score.py with this config's network
+        assert json.load(f)["model"] == c.model.to_dict()
+    results = os.path.join(ref, "results.json")
+    stamp = os.path.getmtime(results)
+    c.dpo.reference = ref
+    assert prepare.prepare(c, str(tmp_path), num_steps=20) == {}  # finished: kept, not retrained
+    assert os.path.getmtime(results) == stamp
+    assert objectives.build(c).pairs.num_pairs == 128
+    # the other fields that name runs: an SFT policy, a teacher (by data source)
+    from fdistill import configs
+
+    distill = configs.base("distill", data="digits", model="unet")
+    distill.distill.teacher = str(tmp_path / "teacher")
+    sft = load_config("synthetic_dpo")
+    sft.po.sft_workdir = ""
+    assert [(s.field, s.make_with, s.workdir) for p in (distill, sft) for s in prepare.plan(p, "W")] == [
+        ("distill.teacher", "digits_score", str(tmp_path / "teacher")), ("po.sft_workdir", "synthetic_sft", "W/sft")]
+    sft.po.reference = "init"
+    assert prepare.plan(sft, "W") == []
+    # the follow-up command: prepare's own flags dropped, the empty field named
+    argv = ["--config", "ml_collections_configs/gmm_mapo.py", "--workdir=W", "--steps", "20", "--config.dpo.reference=",
+            "--dry_run", "--config.dpo.beta=0.5"]
+    assert prepare.run_command(argv, {"dpo.reference": "W/reference"}) == (
+        "python -m experiments.run --config ml_collections_configs/gmm_mapo.py --workdir=W --config.dpo.beta=0.5 "
+        "--config.dpo.reference=W/reference")
+
+
+@pytest.mark.parametrize("method,space", [("diffusion_dpo", "perceptual"), ("ipo", "pixel")])
 def test_step_compiles_once_and_only_the_policy_moves(teacher_dir, method, space):
+    """Any registry loss is a `config.dpo.method` (on -err/2, lengths 1), here one named after a
+    language loss (ipo); MaPO, reference-free, runs in test_short_mapo_run_*."""
     obj = objectives.build(po_config(teacher_dir, method, space=space))
     state, frozen = obj.init(jax.random.PRNGKey(0))
     ref_before = jax.tree.map(np.asarray, frozen["ref"])
     step = jax.jit(chex.assert_max_traces(obj.train_step, n=1))
+    history = []
     for i in range(3):
         state, m = step(state, frozen, jax.tree.map(jnp.asarray, obj.batch(i)))
+        history.append(m)
     assert np.isfinite(float(m["loss"])) and int(state.step) == 3
+    for k in ("grad_norm", "param_norm", "update_norm", "rewards/chosen", "rewards/margins", "logps/chosen", "err_w"):
+        assert np.isfinite(float(m[k])), k  # the shared update path's and the registry's metrics
+    np.testing.assert_allclose(m["logps/chosen"], -0.5 * m["err_w"], rtol=1e-6)
+    # step 1: policy == reference, so every log-ratio margin h is 0 (up to float rounding)
+    at_zero = {"diffusion_dpo": np.log(2.0), "ipo": (1 / (2 * obj.beta)) ** 2}.get(method)
+    if at_zero is not None:
+        np.testing.assert_allclose(history[0]["loss"], at_zero, rtol=1e-3)
     chex.assert_trees_all_equal(frozen["ref"], ref_before)
     moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state.params, frozen["ref"])
     assert max(jax.tree.leaves(moved)) > 0
@@ -303,10 +325,13 @@ def test_short_mapo_run_raises_the_mean_reward(teacher_dir, tmp_path):
 
 
 def test_one_and_eight_devices_agree(teacher_dir, tmp_path):
+    """Also gradient accumulation: 8 devices with 2 micro-batches of 32 pairs follow the 1-device run,
+    as sigma and the noise are drawn once for the whole batch."""
     losses = {}
     for n in (1, 8):
         wd = str(tmp_path / str(n))
         c = po_config(teacher_dir, steps=6)
+        c.train.grad_accum_steps = 1 if n == 1 else 2
         c.eval.num_samples = c.eval.chunk = 256
         train.train_and_evaluate(c, wd, num_devices=n)
         with open(os.path.join(wd, "metrics.jsonl")) as f:
@@ -314,17 +339,3 @@ def test_one_and_eight_devices_agree(teacher_dir, tmp_path):
     assert len(losses[1]) == 6
     # beta / 2 = 50 amplifies float32 reduction-order differences of the errors (~1e-7) to ~5e-6.
     np.testing.assert_allclose(losses[1], losses[8], rtol=1e-4)
-
-
-def test_empty_reference_trains_the_teacher_config_once_into_the_cache(tmp_path):
-    c = po_config("")
-    c.dpo.teacher = tiny_score_config(20)
-    c.dpo.reference_cache = str(tmp_path)
-    c.pairs.num_pairs = 128
-    obj = objectives.build(c)
-    assert obj.reference_dir.startswith(str(tmp_path)) and os.path.basename(obj.reference_dir).startswith("score-")
-    results = os.path.join(obj.reference_dir, "results.json")
-    stamp = os.path.getmtime(results)
-    again = objectives.build(c)  # same teacher config: reused, not retrained
-    assert again.reference_dir == obj.reference_dir and os.path.getmtime(results) == stamp
-    assert again.pairs.num_pairs == 128

@@ -1,5 +1,5 @@
 """The language objectives ('sft', 'po'), the LM and its sampler, the known-reward task and its
-TFDS preference data, and the preference evaluation."""
+TFDS preference data, the SFT reference named by its workdir, and the preference evaluation."""
 import json
 import os
 
@@ -9,12 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fdistill import train
+from fdistill import objectives, train
 from fdistill.configs import load as load_config
 from fdistill.data import preference as prefdata
 from fdistill.evaluation import preference as prefeval
 from fdistill.models.transformer import TransformerLM
 from fdistill.objectives import language
+from tests.named_runs import check_named_run_errors
 
 
 def tiny_sft_config(num_steps=60):
@@ -31,10 +32,10 @@ def tiny_sft_config(num_steps=60):
     return c
 
 
-def tiny_dpo_config(sft_cache, num_steps=30, **po):
+def tiny_dpo_config(sft_workdir, num_steps=30, **po):
     c = load_config("synthetic_dpo")
-    c.po.sft = tiny_sft_config()
-    c.po.sft_cache = str(sft_cache)
+    c.po.sft_workdir = str(sft_workdir)
+    c.model = tiny_sft_config().model  # the SFT run's
     c.po.pairs.num_pairs = 256
     c.po.pairs.num_test_pairs = 64
     c.train.num_steps = num_steps
@@ -59,12 +60,11 @@ def task(**kw):
 
 
 @pytest.fixture(scope="module")
-def sft_cache(tmp_path_factory):
-    """A tiny SFT run, trained by the 'po' objective's own path (po.sft_workdir empty)."""
-    cache = tmp_path_factory.mktemp("sft_cache")
-    wd = language.ensure_sft(tiny_dpo_config(cache))
-    assert os.path.dirname(wd) == str(cache) and os.path.basename(wd).startswith("sft-")
-    return cache, wd
+def sft_workdir(tmp_path_factory):
+    """A tiny finished SFT run, trained once: the reference of the 'po' runs (named by its workdir)."""
+    wd = str(tmp_path_factory.mktemp("sft"))
+    train.train_and_evaluate(tiny_sft_config(), wd)
+    return wd
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,7 +254,8 @@ def test_po_step_precomputed_reference_equals_in_step_reference_and_traces_once(
 
 
 def test_padding_never_changes_the_po_loss():
-    obj, state, frozen, batch = init_po(precompute_ref=False, loss="rpo")
+    """Also: a reference-free, length-normalised registry loss (simpo) in the 'po' objective."""
+    obj, state, frozen, batch = init_po(precompute_ref=False, loss="simpo")
     params = jax.tree.map(lambda x: x + 0.05 * jnp.sign(x), state.params)  # policy != reference
     grad = jax.jit(jax.value_and_grad(obj.loss, has_aux=True))
     (l1, _), g1 = grad(params, frozen["ref"], batch)
@@ -271,9 +272,8 @@ def test_padding_never_changes_the_po_loss():
     chex.assert_trees_all_close(g1, g2, rtol=1e-5, atol=1e-7)
 
 
-def test_sft_lowers_nll(sft_cache):
-    _, wd = sft_cache
-    with open(os.path.join(wd, "results.json")) as f:
+def test_sft_lowers_nll(sft_workdir):
+    with open(os.path.join(sft_workdir, "results.json")) as f:
         res = json.load(f)
     obj = language.SFTObjective(tiny_sft_config())
     state, _ = obj.init(jax.random.PRNGKey(0))
@@ -283,16 +283,35 @@ def test_sft_lowers_nll(sft_cache):
     assert res["nll_heldout"] < initial - 0.3, (res["nll_heldout"], initial)
     for k in ("true_reward", "mean_length", "greedy/true_reward", "demo/true_reward"):
         assert np.isfinite(res[k]), k
-    # the cached SFT run is reused, not retrained
-    assert language.ensure_sft(tiny_dpo_config(sft_cache[0])) == wd
 
 
-def test_dpo_run_learns_the_pairs_and_one_and_eight_devices_agree(sft_cache):
-    cache, sft_wd = sft_cache
+def test_sft_gradient_accumulation_keeps_the_full_batch_token_mean():
+    """Micro-batches with different token counts: the mean of the micro-batch losses and gradients is
+    the full batch's token-mean NLL and gradient (a bigram model keeps this fast)."""
+
+    class Bigram:
+        def apply(self, variables, tokens):
+            return variables["params"]["w"][tokens]
+
+    t = task()
+    batch = {k: jnp.asarray(v) for k, v in t.sft_batch(0, 8, seed=0).items()}
+    params = {"w": jax.random.normal(jax.random.PRNGKey(0), (t.vocab_size, t.vocab_size))}
+    m = np.asarray(batch["loss_mask"])[:, 1:]
+    assert m[0::2].sum() != m[1::2].sum()  # the two strided micro-batches differ in token count
+    value_and_grad = jax.jit(language.sft_value_and_grad, static_argnums=(0, 3))
+    full, micro = (value_and_grad(Bigram(), params, batch, k) for k in (1, 2))
+    chex.assert_trees_all_close(micro, full, rtol=1e-5)
+    w, tok = np.asarray(params["w"], np.float64), np.asarray(batch["tokens"])
+    logp = w[tok[:, :-1]] - np.log(np.exp(w[tok[:, :-1]]).sum(-1, keepdims=True))
+    token_logp = np.take_along_axis(logp, tok[:, 1:, None], -1)[..., 0]
+    np.testing.assert_allclose(full[0], -np.sum(token_logp * m) / m.sum(), rtol=1e-5)  # the token mean
+
+
+def test_dpo_run_learns_the_pairs_and_one_and_eight_devices_agree(sft_workdir, tmp_path):
     runs = {}
     for n in (8, 1):
-        wd = os.path.join(str(cache), f"dpo{n}")
-        runs[n] = train.train_and_evaluate(tiny_dpo_config(cache), wd, num_devices=n), wd
+        wd = str(tmp_path / f"dpo{n}")
+        runs[n] = train.train_and_evaluate(tiny_dpo_config(sft_workdir), wd, num_devices=n), wd
     res = runs[8][0]
     for k in ("true_reward", "kl_to_ref", "mean_length", "win_rate_vs_ref", "rewards/chosen", "rewards/rejected",
               "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "heldout/rewards/accuracies"):
@@ -306,7 +325,7 @@ def test_dpo_run_learns_the_pairs_and_one_and_eight_devices_agree(sft_cache):
     assert len(losses[1]) == 30
     np.testing.assert_allclose(losses[1], losses[8], rtol=2e-5)
     # the preference dataset was written once, in the SFT workdir, and reused
-    ds = os.path.join(sft_wd, "preference_data", "synthetic_preference_pairs")
+    ds = os.path.join(sft_workdir, "preference_data", "synthetic_preference_pairs")
     assert len(os.listdir(ds)) == 1
 
 
@@ -315,9 +334,8 @@ def test_bad_configs_name_the_field(tmp_path):
         language.validate_po_config(tiny_dpo_config(tmp_path, loss="kto"))
     with pytest.raises(ValueError, match=r"config.po.reference='x' is not known; allowed: \['sft', 'init'\]"):
         language.validate_po_config(tiny_dpo_config(tmp_path, reference="x"))
-    with pytest.raises(FileNotFoundError, match=r"config.po.sft_workdir='.*nowhere' is not a finished SFT run.*"
-                                                r"python -m experiments.run --config ml_collections_configs/synthetic_sft.py"):
-        language.ensure_sft(tiny_dpo_config(tmp_path, sft_workdir=str(tmp_path / "nowhere")))
+    with pytest.raises(ValueError, match=r"config.po.label_smoothing must be in \[0, 0.5\), got 0.7"):
+        language.validate_po_config(tiny_dpo_config(tmp_path, loss="cdpo", label_smoothing=0.7))
     c = tiny_sft_config()
     c.model.name = "mlp"
     with pytest.raises(ValueError, match=r"config.model.name='mlp' is not supported.*\['transformer'\]"):
@@ -326,3 +344,14 @@ def test_bad_configs_name_the_field(tmp_path):
     c.task.response_len = 1
     with pytest.raises(ValueError, match="config.task.response_len=1"):
         language.SFTObjective(c)
+
+
+def test_sft_reference_is_a_named_finished_run_with_the_same_task_and_model(sft_workdir, tmp_path):
+    check_named_run_errors(lambda wd: objectives.build(tiny_dpo_config(wd)), "po.sft_workdir", "synthetic_sft",
+                           tiny_sft_config(), tmp_path)
+    c = tiny_dpo_config(sft_workdir)
+    c.task.length_cost = 0.2
+    c.model.width = 64
+    with pytest.raises(ValueError, match=r"config.po.sft_workdir='.*' was made with other task/model settings: "
+                                         r"config.task.length_cost=0.2 \(run: 0.1\), config.model.width=64 \(run: 32\)"):
+        objectives.build(c)

@@ -1,4 +1,5 @@
-"""The DPO-family losses and `sequence_logps` against plain NumPy written from the papers' formulas."""
+"""The preference-loss registry (DPO family, MaPO) and `sequence_logps` against plain NumPy written
+from the papers' formulas; Diffusion-DPO and MaPO through the registry against their old closed forms."""
 import chex
 import jax
 import jax.numpy as jnp
@@ -13,8 +14,15 @@ def np_logsig(x):
     return np.where(x >= 0, -np.log1p(np.exp(-np.abs(x))), x - np.log1p(np.exp(-np.abs(x))))
 
 
-def np_loss(name, pw, pl_, rw, rl, lw, ll, beta, ls=0.1, gamma=0.5, alpha=1.0, lam=0.1):
-    """Each formula as printed in its paper (summed log-probabilities, lengths in tokens)."""
+def np_mapo_link(u):
+    """u / (exp(u) - 1), 1 at u = 0 (mapo-t2i/mapo utils.py::compute_loss)."""
+    u = np.asarray(u, np.float64)
+    return np.where(u == 0, 1.0, u / np.expm1(np.where(u == 0, 1.0, u)))
+
+
+def np_loss(name, pw, pl_, rw, rl, lw, ll, beta, ls=0.1, gamma=0.5, alpha=1.0, lam=0.1, s=0.5, t=1000.0):
+    """Each formula as printed in its paper (summed log-probabilities, lengths in tokens; MaPO on
+    the diffusion error err = -2 logp)."""
     pw, pl_, rw, rl, lw, ll = (np.asarray(a, np.float64) for a in (pw, pl_, rw, rl, lw, ll))
     h = (pw - rw) - (pl_ - rl)
     if name == "dpo":  # 2305.18290 eq. 7
@@ -37,7 +45,11 @@ def np_loss(name, pw, pl_, rw, rl, lw, ll, beta, ls=0.1, gamma=0.5, alpha=1.0, l
         aw, al = pw / lw, pl_ / ll
         odds_w, odds_l = np.exp(aw) / (1 - np.exp(aw)), np.exp(al) / (1 - np.exp(al))
         return -aw - lam * np_logsig(np.log(odds_w / odds_l)), beta * aw, beta * al
-    raise AssertionError(name)
+    if name == "mapo":  # 2406.06424, public code: err_w - beta log sigmoid(T [h(s err_w) - h(s err_l)])
+        ew, el = -2 * pw, -2 * pl_
+        hw, hl = np_mapo_link(s * ew), np_mapo_link(s * el)
+        return ew - beta * np_logsig(t * (hw - hl)), hw, hl
+    raise AssertionError(f"{name}: every registered loss needs its NumPy formula here")
 
 
 def random_batch(rng, n=16, kind="random"):
@@ -56,7 +68,7 @@ def random_batch(rng, n=16, kind="random"):
     return pw, pl_, rw, rl, lw, ll
 
 
-PARAMS = dict(label_smoothing=0.1, gamma=0.5, alpha=1.0, lambda_=0.1)
+PARAMS = dict(label_smoothing=0.1, gamma=0.5, alpha=1.0, lambda_=0.1, snr_value=0.5, margin_scale=1000.0)
 
 
 @pytest.mark.parametrize("name", pl.LOSSES)
@@ -116,6 +128,11 @@ def test_bad_names_and_params_are_named():
     x = jnp.zeros(3)
     with pytest.raises(ValueError, match=r"po.loss='kto' is not a known preference loss; allowed: \['dpo'"):
         pl.preference_loss("kto", x, x, x, x, beta=0.1)
+    allowed = str(list(pl.LOSSES) + ["diffusion_dpo"]).replace("[", r"\[").replace("]", r"\]")
+    with pytest.raises(ValueError, match=r"config.dpo.method='kto' is not a known preference loss; allowed: " + allowed):
+        pl.check_params("kto", 1.0, {}, section="config.dpo", loss_field="method")
+    with pytest.raises(ValueError, match="config.dpo.snr_value must be > 0, got -1.0"):
+        pl.check_params("mapo", 1.0, {"snr_value": -1.0}, section="config.dpo", loss_field="method")
     with pytest.raises(ValueError, match="po.beta must be > 0"):
         pl.preference_loss("dpo", x, x, x, x, beta=0.0)
     with pytest.raises(ValueError, match=r"unknown preference-loss parameter\(s\) \['lambda'\]"):
@@ -149,3 +166,80 @@ def test_sequence_logps_matches_a_loop_and_ignores_prompt_and_padding():
         logits2[i, last[i]:] = rng.normal(size=logits2[i, last[i]:].shape)
     np.testing.assert_allclose(pl.sequence_logps(logits2, tokens2, mask), want, rtol=1e-5)
     chex.assert_shape(pl.sequence_logps(logits, tokens, mask), (b,))
+
+
+# ----------------------------------------------------------------------------------------------
+# The diffusion losses through the registry (implicit log-likelihood -err/2, lengths 1)
+# ----------------------------------------------------------------------------------------------
+def random_errors(seed, n=64):
+    rng = np.random.default_rng(seed)
+    return [rng.uniform(0.0, 3.0, n).astype(np.float32) for _ in range(4)]
+
+
+def through_registry(name, ew, el, rw=None, rl=None, **params):
+    half = lambda e: None if e is None else -0.5 * jnp.asarray(e)
+    ones = jnp.ones(len(ew))
+    return pl.preference_loss(name, half(ew), half(el), half(rw), half(rl), ones, ones, **params)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_diffusion_dpo_through_the_registry_is_the_old_formula_exactly(jit):
+    """Diffusion-DPO (arXiv 2311.12908 eq. 14, public code's scale): -log sigmoid(-(beta/2) [...])."""
+    ew, el, rw, rl = random_errors(0)
+    beta = 7.0
+    old = lambda ew, el, rw, rl: -jax.nn.log_sigmoid(-0.5 * beta * ((ew - rw) - (el - rl)))  # the removed code
+    new = lambda ew, el, rw, rl: through_registry("diffusion_dpo", ew, el, rw, rl, beta=beta)[0]
+    if jit:
+        old, new = jax.jit(old), jax.jit(new)
+    np.testing.assert_array_equal(new(ew, el, rw, rl), old(ew, el, rw, rl))
+    grad = lambda f: jax.grad(lambda e: jnp.sum(f(e, el, rw, rl)))(jnp.asarray(ew))
+    np.testing.assert_array_equal(grad(new), grad(old))
+    # ... and the formula in NumPy (float64); d loss / d err_w = (beta/2) sigmoid(-inside) > 0.
+    x = (ew.astype(np.float64) - rw) - (el.astype(np.float64) - rl)
+    np.testing.assert_allclose(new(ew, el, rw, rl), -np_logsig(-0.5 * beta * x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grad(new), 0.5 * beta / (1 + np.exp(-0.5 * beta * x)), rtol=1e-4)
+    _, m = through_registry("diffusion_dpo", ew, el, rw, rl, beta=beta)
+    np.testing.assert_allclose(m["rewards/margins"], np.mean(-0.5 * beta * x), rtol=1e-5)
+    np.testing.assert_allclose(m["rewards/accuracies"], np.mean(-0.5 * beta * x > 0))
+    # policy == reference: log 2 whatever beta
+    np.testing.assert_allclose(through_registry("dpo", ew, el, ew, el, beta=1000.0)[0], np.log(2.0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_mapo_through_the_registry_is_the_old_formula_exactly(jit):
+    ew, el, _, _ = random_errors(2)
+    beta, s, t = 0.3, 0.5, 1000.0
+
+    def old(ew, el):  # the removed diffusion_preference.mapo
+        margin = pl.odds_link(s * ew) - pl.odds_link(s * el)
+        return ew - beta * jax.nn.log_sigmoid(t * margin)
+
+    new = lambda ew, el: through_registry("mapo", ew, el, beta=beta, snr_value=s, margin_scale=t)[0]
+    if jit:
+        old, new = jax.jit(old), jax.jit(new)
+    np.testing.assert_array_equal(new(ew, el), old(ew, el))
+    m = np_mapo_link(s * ew.astype(np.float64)) - np_mapo_link(s * el.astype(np.float64))
+    np.testing.assert_allclose(new(ew, el), ew - beta * np_logsig(t * m), rtol=1e-5, atol=1e-5)
+    _, metrics = through_registry("mapo", ew, el, beta=beta)
+    np.testing.assert_allclose(metrics["rewards/margins"], m.mean(), rtol=1e-4, atol=1e-7)
+
+
+def test_odds_link_limits_and_finite_gradients():
+    u = jnp.array([0.0, 1e-8, 1e-3, 1.0, 50.0, 1e4])
+    np.testing.assert_allclose(pl.odds_link(u)[:2], [1.0, 1.0], atol=1e-7)
+    np.testing.assert_allclose(pl.odds_link(u)[2:4], [1e-3 / np.expm1(1e-3), 1 / np.expm1(1.0)], rtol=1e-5)
+    assert float(pl.odds_link(u)[-1]) == 0.0
+    g = jax.vmap(jax.grad(pl.odds_link))(u)
+    assert np.all(np.isfinite(g))
+    np.testing.assert_allclose(g[0], -0.5, atol=1e-6)  # h'(0) = -1/2
+    gw = jax.grad(lambda e: jnp.sum(through_registry("mapo", e, jnp.flip(e), beta=0.1)[0]))(u)  # MaPO at 0 and 1e4
+    assert np.all(np.isfinite(gw))
+
+
+def test_every_loss_parameter_is_a_config_field_of_both_objectives():
+    from fdistill import configs
+
+    for family, section in (("po", "po"), ("diffusion_po", "dpo")):
+        c = configs.base(family)[section]
+        for name, p in pl.PARAMS.items():
+            assert c[name] == p.default, (section, name)

@@ -20,12 +20,13 @@ on 2 CPU cores (`--quick` for a 2-minute smoke run).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import time
 
 from absl import app, flags, logging
+
+from fdistill.configs import load as load_config
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the reference, the runs and the table.")
 _STEPS = flags.DEFINE_integer("steps", 1000, "Preference-optimisation steps per row.")
@@ -33,8 +34,6 @@ _LR = flags.DEFINE_float("learning_rate", 3e-4, "Adam learning rate of every row
 _TEACHER_STEPS = flags.DEFINE_integer("teacher_steps", 20000, "Score-matching steps of the reference model.")
 _QUICK = flags.DEFINE_bool("quick", False, "Smoke run: short teacher and rows, fewer samples.")
 flags.mark_flag_as_required("workdir")
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # (row name, config file, method, space, beta)
 ROWS = [
@@ -59,14 +58,6 @@ COLUMNS = [  # (header, results key)
     ("MMD ref", "mmd_to_reference"),
     ("MMD data", "sample/mmd"),
 ]
-
-
-def load_config(name: str):
-    path = os.path.join(REPO, "ml_collections_configs", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"_table_cfg_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def _fmt(key: str, v: float) -> str:

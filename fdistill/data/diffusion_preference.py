@@ -108,22 +108,20 @@ class ClassifierReward:
 
 def build_reward(reward_config, source):
     """The reward named by `config.reward.kind` for the reference model's data source."""
-    kind = reward_config.get("kind", None)
+    kind = reward_config.kind
     if kind not in REWARDS:
         raise ValueError(f"config.reward.kind={kind!r} is not known; allowed: {list(REWARDS)}")
     gmm = getattr(source, "gmm", None)
     if kind in ("half_plane", "mode_subset") and gmm is None:
         raise ValueError(f"config.reward.kind={kind!r} needs a GMM reference model (data.name='gmm')")
     if kind == "half_plane":
-        return HalfPlaneReward(reward_config.get("angle_deg", 22.5), reward_config.get("offset", 0.0),
-                               reward_config.get("scale", 1.0))
+        return HalfPlaneReward(reward_config.angle_deg, reward_config.offset, reward_config.scale)
     if kind == "mode_subset":
-        return ModeSubsetReward(gmm, reward_config.modes, reward_config.get("smoothing", 0.1),
-                                reward_config.get("scale", 1.0))
+        return ModeSubsetReward(gmm, reward_config.modes, reward_config.smoothing, reward_config.scale)
     clf = getattr(source, "classifier", None)
     if clf is None:
         raise ValueError("config.reward.kind='classifier' needs a data source with a classifier (data.name='digits')")
-    target = int(reward_config.get("target_class", 0))
+    target = int(reward_config.target_class)
     if not 0 <= target < 10:
         raise ValueError(f"config.reward.target_class must be in 0..9, got {target}")
     return ClassifierReward(clf, target)
@@ -371,8 +369,7 @@ def _spec(config, reference_dir: str, ref_config) -> dict:
             step = json.load(f).get("step")
     pairs = {k: v for k, v in config.pairs.to_dict().items() if k != "dir"}
     return {"reference": os.path.abspath(reference_dir), "reference_step": step, "reward": config.reward.to_dict(),
-            "pairs": pairs, "sampler": [int(config.pairs.get("num_steps", 0) or ref_config.eval.num_steps),
-                                        ref_config.eval.get("sampler", "heun")]}
+            "pairs": pairs, "sampler": [int(config.pairs.num_steps or ref_config.eval.num_steps), config.eval.sampler]}
 
 
 def ensure_pairs(config, reference_dir: str, ref_config, sample_fn, shape, num_classes: int, reward) -> PairSet:
@@ -387,7 +384,7 @@ def ensure_pairs(config, reference_dir: str, ref_config, sample_fn, shape, num_c
         raise ValueError(f"config.pairs.num_pairs must be positive, got {n}")
     spec = json.dumps(_spec(config, reference_dir, ref_config), sort_keys=True, default=str)
     name = "p" + hashlib.sha256(spec.encode()).hexdigest()[:12]
-    data_dir = pc.get("dir", "") or os.path.join(reference_dir, "preference_pairs")
+    data_dir = pc.dir or os.path.join(reference_dir, "preference_pairs")
     conditional = num_classes > 0
     try:
         arrays = read_pairs(data_dir, name, shape, conditional, n)
@@ -395,7 +392,7 @@ def ensure_pairs(config, reference_dir: str, ref_config, sample_fn, shape, num_c
         arrays = None
     if arrays is None:
         if jax.process_index() == 0:
-            seed = int(pc.get("seed", 0))
+            seed = int(pc.seed)
             labels = np.random.default_rng([seed, 6]).integers(0, num_classes, n) if conditional else None
             key = jax.random.PRNGKey(seed)
             x_a = sample_fn(jax.random.fold_in(key, 0), n, labels)
@@ -409,4 +406,4 @@ def ensure_pairs(config, reference_dir: str, ref_config, sample_fn, shape, num_c
 
             multihost_utils.sync_global_devices("fdistill_preference_pairs_written")
         arrays = read_pairs(data_dir, name, shape, conditional, n)
-    return PairSet(arrays, int(pc.get("seed", 0)), os.path.join(data_dir, name))
+    return PairSet(arrays, int(pc.seed), os.path.join(data_dir, name))

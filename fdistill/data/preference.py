@@ -55,7 +55,7 @@ class SyntheticLanguage:
         self.length_cost = float(c.length_cost)
         self.seed = int(c.seed)
         self.demo_target_prob = float(c.demo_target_prob)
-        self.demo_max_words = int(c.get("demo_max_words", 0) or self.response_len - 1)
+        self.demo_max_words = int(c.demo_max_words) or self.response_len - 1  # 0: as long as fits
         self.num_content = self.vocab_size - NUM_SPECIAL
         if self.num_content < 4:
             raise ValueError(f"config.task.vocab_size={self.vocab_size} leaves {self.num_content} content words; "

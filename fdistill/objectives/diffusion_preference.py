@@ -13,9 +13,12 @@ epsilon-prediction MSE ||eps - eps_theta||^2 that both public implementations us
 ||eps - eps_hat||^2 = ||D - x||^2 / sigma^2, so lambda differs from it by (1 + sigma^2/sigma_data^2)).
 sigma ~ LogNormal(P_mean, P_std), the EDM training distribution (the analogue of t ~ U(0, T)).
 
-Losses (per pair; the objective averages them over the batch):
+Losses: any loss of the preference registry (`fdistill.objectives.preference`, `config.dpo.method`),
+fed the implicit log-likelihoods pi = -err / 2 of the policy and the reference with lengths 1
+(the Gaussian log-likelihood of the denoising step up to constants; Wallace et al., arXiv
+2311.12908, eqs. 9-14):
 
-* `diffusion_dpo` (Wallace et al., arXiv 2311.12908, eq. 14):
+* `diffusion_dpo` (= `dpo`; arXiv 2311.12908, eq. 14):
       L = -log sigmoid( -(beta / 2) [ (err_w^theta - err_w^ref) - (err_l^theta - err_l^ref) ] ).
   Eq. 14 writes the factor as beta * T * omega(lambda_t); the authors' public training script
   (SalesforceAIResearch/DiffusionDPO, `train.py`: `scale_term = -0.5 * args.beta_dpo`) folds T and
@@ -28,7 +31,9 @@ Losses (per pair; the objective averages them over the batch):
   The first term is the likelihood (SFT) term on the preferred sample; the second is the
   reference-free margin, large when the winner is denoised better than the loser. Defaults follow
   the public code's arguments (`beta_mapo` = 0.1, `snr_value` = 0.5).
-* `perceptual` errors (Gambashidze et al., arXiv 2406.17636, "noise-conditioned perception"): the
+* the language losses (`ipo`, `cdpo`, `hinge`, `simpo`, `rpo`, `orpo`, ...) on the same
+  log-likelihoods, e.g. IPO: (h - 1/(2 beta))^2 with h the DPO margin of pi = -err/2.
+* `perceptual` errors (`config.dpo.space='perceptual'`; Gambashidze et al., arXiv 2406.17636, "noise-conditioned perception"): the
   same losses with err replaced by a distance in the *frozen reference denoiser's* feature space.
   Following the self-perceptual objective that NCP builds on (Lin & Yang, arXiv 2401.00110), the
   prediction x0_hat = D(x + sigma eps; sigma) and the clean x are re-noised with a second shared
@@ -39,270 +44,177 @@ Losses (per pair; the objective averages them over the batch):
   residual MLP these are the last hidden layer (after the final LayerNorm + SiLU, before the
   output projection): the MLP has no decoder, so its whole trunk is the "encoder". For the U-Net
   they are whatever the U-Net returns under the same convention (its encoder/bottleneck features).
+
+The reference (and initial policy) is the finished score run named by `config.dpo.reference`
+(`fdistill.runs`; `python -m experiments.prepare` trains it); its data, model and diffusion
+sections must equal the config's. Noise levels and noise draws are made once per batch, so
+gradient accumulation (`config.train.grad_accum_steps`) sees exactly the full batch's draws.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import optax
 
-from fdistill import diffusion
+from fdistill import data as data_lib
+from fdistill import diffusion, runs
+from fdistill import train_state as ts
+from fdistill.data import diffusion_preference as prefdata
+from fdistill.denoiser import build_denoiser, edm_dsm_loss, label_kwargs, sample_chunked
+from fdistill.objectives import preference as prefloss
 from fdistill.objectives.base import Objective, register
-from fdistill.objectives import score
-from fdistill.denoiser import edm_dsm_loss, sample_chunked
-from fdistill.train_state import Optimizer, OptimizerSettings, TrainState, ema_update
 
-METHODS = ("diffusion_dpo", "mapo")
 SPACES = ("pixel", "perceptual")
-
-
-# ----------------------------------------------------------------------------------------------
-# Pure losses (per pair)
-# ----------------------------------------------------------------------------------------------
-def diffusion_dpo(err_w, err_l, ref_err_w, ref_err_l, beta: float):
-    """Diffusion-DPO per-pair loss (arXiv 2311.12908, eq. 14, constants of the public code):
-
-        -log sigmoid( -(beta / 2) * [(err_w - ref_err_w) - (err_l - ref_err_l)] ).
-
-    Returns (loss [B], inside [B]); `inside` > 0 means the policy already prefers the winner more
-    than the reference does (its mean is Diffusion-DPO's "implicit accuracy").
-    """
-    inside = -0.5 * beta * ((err_w - ref_err_w) - (err_l - ref_err_l))
-    return -jax.nn.log_sigmoid(inside), inside
-
-
-def odds_link(u):
-    """h(u) = u / (exp(u) - 1) for u >= 0, with h(0) = 1 (MaPO's bounded odds link).
-
-    Written as u exp(-u) / (1 - exp(-u)) (no overflow at large u) and with a first-order series
-    below 1e-6 (no 0/0 at u = 0, in the value or the gradient).
-    """
-    small = u < 1e-6
-    safe = jnp.where(small, 1.0, u)
-    return jnp.where(small, 1.0 - 0.5 * u, safe * jnp.exp(-safe) / -jnp.expm1(-safe))
-
-
-def mapo(err_w, err_l, beta: float, snr_value: float = 0.5, margin_scale: float = 1000.0):
-    """MaPO per-pair loss (arXiv 2406.06424; mapo-t2i/mapo `utils.py::compute_loss`):
-
-        err_w - beta * log sigmoid( T * [h(s err_w) - h(s err_l)] ),  h(u) = u / (exp(u) - 1).
-
-    Returns (loss [B], margin [B]) with margin = h(s err_w) - h(s err_l) (> 0: winner preferred).
-    """
-    margin = odds_link(snr_value * err_w) - odds_link(snr_value * err_l)
-    return err_w - beta * jax.nn.log_sigmoid(margin_scale * margin), margin
 
 
 # ----------------------------------------------------------------------------------------------
 # Denoising errors
 # ----------------------------------------------------------------------------------------------
-def pixel_errors(denoiser, params, x, sigma, noise, **kw):
-    """lambda(sigma) * mean ||D(x + sigma noise; sigma) - x||^2 per example (EDM eq. 8)."""
-    return edm_dsm_loss(denoiser, params, x, sigma, noise, **kw)
-
-
 def features(denoiser, feat_params, y, sigma, **kw):
     """phi(y; sigma): hidden features of F(c_in y; c_noise) (`net(..., features=True)`), [B, -1]."""
     _, h = denoiser.with_features(feat_params, y, sigma, **kw)
     return h.reshape(h.shape[0], -1)
 
 
-def perceptual_errors(denoiser, params, feat_params, x, sigma, noise, sigma2, noise2, **kw):
+def perceptual_errors(denoiser, params, feat_params, x, sigma, noise, sigma2, noise2, rngs=None, **kw):
     """Noise-conditioned perceptual error (arXiv 2406.17636; self-perceptual form of 2401.00110):
 
         mean || phi(x0_hat + sigma2 noise2; sigma2) - phi(x + sigma2 noise2; sigma2) ||^2,
         x0_hat = D_params(x + sigma noise; sigma),  phi = features of the network at `feat_params`.
     """
-    x0_hat = denoiser(params, x + diffusion.expand(sigma, x) * noise, sigma, **kw)
+    x0_hat = denoiser(params, x + diffusion.expand(sigma, x) * noise, sigma, rngs=rngs, **kw)
     s2 = diffusion.expand(sigma2, x)
     f_hat = features(denoiser, feat_params, x0_hat + s2 * noise2, sigma2, **kw)
     f_true = features(denoiser, feat_params, x + s2 * noise2, sigma2, **kw)
     return jnp.mean((f_hat - f_true) ** 2, axis=-1)
 
 
-def pair_errors(denoiser, params, feat_params, x_w, x_l, key, p_mean, p_std, space, **kw):
-    """(err_w, err_l) with one sigma and one noise draw shared by the two samples of a pair.
-
-    `key` fixes the noise, so calling this with the policy's and the reference's params gives
-    both models' errors on the same noised inputs (as Diffusion-DPO requires).
-    """
+def pair_noise(key, x_w, p_mean: float, p_std: float) -> dict:
+    """One noise level and one noise draw per pair, shared by its two samples (`sigma`, `noise`),
+    and the second draw of the perceptual errors (`sigma2`, `noise2`), for the whole batch."""
     b = x_w.shape[0]
     k_sigma, k_noise, k_sigma2, k_noise2 = jax.random.split(key, 4)
-    sigma = diffusion.sample_lognormal_sigma(k_sigma, (b,), p_mean, p_std)
-    noise = jax.random.normal(k_noise, x_w.shape, x_w.dtype)
+    return {"sigma": diffusion.sample_lognormal_sigma(k_sigma, (b,), p_mean, p_std),
+            "noise": jax.random.normal(k_noise, x_w.shape, x_w.dtype),
+            "sigma2": diffusion.sample_lognormal_sigma(k_sigma2, (b,), p_mean, p_std),
+            "noise2": jax.random.normal(k_noise2, x_w.shape, x_w.dtype)}
+
+
+def pair_errors(denoiser, params, feat_params, x_w, x_l, noise: dict, space: str, rngs=None, **kw):
+    """(err_w, err_l): pixel errors lambda(sigma) mean ||D(x + sigma eps; sigma) - x||^2 (EDM eq. 8)
+    or perceptual errors, with the draws of `pair_noise` shared by the two samples of a pair.
+
+    Called with the policy's and the reference's params on the same `noise`, it gives both models'
+    errors on the same noised inputs (as Diffusion-DPO requires). `rngs` (dropout) reach the
+    network at `params` only.
+    """
+    b = x_w.shape[0]
+    twice = lambda v: jnp.concatenate([v, v])
     x = jnp.concatenate([x_w, x_l])
-    sig, eps = jnp.concatenate([sigma, sigma]), jnp.concatenate([noise, noise])
-    kw2 = {k: jnp.concatenate([v, v]) for k, v in kw.items()}
+    kw2 = {k: twice(v) for k, v in kw.items()}
     if space == "pixel":
-        err = pixel_errors(denoiser, params, x, sig, eps, **kw2)
+        err = edm_dsm_loss(denoiser, params, x, twice(noise["sigma"]), twice(noise["noise"]), rngs=rngs, **kw2)
     else:
-        sigma2 = diffusion.sample_lognormal_sigma(k_sigma2, (b,), p_mean, p_std)
-        noise2 = jax.random.normal(k_noise2, x_w.shape, x_w.dtype)
-        err = perceptual_errors(denoiser, params, feat_params, x, sig, eps, jnp.concatenate([sigma2, sigma2]),
-                                jnp.concatenate([noise2, noise2]), **kw2)
+        err = perceptual_errors(denoiser, params, feat_params, x, twice(noise["sigma"]), twice(noise["noise"]),
+                                twice(noise["sigma2"]), twice(noise["noise2"]), rngs=rngs, **kw2)
     return err[:b], err[b:]
-
-
-# ----------------------------------------------------------------------------------------------
-# Config
-# ----------------------------------------------------------------------------------------------
-def validate_config(config) -> None:
-    """Fails at start-up naming the bad field and the allowed values."""
-    if "dpo" not in config:
-        raise ValueError("config.dpo is missing; the 'diffusion_po' objective needs a dpo section")
-    d = config.dpo
-    if d.get("method") not in METHODS:
-        raise ValueError(f"config.dpo.method={d.get('method')!r} is not known; allowed: {list(METHODS)}")
-    if d.get("space", "pixel") not in SPACES:
-        raise ValueError(f"config.dpo.space={d.get('space')!r} is not known; allowed: {list(SPACES)}")
-    if not float(d.get("beta", 0.0)) > 0:
-        raise ValueError(f"config.dpo.beta must be > 0, got {d.get('beta')}")
-    if d.method == "mapo":
-        for field in ("snr_value", "margin_scale"):
-            if not float(d.get(field, 1.0)) > 0:
-                raise ValueError(f"config.dpo.{field} must be > 0, got {d.get(field)}")
-    if not d.get("reference") and "teacher" not in d:
-        raise ValueError("config.dpo.reference is empty and config.dpo.teacher (a score config to train "
-                         "the reference from) is missing; set one of them")
-
-
-def default_cache_dir() -> str:
-    return os.path.join(os.environ.get("FDISTILL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fdistill")),
-                        "references")
-
-
-def config_hash(cfg) -> str:
-    import hashlib
-
-    d = cfg.to_dict() if hasattr(cfg, "to_dict") else cfg
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def ensure_reference(config) -> str:
-    """The reference (teacher) workdir: `config.dpo.reference` when set; otherwise the score run
-    described by `config.dpo.teacher`, trained once into `<cache>/<objective>-<config hash>`
-    (`config.dpo.reference_cache`, default $FDISTILL_CACHE/references or ~/.cache/fdistill/references)
-    and reused by every later run with the same teacher config (so DPO and MaPO runs share it)."""
-    d = config.dpo
-    if d.get("reference"):
-        ref = os.path.abspath(os.path.expanduser(d.reference))
-        if not os.path.exists(os.path.join(ref, "config.json")):
-            raise FileNotFoundError(f"config.dpo.reference={d.reference!r} is not a finished score run's workdir "
-                                    "(no config.json); train one with experiments.run first")
-        return ref
-    teacher = d.teacher
-    root = d.get("reference_cache", "") or default_cache_dir()
-    ref = os.path.abspath(os.path.join(os.path.expanduser(root), f"{teacher.objective}-{config_hash(teacher)}"))
-    results = os.path.join(ref, "results.json")
-    done = False
-    if os.path.exists(results):
-        with open(results) as f:
-            done = json.load(f).get("step") == int(teacher.train.num_steps)
-    if not done:
-        from fdistill import train  # local import: train imports the objectives package
-
-        print(f"[fdistill] training the reference score model into {ref} (reused by later runs)", flush=True)
-        train.train_and_evaluate(teacher, ref)
-    return ref
 
 
 # ----------------------------------------------------------------------------------------------
 # The objective
 # ----------------------------------------------------------------------------------------------
+def validate_config(config) -> None:
+    """Fails at start-up naming the bad field and the allowed values."""
+    d = config.dpo
+    prefloss.check_params(d.method, d.beta, prefloss.params_from(d), section="config.dpo", loss_field="method")
+    if d.space not in SPACES:
+        raise ValueError(f"config.dpo.space={d.space!r} is not known; allowed: {list(SPACES)}")
+
+
 @register("diffusion_po")
 class DiffusionPreferenceObjective(Objective):
     """Fine-tunes a trained EDM denoiser (the reference) on preference pairs of its own samples.
 
-    config.dpo: method ('diffusion_dpo' | 'mapo'), space ('pixel' | 'perceptual'), beta,
-    snr_value, margin_scale (MaPO), reference (workdir of a score run) or teacher (its config).
+    config.dpo: method (a preference loss), space ('pixel' | 'perceptual'), beta, the loss
+    parameters, reference (workdir of a finished score run).
     config.reward / config.pairs: see `fdistill.data.diffusion_preference`.
     """
 
     def __init__(self, config):
         super().__init__(config)
         validate_config(config)
-        from fdistill.data import diffusion_preference as prefdata
-
-        self.prefdata = prefdata
-        self.reference_dir = ensure_reference(config)
-        self.denoiser, self.ref_params, self.ref_config = score.load_teacher(self.reference_dir)
-        from fdistill import data as data_lib
-
-        self.source = data_lib.build(self.ref_config.data)
+        d = config.dpo
+        self.method, self.space, self.beta = d.method, d.space, float(d.beta)
+        self.loss_params = prefloss.params_from(d)
+        self.reference_free = prefloss.is_reference_free(d.method)
+        run = runs.open_dependency(config, "dpo.reference")
+        self.reference_dir, self.ref_config = run.workdir, run.config
+        self.source = data_lib.build(config.data)
         self.shape = tuple(self.source.shape)
-        self.num_classes = int(self.ref_config.model.get("num_classes", 0) or 0)
+        self.denoiser = build_denoiser(run.config, self.shape)
+        self.ref_params = runs.restore_params(run)
+        self.num_classes = config.model.num_classes if self.source.num_classes else 0
+        self.dropout = config.model.dropout > 0
         self.reward = prefdata.build_reward(config.reward, self.source)
-        pair_steps = int(config.pairs.get("num_steps", 0) or self.ref_config.eval.num_steps)
+        pair_steps = config.pairs.num_steps or self.ref_config.eval.num_steps
         sample_fn = lambda k, n, labels: self.sample(self.ref_params, k, n, pair_steps, labels)
         self.pairs = prefdata.ensure_pairs(config, self.reference_dir, self.ref_config, sample_fn, self.shape,
                                            self.num_classes, self.reward)
-        self.tx = Optimizer(OptimizerSettings.from_config(config.train)).tx
-        self.p_mean = float(self.ref_config.diffusion.p_mean)
-        self.p_std = float(self.ref_config.diffusion.p_std)
-        d = config.dpo
-        self.method, self.space, self.beta = d.method, d.get("space", "pixel"), float(d.beta)
-        self.snr_value, self.margin_scale = float(d.get("snr_value", 0.5)), float(d.get("margin_scale", 1000.0))
+        self.optimizer = ts.Optimizer(ts.OptimizerSettings.from_config(config.train))
+        self.num_micro = ts.check_grad_accum(config.train.grad_accum_steps, config.train.batch_size)
 
     # ----- contract -------------------------------------------------------------------------
     def init(self, key):
         params = jax.tree.map(jnp.array, self.ref_params)
-        state = TrainState(step=jnp.zeros((), jnp.int32), rng=key, params=params,
-                                 opt_state=self.tx.init(params), ema_params=jax.tree.map(jnp.array, params))
-        return state, {"ref": self.ref_params}
+        return ts.create_state(params, self.optimizer, key), {"ref": self.ref_params}
 
-    def _kw(self, batch):
-        return {"labels": batch["label"]} if self.num_classes and "label" in batch else {}
-
-    def loss(self, params, ref_params, batch, key):
-        """Mean per-pair loss and metrics; the reference never receives a gradient."""
-        kw = self._kw(batch)
-        args = (batch["x_w"], batch["x_l"], key, self.p_mean, self.p_std, self.space)
-        err_w, err_l = pair_errors(self.denoiser, params, ref_params, *args, **kw)
+    def loss(self, params, ref_params, inputs, rngs=None):
+        """Mean per-pair loss and metrics on `inputs` (the batch and its `pair_noise` draws); the
+        reference never receives a gradient."""
+        kw = label_kwargs(self.num_classes, inputs.get("label"))
+        errors = lambda p, r: pair_errors(self.denoiser, p, ref_params, inputs["x_w"], inputs["x_l"], inputs,
+                                          self.space, r, **kw)
+        err_w, err_l = errors(params, rngs)
         metrics = {"err_w": jnp.mean(err_w), "err_l": jnp.mean(err_l)}
-        if self.method == "diffusion_dpo":
-            ref_w, ref_l = jax.lax.stop_gradient(pair_errors(self.denoiser, ref_params, ref_params, *args, **kw))
-            per_pair, inside = diffusion_dpo(err_w, err_l, ref_w, ref_l, self.beta)
-            metrics.update(ref_err_w=jnp.mean(ref_w), ref_err_l=jnp.mean(ref_l),
-                           implicit_acc=jnp.mean(inside > 0), inside=jnp.mean(inside))
-        else:
-            per_pair, margin = mapo(err_w, err_l, self.beta, self.snr_value, self.margin_scale)
-            metrics.update(margin=jnp.mean(margin), margin_acc=jnp.mean(margin > 0))
+        ref_w = ref_l = None
+        if not self.reference_free:
+            ref_err_w, ref_err_l = jax.lax.stop_gradient(errors(ref_params, None))
+            ref_w, ref_l = -0.5 * ref_err_w, -0.5 * ref_err_l
+            metrics.update(ref_err_w=jnp.mean(ref_err_w), ref_err_l=jnp.mean(ref_err_l))
+        ones = jnp.ones_like(err_w)
+        per_pair, loss_metrics = prefloss.preference_loss(self.method, -0.5 * err_w, -0.5 * err_l, ref_w, ref_l,
+                                                          ones, ones, beta=self.beta, **self.loss_params)
         loss = jnp.mean(per_pair)
-        metrics["loss"] = loss
-        return loss, metrics
+        return loss, {**metrics, **loss_metrics, "loss": loss}
 
     def train_step(self, state, frozen, batch):
-        key = jax.random.fold_in(state.rng, state.step)
-        grads, metrics = jax.grad(self.loss, has_aux=True)(state.params, frozen["ref"], batch, key)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = ema_update(state.ema_params, params, self.config.train.get("ema_decay", 0.0))
-        metrics["grad_norm"] = optax.global_norm(grads)
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
+        key = ts.step_key(state)
+        d = self.config.diffusion
+        inputs = {**batch, **pair_noise(key, batch["x_w"], d.p_mean, d.p_std)}
+        rngs = ts.dropout_rngs(key) if self.dropout else None
+        loss_fn = lambda p, x: self.loss(p, frozen["ref"], x, rngs)
+        (_, metrics), grads = ts.value_and_grad(loss_fn, state.params, inputs, self.num_micro, has_aux=True)
+        state, opt_metrics = ts.apply_gradients(state, grads, self.optimizer)
+        return state.replace(step=state.step + 1), {**metrics, **opt_metrics}
 
     def batch(self, step, process_index=0, process_count=1):
         return self.pairs.batch(step, self.config.train.batch_size, process_index, process_count)
 
     # ----- evaluation -----------------------------------------------------------------------
     def sample(self, params, key, n, num_steps=None, labels=None):
-        """n deterministic EDM samples (the reference's sampler settings unless config.eval overrides)."""
-        e, re = self.config.eval, self.ref_config.eval
-        return sample_chunked(self.denoiser, params, self.shape, key, n, int(num_steps or e.get("num_steps", re.num_steps)),
-                              e.get("sampler", re.get("sampler", "heun")), self.ref_config.diffusion,
-                              int(e.get("chunk", 4096)), self.num_classes, labels)
+        """n deterministic EDM samples (config.eval's sampler; `num_steps` overrides its steps)."""
+        e = self.config.eval
+        return sample_chunked(self.denoiser, params, self.shape, key, n, num_steps or e.num_steps, e.sampler,
+                              self.config.diffusion, e.chunk, self.num_classes, labels)
 
     def evaluate(self, state, frozen, key):
         """Reward, preferred fraction, the data source's sample metrics and MMD to the reference's
         samples (same initial noise for both models), plus the reference's own numbers."""
-        e = self.config.eval
-        params = state.ema_params if e.get("use_ema", True) else state.params
-        n = int(e.num_samples)
+        params = ts.eval_params(state, use_ema=self.config.eval.use_ema)
+        n = int(self.config.eval.num_samples)
         t0 = time.perf_counter()
         x = self.sample(params, key, n)
         elapsed = time.perf_counter() - t0
@@ -314,9 +226,9 @@ class DiffusionPreferenceObjective(Objective):
         metrics = {f"sample/{k}": v for k, v in self.source.evaluate_samples(x).items()}
         metrics.update({f"reference/{k}": v for k, v in self.source.evaluate_samples(x_ref).items()})
         gmm = getattr(self.source, "gmm", None)
-        metrics.update(self.prefdata.reward_metrics(self.reward, x, "", gmm))
-        metrics.update(self.prefdata.reward_metrics(self.reward, x_ref, "reference/", gmm))
-        metrics["mmd_to_reference"] = self.prefdata.mmd_to_reference(x, x_ref)
+        metrics.update(prefdata.reward_metrics(self.reward, x, "", gmm))
+        metrics.update(prefdata.reward_metrics(self.reward, x_ref, "reference/", gmm))
+        metrics["mmd_to_reference"] = prefdata.mmd_to_reference(x, x_ref)
         metrics["reward_gain"] = metrics["reward_mean"] - metrics["reference/reward_mean"]
         metrics["samples_per_sec"] = n / max(elapsed, 1e-9)
         self._last_samples = x
@@ -325,7 +237,8 @@ class DiffusionPreferenceObjective(Objective):
     def plot(self, state, frozen, plot_dir, step):
         x = getattr(self, "_last_samples", None)
         if x is None:
-            x = self.sample(state.ema_params, jax.random.PRNGKey(0), min(int(self.config.eval.num_samples), 4096))
+            x = self.sample(ts.eval_params(state, use_ema=self.config.eval.use_ema), jax.random.PRNGKey(0),
+                            min(int(self.config.eval.num_samples), 4096))
         title = f"{self.method} ({self.space}), beta={self.beta:g}, step {step}"
         paths = [self.source.plot_samples(x, os.path.join(plot_dir, f"samples_{step:07d}.png"), title)]
         x_ref = getattr(self, "_ref_samples", None)

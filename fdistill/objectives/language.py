@@ -2,12 +2,20 @@
 
 * `'sft'`: supervised fine-tuning, i.e. next-token cross-entropy on demonstrator responses,
       L(theta) = - sum_{b, t} m_{b,t} log p_theta(y_{b,t} | y_{b,<t}) / sum_{b, t} m_{b,t},
-  with m the response mask (prompt and padding excluded), averaged over the global batch's tokens.
+  with m the response mask (prompt and padding excluded), averaged over the global batch's tokens
+  (also with gradient accumulation: every micro-batch divides by the full batch's token count).
 * `'po'`: preference optimisation of the SFT policy on pairs of its own responses labelled by the
-  true reward, with any loss of `fdistill.objectives.preference` (`config.po.loss`). The SFT policy
-  is the frozen reference (`frozen['ref']`) and the initial policy. With `po.precompute_ref=True`
-  the reference log-probabilities of every pair are computed once (jitted) when the objective is
-  built and travel in the batch; otherwise the step computes them from `frozen['ref']`.
+  true reward, with any loss of the preference registry `fdistill.objectives.preference`
+  (`config.po.loss`). The SFT policy, a finished 'sft' run named by `config.po.sft_workdir`
+  (`fdistill.runs`; `python -m experiments.prepare` trains it), is the frozen reference
+  (`frozen['ref']`) and the initial policy; its task and model must equal `config.task` and
+  `config.model`. With `po.precompute_ref=True` the reference log-probabilities of every pair are
+  computed once (jitted) when the objective is built and travel in the batch; otherwise the step
+  computes them from `frozen['ref']`. `po.reference='init'` needs no SFT run: a randomly
+  initialised reference of `config.model` on `config.task`, with pairs of demonstrator responses.
+
+Both objectives use the shared update path (`fdistill.train_state`: AdamW, clipping, EMA,
+gradient accumulation over `config.train.grad_accum_steps` micro-batches).
 
 Sequences are [BOS, a, b, SEP, words..., EOS, PAD...]; log-probabilities are summed over the
 response tokens (words and EOS), lengths count them. For benchmarks, `build_po_setup(config)`
@@ -22,20 +30,15 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import optax
 
+from fdistill import runs
+from fdistill import train_state as ts
 from fdistill.data import preference as prefdata
 from fdistill.evaluation import preference as prefeval
 from fdistill.models.transformer import TransformerLM, generate, param_count
 from fdistill.objectives import preference as prefloss
 from fdistill.objectives.base import Objective, register
-from fdistill.train_state import Optimizer, OptimizerSettings, TrainState, ema_update
-
-
-def make_optimizer(train_config):
-    return Optimizer(OptimizerSettings.from_config(train_config)).tx
 
 REFERENCES = ("sft", "init")
 MODEL_FIELDS = ("width", "depth", "num_heads", "mlp_ratio")
@@ -48,20 +51,15 @@ def build_model(model_config, task: prefdata.SyntheticLanguage, compute_dtype: s
     """The decoder-only LM of `config.model` sized for `task` (vocabulary and context from the task)."""
     from fdistill import models
 
-    name = model_config.get("name", "transformer")
-    if name != "transformer":
-        raise ValueError(f"config.model.name={name!r} is not supported by the language objectives; "
+    if model_config.name != "transformer":
+        raise ValueError(f"config.model.name={model_config.name!r} is not supported by the language objectives; "
                          f"allowed: ['transformer']")
-    unknown = sorted(set(model_config.keys()) - set(MODEL_FIELDS) - {"name"})
-    if unknown:
-        raise ValueError(f"config.model has unknown field(s) {unknown}; allowed: {list(MODEL_FIELDS)}")
-    kw = {k: int(model_config[k]) for k in MODEL_FIELDS if k in model_config}
+    kw = {k: int(model_config[k]) for k in MODEL_FIELDS}
     for k, v in kw.items():
         if v <= 0:
             raise ValueError(f"config.model.{k} must be positive, got {v}")
-    if kw.get("width", 64) % kw.get("num_heads", 4):
-        raise ValueError(f"config.model.width={kw.get('width', 64)} is not divisible by "
-                         f"config.model.num_heads={kw.get('num_heads', 4)}")
+    if kw["width"] % kw["num_heads"]:
+        raise ValueError(f"config.model.width={kw['width']} is not divisible by config.model.num_heads={kw['num_heads']}")
     return TransformerLM(vocab_size=task.vocab_size, max_len=task.seq_len, dtype=models.compute_dtype(compute_dtype),
                          **kw)
 
@@ -145,13 +143,27 @@ def init_params(model: TransformerLM, key) -> dict:
     return jax.jit(lambda k: model.init(k, jnp.zeros((1, model.max_len), jnp.int32))["params"])(key)
 
 
-def token_nll(model, params, tokens, loss_mask) -> jax.Array:
-    """Mean next-token NLL over the masked response tokens of the whole batch."""
+def num_tokens(loss_mask) -> jax.Array:
+    """The number of scored (masked) tokens of a batch, at least 1."""
+    return jnp.maximum(jnp.sum(loss_mask[:, 1:].astype(jnp.float32)), 1.0)
+
+
+def token_nll(model, params, tokens, loss_mask, denominator=None) -> jax.Array:
+    """Next-token NLL summed over the masked response tokens, divided by `denominator` (default:
+    their number, i.e. the mean over the batch's tokens)."""
     logits = model.apply({"params": params}, tokens)
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     tok = jnp.take_along_axis(logp, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
     m = loss_mask[:, 1:].astype(jnp.float32)
-    return -jnp.sum(tok * m) / jnp.maximum(jnp.sum(m), 1.0)
+    return -jnp.sum(tok * m) / (num_tokens(loss_mask) if denominator is None else denominator)
+
+
+def sft_value_and_grad(model, params, batch, num_micro: int = 1):
+    """(token-mean NLL of the batch, its gradient) over `num_micro` micro-batches: each divides by
+    the *full* batch's token count / num_micro, so their mean is exactly the full batch's token mean."""
+    denominator = num_tokens(batch["loss_mask"]) / num_micro
+    loss_fn = lambda p, x: token_nll(model, p, x["tokens"], x["loss_mask"], denominator)
+    return ts.value_and_grad(loss_fn, params, batch, num_micro)
 
 
 def _eval_prompts(task, samples_per_prompt: int) -> np.ndarray:
@@ -190,12 +202,6 @@ def _plot_lengths(path: str, title: str, series: dict[str, tuple[np.ndarray, np.
     return path
 
 
-def _check_positive(config, fields: tuple[str, ...], section: str) -> None:
-    for f in fields:
-        if f in config and not float(config[f]) > 0:
-            raise ValueError(f"config.{section}.{f} must be positive, got {config[f]}")
-
-
 # ----------------------------------------------------------------------------------------------
 # SFT
 # ----------------------------------------------------------------------------------------------
@@ -206,31 +212,22 @@ class SFTObjective(Objective):
 
     def __init__(self, config):
         super().__init__(config)
-        for section in ("task", "model", "eval"):
-            if section not in config:
-                raise ValueError(f"config.{section} is missing; the 'sft' objective needs task, model, train, eval")
         self.task = prefdata.SyntheticLanguage(config.task)
-        self.model = build_model(config.model, self.task, config.train.get("compute_dtype", "float32"))
-        self.policy = LMPolicy(self.model, self.task, int(config.eval.get("chunk", 1024)))
-        self.tx = make_optimizer(config.train)
-        self.heldout = self.task.heldout_demonstrations(int(config.eval.get("num_heldout", 2048)))
+        self.model = build_model(config.model, self.task, config.train.compute_dtype)
+        self.policy = LMPolicy(self.model, self.task, config.eval.chunk)
+        self.optimizer = ts.Optimizer(ts.OptimizerSettings.from_config(config.train))
+        self.num_micro = ts.check_grad_accum(config.train.grad_accum_steps, config.train.batch_size)
+        self.heldout = self.task.heldout_demonstrations(config.eval.num_heldout)
         self._nll = jax.jit(lambda p, t, m: token_nll(self.model, p, t, m))
 
     def init(self, key):
         k_init, k_rng = jax.random.split(key)
-        params = init_params(self.model, k_init)
-        state = TrainState(step=jnp.zeros((), jnp.int32), rng=k_rng, params=params, opt_state=self.tx.init(params),
-                           ema_params=params)
-        return state, {}
+        return ts.create_state(init_params(self.model, k_init), self.optimizer, k_rng), {}
 
     def train_step(self, state, frozen, batch):
-        loss_fn = lambda p: token_nll(self.model, p, batch["tokens"], batch["loss_mask"])
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = ema_update(state.ema_params, params, self.config.train.get("ema_decay", 0.0))
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
+        loss, grads = sft_value_and_grad(self.model, state.params, batch, self.num_micro)
+        state, metrics = ts.apply_gradients(state, grads, self.optimizer)
+        return state.replace(step=state.step + 1), {"loss": loss, **metrics}
 
     def batch(self, step, process_index=0, process_count=1):
         return self.task.sft_batch(step, self.config.train.batch_size, self.config.train.seed, process_index,
@@ -238,7 +235,7 @@ class SFTObjective(Objective):
 
     def evaluate(self, state, frozen, key):
         e = self.config.eval
-        params = state.ema_params
+        params = ts.eval_params(state, use_ema=e.use_ema)
         h = self.heldout
         metrics = {"nll_heldout": float(self._nll(params, jnp.asarray(h["tokens"]), jnp.asarray(h["loss_mask"]))),
                    "demo/true_reward": float(np.mean(h["reward"])),
@@ -246,7 +243,7 @@ class SFTObjective(Objective):
                    "best_reward": self.task.best_reward(),
                    "num_params": float(param_count(params))}
         prompts = _eval_prompts(self.task, int(e.samples_per_prompt))
-        tokens, _ = self.policy.sample(params, prompts, key, float(e.get("temperature", 1.0)))
+        tokens, _ = self.policy.sample(params, prompts, key, float(e.temperature))
         m, r = prefeval.response_metrics(self.task, prompts, tokens)
         metrics.update(m)
         gtokens, _ = self.policy.sample(params, self.task.heldout_prompts, key, greedy=True)
@@ -266,110 +263,27 @@ class SFTObjective(Objective):
 # ----------------------------------------------------------------------------------------------
 # Preference optimisation
 # ----------------------------------------------------------------------------------------------
-def loss_params(po_config) -> dict[str, float]:
-    return {k: float(po_config[k]) for k in prefloss.KNOWN_PARAMS if k in po_config}
-
-
 def validate_po_config(config) -> None:
     """Fails at start-up naming the bad field and the allowed values."""
-    for section in ("po", "eval"):
-        if section not in config:
-            raise ValueError(f"config.{section} is missing; the 'po' objective needs po, train, eval")
     po = config.po
-    prefloss.check_params(po.get("loss"), po.get("beta", 0.0), loss_params(po), field="config.po")
-    if po.get("reference", "sft") not in REFERENCES:
-        raise ValueError(f"config.po.reference={po.get('reference')!r} is not known; allowed: {list(REFERENCES)}")
-    if not po.get("sft_workdir") and "sft" not in po:
-        raise ValueError("config.po.sft_workdir is empty and config.po.sft (the SFT config to train the "
-                         "reference from) is missing; set one of them")
-    if "pairs" not in po:
-        raise ValueError("config.po.pairs is missing (num_pairs, num_test_pairs, bt_temperature, "
-                         "sample_temperature, seed)")
-    for f in ("num_pairs", "num_test_pairs"):
-        if int(po.pairs.get(f, 0)) <= 0:
-            raise ValueError(f"config.po.pairs.{f} must be positive, got {po.pairs.get(f)}")
-    _check_positive(po.pairs, ("bt_temperature", "sample_temperature"), "po.pairs")
+    prefloss.check_params(po.loss, po.beta, prefloss.params_from(po), section="config.po")
+    if po.reference not in REFERENCES:
+        raise ValueError(f"config.po.reference={po.reference!r} is not known; allowed: {list(REFERENCES)}")
+    for f in ("num_pairs", "num_test_pairs", "bt_temperature", "sample_temperature"):
+        if not po.pairs[f] > 0:
+            raise ValueError(f"config.po.pairs.{f} must be positive, got {po.pairs[f]}")
     if config.train.batch_size > int(po.pairs.num_pairs):
         raise ValueError(f"config.train.batch_size={config.train.batch_size} exceeds "
                          f"config.po.pairs.num_pairs={po.pairs.num_pairs}")
 
 
-def default_sft_cache() -> str:
-    root = os.environ.get("FDISTILL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fdistill"))
-    return os.path.join(root, "sft")
-
-
-def _config_hash(cfg) -> str:
-    d = cfg.to_dict() if hasattr(cfg, "to_dict") else cfg
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def _finished_step(workdir: str):
-    path = os.path.join(workdir, "results.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f).get("step")
-
-
-def ensure_sft(config) -> str:
-    """The SFT (reference) workdir.
-
-    `config.po.sft_workdir` set: it must hold a finished 'sft' run (config.json + results.json),
-    otherwise a FileNotFoundError says which command trains it. Empty: the run described by
-    `config.po.sft` is trained once into `<po.sft_cache>/sft-<config hash>` (default
-    $FDISTILL_CACHE/sft or ~/.cache/fdistill/sft) and reused by every later run with the same SFT
-    config, so DPO, IPO, ... runs share one reference.
-    """
-    po = config.po
-    if po.get("sft_workdir"):
-        wd = os.path.abspath(os.path.expanduser(po.sft_workdir))
-        cfg_path = os.path.join(wd, "config.json")
-        if not os.path.exists(cfg_path) or _finished_step(wd) is None:
-            raise FileNotFoundError(
-                f"config.po.sft_workdir={po.sft_workdir!r} is not a finished SFT run (needs config.json and "
-                f"results.json); train it with: python -m experiments.run --config "
-                f"ml_collections_configs/synthetic_sft.py --workdir {po.sft_workdir} "
-                f"(or leave config.po.sft_workdir empty to train config.po.sft automatically)")
-        with open(cfg_path) as f:
-            objective = json.load(f).get("objective")
-        if objective != "sft":
-            raise ValueError(f"config.po.sft_workdir={po.sft_workdir!r} holds a {objective!r} run, expected 'sft'")
-        return wd
-    sft = po.sft
-    root = po.get("sft_cache", "") or default_sft_cache()
-    wd = os.path.abspath(os.path.join(os.path.expanduser(root), f"sft-{_config_hash(sft)}"))
-    if _finished_step(wd) != int(sft.train.num_steps):
-        from fdistill import train  # local import: train imports the objectives package
-
-        print(f"[fdistill] config.po.sft_workdir is empty: training the SFT reference (config.po.sft) into {wd}; "
-              "later runs with the same SFT config reuse it", flush=True)
-        train.train_and_evaluate(sft, wd)
-    return wd
-
-
-def load_sft(workdir: str):
-    """(task, model, reference params, SFT config) of a finished SFT run."""
-    from fdistill import checkpoint
-
-    with open(os.path.join(workdir, "config.json")) as f:
-        sft_config = ml_collections.ConfigDict(json.load(f))
-    task = prefdata.SyntheticLanguage(sft_config.task)
-    model = build_model(sft_config.model, task)
-    tree = checkpoint.restore_tree(workdir)
-    params = jax.tree.map(jnp.asarray, tree["ema_params"])
-    return task, model, params, sft_config
-
-
-def pairs_spec(config, sft_dir: str | None, sft_config) -> dict:
+def pairs_spec(config, sft: runs.FinishedRun) -> dict:
     """Everything that determines the preference pairs (hashed into the dataset name)."""
-    pairs = config.po.pairs.to_dict()
-    return {"sft_workdir": sft_dir, "sft_step": _finished_step(sft_dir) if sft_dir else None,
-            "task": sft_config.task.to_dict(), "model": sft_config.model.to_dict(), "pairs": pairs,
-            "format": 1}
+    return {"sft_workdir": sft.workdir, "sft_step": sft.results["step"], "task": sft.config.task.to_dict(),
+            "model": sft.config.model.to_dict(), "pairs": config.po.pairs.to_dict(), "format": 1}
 
 
-def ensure_pairs(config, sft_dir: str, sft_config, task, policy: LMPolicy, ref_params) -> dict[str, dict]:
+def ensure_pairs(config, sft: runs.FinishedRun, task, policy: LMPolicy, ref_params) -> dict[str, dict]:
     """{split: arrays} of the preference dataset for this SFT policy and `config.po.pairs`, written
     first (by process 0) as a local TFDS dataset when absent:
 
@@ -380,9 +294,9 @@ def ensure_pairs(config, sft_dir: str, sft_config, task, policy: LMPolicy, ref_p
     hashing `pairs_spec`, so it is deterministic and reused by every loss.
     """
     pc = config.po.pairs
-    spec = json.dumps(pairs_spec(config, sft_dir, sft_config), sort_keys=True, default=str)
+    spec = json.dumps(pairs_spec(config, sft), sort_keys=True, default=str)
     name = "p" + hashlib.sha256(spec.encode()).hexdigest()[:12]
-    data_dir = config.po.get("data_dir", "") or os.path.join(sft_dir, "preference_data")
+    data_dir = config.po.data_dir or os.path.join(sft.workdir, "preference_data")
     if not prefdata.is_prepared(data_dir, name):
         if jax.process_index() == 0:
             t0 = time.perf_counter()
@@ -433,41 +347,37 @@ def demonstrator_pairs(config, task) -> dict[str, dict]:
 class PreferenceObjective(Objective):
     """Preference optimisation (config.po.loss) of the SFT policy against itself as reference.
 
-    config.po: loss, beta, label_smoothing (cdpo), gamma (simpo), alpha (rpo), lambda_ (orpo),
-    precompute_ref, reference ('sft' | 'init'), sft_workdir / sft / sft_cache, data_dir, pairs.
+    config.po: loss, beta and the loss parameters (label_smoothing, gamma, alpha, lambda_, ...),
+    precompute_ref, reference ('sft' | 'init'), sft_workdir, init_seed, data_dir, pairs.
     """
 
     def __init__(self, config):
         super().__init__(config)
         validate_po_config(config)
         po = config.po
-        self.loss_name, self.beta, self.params = po.loss, float(po.beta), loss_params(po)
-        self.reference_free = self.loss_name in prefloss.REFERENCE_FREE
-        self.precompute_ref = bool(po.get("precompute_ref", True))
-        chunk = int(config.eval.get("chunk", 1024))
-        if po.get("reference", "sft") == "sft":
-            self.sft_dir = ensure_sft(config)
-            self.task, self.model, ref_params, self.sft_config = load_sft(self.sft_dir)
-            self.policy = LMPolicy(self.model, self.task, chunk)
-            self._ref_init = None
-            arrays = ensure_pairs(config, self.sft_dir, self.sft_config, self.task, self.policy, ref_params)
+        self.loss_name, self.beta, self.params = po.loss, float(po.beta), prefloss.params_from(po)
+        self.reference_free = prefloss.is_reference_free(po.loss)
+        self.precompute_ref = bool(po.precompute_ref)
+        self.task = prefdata.SyntheticLanguage(config.task)
+        self.model = build_model(config.model, self.task, config.train.compute_dtype)
+        self.policy = LMPolicy(self.model, self.task, config.eval.chunk)
+        if po.reference == "sft":
+            self.sft = runs.open_dependency(config, "po.sft_workdir")
+            ref_params = runs.restore_params(self.sft)
+            arrays = ensure_pairs(config, self.sft, self.task, self.policy, ref_params)
         else:  # 'init': a randomly initialised reference, demonstrator pairs (benchmarks, quick tests)
-            self.sft_dir, self.sft_config = None, po.sft
-            self.task = prefdata.SyntheticLanguage(po.sft.task)
-            self.model = build_model(po.sft.model, self.task)
-            self.policy = LMPolicy(self.model, self.task, chunk)
-            ref_params = init_params(self.model, jax.random.PRNGKey(int(po.get("init_seed", 0))))
+            self.sft = None
+            ref_params = init_params(self.model, jax.random.PRNGKey(int(po.init_seed)))
             arrays = demonstrator_pairs(config, self.task)
         self.ref_params = ref_params
         seed = int(config.train.seed)
         self.pairs = prefdata.PreferencePairs(arrays["train"], self.task, seed, arrays["_path"])
         self.test_pairs = prefdata.PreferencePairs(arrays["test"], self.task, seed, arrays["_path"])
         if self.precompute_ref and not self.reference_free:
-            t0 = time.perf_counter()
             for pairs in (self.pairs, self.test_pairs):
                 pairs.set_reference_logps(*self._dataset_logps(ref_params, pairs))
-            self.precompute_seconds = time.perf_counter() - t0
-        self.tx = make_optimizer(config.train)
+        self.optimizer = ts.Optimizer(ts.OptimizerSettings.from_config(config.train))
+        self.num_micro = ts.check_grad_accum(config.train.grad_accum_steps, config.train.batch_size)
         self._pair_metrics = jax.jit(self._metrics_on_rows)
 
     # ----- pieces -----------------------------------------------------------------------------
@@ -508,30 +418,23 @@ class PreferenceObjective(Objective):
     # ----- contract ---------------------------------------------------------------------------
     def init(self, key):
         params = jax.tree.map(jnp.array, self.ref_params)
-        state = TrainState(step=jnp.zeros((), jnp.int32), rng=key, params=params, opt_state=self.tx.init(params),
-                           ema_params=jax.tree.map(jnp.array, self.ref_params))
-        return state, {"ref": self.ref_params}
+        return ts.create_state(params, self.optimizer, key), {"ref": self.ref_params}
 
     def train_step(self, state, frozen, batch):
-        grads, metrics = jax.grad(self.loss, has_aux=True)(state.params, frozen["ref"], batch)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = ema_update(state.ema_params, params, self.config.train.get("ema_decay", 0.0))
-        metrics["grad_norm"] = optax.global_norm(grads)
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
+        loss_fn = lambda p, x: self.loss(p, frozen["ref"], x)
+        (_, metrics), grads = ts.value_and_grad(loss_fn, state.params, batch, self.num_micro, has_aux=True)
+        state, opt_metrics = ts.apply_gradients(state, grads, self.optimizer)
+        return state.replace(step=state.step + 1), {**metrics, **opt_metrics}
 
     def batch(self, step, process_index=0, process_count=1):
         return self.pairs.batch(step, self.config.train.batch_size, process_index, process_count)
 
     # ----- evaluation -------------------------------------------------------------------------
-    def eval_params(self, state):
-        return state.ema_params if self.config.eval.get("use_ema", False) else state.params
-
     def evaluate(self, state, frozen, key):
         e = self.config.eval
-        params, ref = self.eval_params(state), frozen["ref"]
+        params, ref = ts.eval_params(state, use_ema=e.use_ema), frozen["ref"]
         prompts = _eval_prompts(self.task, int(e.samples_per_prompt))
-        temperature = float(e.get("temperature", 1.0))
+        temperature = float(e.temperature)
         sample = lambda p, x, k: self.policy.sample(p, x, k, temperature)
         cache = (len(prompts), temperature, _key_bytes(key))
         ref_samples = self._ref_samples if getattr(self, "_ref_cache", None) == cache else None
@@ -539,7 +442,7 @@ class PreferenceObjective(Objective):
                                                         key, ref_samples)
         self._ref_samples, self._ref_cache = ref_samples, cache
         # the same number of rows from both splits: one compiled metrics function
-        n_rows = min(int(e.get("num_pairs", 512)), self.pairs.num_pairs, self.test_pairs.num_pairs)
+        n_rows = min(int(e.num_pairs), self.pairs.num_pairs, self.test_pairs.num_pairs)
         for prefix, pairs in (("", self.pairs), ("heldout/", self.test_pairs)):
             rows = {k: jnp.asarray(v) for k, v in pairs.rows(np.arange(n_rows)).items()}
             for k, v in self._pair_metrics(params, ref, rows).items():
