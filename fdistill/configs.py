@@ -291,7 +291,6 @@ def base_for(config) -> ConfigDict:
     if "objective" not in config:
         raise ConfigError("config.objective is missing; every config names its objective")
     objective = config["objective"]
-    family = family_of(objective)
     data_name = config["data"]["name"] if "data" in config and "name" in config["data"] else None
     model_name = config["model"]["name"] if "model" in config and "name" in config["model"] else None
     return base(objective, data=_data_kind(data_name) if data_name else None, model=model_name)

@@ -96,7 +96,7 @@ DEPENDENCIES: dict[str, Dependency] = {
     "po.sft_workdir": Dependency(("sft",), {"*": "synthetic_sft"}, ("task", "model"), "sft",
                                  needed=lambda c: c.po.reference == "sft"),
     "dpo.reference": Dependency(("score",), SCORE_CONFIGS, ("data", "model", "diffusion"), "reference"),
-    "distill.teacher": Dependency(("score",), SCORE_CONFIGS, ("data",), "teacher",
+    "distill.teacher": Dependency(("score",), SCORE_CONFIGS, ("data", "diffusion"), "teacher",
                                   needed=lambda c: c.distill.teacher != "analytic",
                                   allow_unfinished="allow_unfinished_teacher"),
 }
@@ -120,13 +120,16 @@ def open_dependency(config, field: str) -> FinishedRun:
 
 
 def check_shared(config, run: FinishedRun, field: str, sections: tuple[str, ...]) -> None:
-    """Every field of `sections` equal in `config` and the run's config (paths `data_dir` excepted);
+    """Every field of `sections` equal in `config` and the run's config, except paths (`data_dir`)
+    and, for stored datasets, the shuffling `data.seed` (for the mixture the seed places the modes);
     otherwise a ValueError listing the differences."""
+    skip = {"data_dir"}
     diffs = []
     for section in sections:
         ours, theirs = config[section].to_dict(), run.config[section].to_dict()
+        ignore = skip | ({"seed"} if section == "data" and config.data.name != "gmm" else set())
         diffs += [f"config.{section}.{k}={ours.get(k)!r} (run: {theirs.get(k)!r})"
-                  for k in sorted(set(ours) | set(theirs)) if k != "data_dir" and ours.get(k) != theirs.get(k)]
+                  for k in sorted(set(ours) | set(theirs)) if k not in ignore and ours.get(k) != theirs.get(k)]
     if diffs:
         raise ValueError(f"config.{field}={run.workdir!r} was made with other {'/'.join(sections)} settings: "
                          f"{', '.join(diffs)}; use the run's values (python -m experiments.prepare copies them "

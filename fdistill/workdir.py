@@ -45,7 +45,7 @@ MAY_CHANGE = (
     "train.num_steps", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
     # where inputs are found and what may be read, not what they are
     "data.data_dir", "data.allow_download", "distill.allow_unfinished_teacher",
-    "po.data_dir", "po.sft_cache", "dpo.reference_cache", "pairs.dir",
+    "po.data_dir", "pairs.dir",
 )
 # Fields that only change the evaluation: a resumed run with other values re-evaluates the latest
 # checkpoint (results.json is rewritten). An objective whose training reads one of them names it

@@ -16,7 +16,7 @@ from fdistill.configs import load as load_config
 from fdistill.data.gmm import GMM
 from fdistill.evaluation import ratio as ratio_lib
 from tests.helpers import tiny_distill_config
-from fdistill.distillation import critics, losses, students, teachers
+from fdistill.distillation import losses, teachers
 
 
 def tiny_config(divergence="js", **distill_kw):

@@ -27,6 +27,7 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
+from experiments.tables.common import train_row
 from fdistill.configs import load as load_config
 
 DEFAULT_LOSSES = "dpo,ipo,ln_dpo,simpo,rpo,orpo"
@@ -144,7 +145,6 @@ def main(argv):
 
     jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "fdistill_jax"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    from fdistill import train
 
     workdir = os.path.abspath(_WORKDIR.value)
     losses = [n.strip() for n in _LOSSES.value.split(",") if n.strip()]
@@ -157,7 +157,7 @@ def main(argv):
         sft_config.train.checkpoint_every = _SFT_STEPS.value
     sft_dir = os.path.join(workdir, "sft")
     print(f"[table] SFT -> {sft_dir}", flush=True)
-    sft_results = train.train_and_evaluate(sft_config, sft_dir)
+    sft_results = train_row(sft_config, sft_dir, "sft")
 
     rows_spec = settings(sweep)
     runs: dict[str, list[dict]] = {row: [] for row, *_ in rows_spec}
@@ -173,7 +173,7 @@ def main(argv):
             c.train.checkpoint_every = _STEPS.value
             wd = os.path.join(workdir, "runs", f"{name}_{param}{value:g}_s{seed}")
             t0 = time.perf_counter()
-            res = train.train_and_evaluate(c, wd)
+            res = train_row(c, wd, f"{row} seed {seed}")
             runs[row].append(res)
             print(f"[table] {row} seed {seed}: true_reward={res['true_reward']:.3f} kl={res['kl_to_ref']:.2f} "
                   f"length={res['mean_length']:.2f} win={res['win_rate_vs_ref']:.3f} "

@@ -12,6 +12,7 @@ import os
 import jax
 import numpy as np
 
+from fdistill import runs
 from fdistill.denoiser import build_denoiser, sample_chunked
 
 
@@ -54,14 +55,14 @@ class ScoreRunTeacher:
     has_features = True
 
     def __init__(self, config, source):
-        from fdistill.objectives.score import load_teacher
-
         workdir = config.distill.teacher
         if not isinstance(workdir, str) or not os.path.isdir(os.path.expanduser(workdir)):
             raise ValueError(f"config.distill.teacher={workdir!r} must be 'analytic' or the workdir of a finished "
                              "'score' run")
-        self.denoiser, params, tconfig = load_teacher(workdir, allow_unfinished=config.distill.allow_unfinished_teacher)
-        check_same(config, tconfig, workdir)
+        run = runs.open_dependency(config, "distill.teacher")  # finished, same data and diffusion
+        self.denoiser = build_denoiser(run.config, source.shape)
+        params = runs.restore_params(run)
+        tconfig = run.config
         self.net_config = tconfig
         self.sigma_data = self.denoiser.sigma_data
         self.init_params = params
@@ -81,20 +82,6 @@ class ScoreRunTeacher:
     def features(self, params, x_t, sigma, **kw):
         """Hidden features of the frozen teacher network at (x_t, sigma) (FastGen's discriminator input)."""
         return self.denoiser.with_features(params, x_t, sigma, **kw)[1]
-
-
-def check_same(config, teacher_config, teacher_dir: str) -> None:
-    """The student's `config.data` and `config.diffusion` must describe the teacher's: every field
-    equal except `data_dir` (a path) and, for stored datasets, the shuffling `seed`."""
-    skip = {"data_dir"} | ({"seed"} if config.data.name != "gmm" else set())
-    diff = []
-    for section, ignore in (("data", skip), ("diffusion", set())):
-        ours, theirs = config[section].to_dict(), teacher_config[section].to_dict()
-        diff += [f"config.{section}.{k}={ours[k]!r} (teacher: {theirs[k]!r})" for k in sorted(set(ours) & set(theirs))
-                 if k not in ignore and ours[k] != theirs[k]]
-    if diff:
-        raise ValueError(f"the student's config differs from the teacher's in config.distill.teacher={teacher_dir!r}: "
-                         + ", ".join(diff))
 
 
 def adopt_architecture(config, teacher_config) -> str:
