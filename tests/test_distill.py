@@ -398,7 +398,7 @@ def test_network_teacher_from_a_score_run(tmp_path):
 
     c_bad = tiny_config("kl", teacher=teacher_dir)
     c_bad.data.imbalance = c.data.imbalance + 1.0
-    with pytest.raises(ValueError, match=r"config\.data\.imbalance=.*teacher"):
+    with pytest.raises(ValueError, match=r"config\.distill\.teacher=.*other data/diffusion settings: config\.data\.imbalance="):
         objectives.build(c_bad)
     os.remove(os.path.join(teacher_dir, "results.json"))
     with pytest.raises(FileNotFoundError, match="config.distill.teacher=.*unfinished"):
