@@ -25,7 +25,6 @@ validated on reading (fields, shapes, finiteness, index range) with errors namin
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -193,69 +192,27 @@ def make_pairs(x_a, x_b, reward, temperature: float, seed: int, labels=None) -> 
     return out
 
 
-def _builder_module():
-    """The TFDS builder class, defined on first use (importing TFDS costs about a second)."""
-    global _BUILDER
-    if _BUILDER is not None:
-        return _BUILDER
+def _features(config) -> dict:
     import tensorflow_datasets as tfds
 
-    @dataclasses.dataclass(eq=False)
-    class PairsConfig(tfds.core.BuilderConfig):
-        shape: tuple = ()
-        conditional: bool = False
-        spec: str = ""
-
-    class DiffusionPreferencePairs(tfds.core.GeneratorBasedBuilder):
-        """Preference pairs of a diffusion model's own samples (see the module docstring)."""
-
-        VERSION = tfds.core.Version("1.0.0")
-        RELEASE_NOTES = {"1.0.0": "Initial release."}
-
-        # TFDS derives `code_path` from the top-level package, which for an editable install needs the
-        # missing `importlib_resources` backport; this file is the builder's code.
-        @tfds.core.utils.classproperty
-        @classmethod
-        def code_path(cls):
-            from etils import epath
-
-            return epath.Path(os.path.abspath(__file__))
-
-        def __init__(self, *, pairs: dict | None = None, **kwargs):
-            self._pairs = pairs
-            super().__init__(**kwargs)
-
-        def _info(self):
-            c = self.builder_config
-            shape = tuple(c.shape)
-            feats = {
-                "index": tfds.features.Scalar(np.int64),
-                "x_w": tfds.features.Tensor(shape=shape, dtype=np.float32),
-                "x_l": tfds.features.Tensor(shape=shape, dtype=np.float32),
-                "reward_w": tfds.features.Scalar(np.float32),
-                "reward_l": tfds.features.Scalar(np.float32),
-                "p_label": tfds.features.Scalar(np.float32),
-            }
-            if c.conditional:
-                feats["label"] = tfds.features.Scalar(np.int64)
-            return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(feats),
-                                                  description=c.description, metadata=None)
-
-        def _split_generators(self, dl_manager):
-            if self._pairs is None:
-                raise RuntimeError("DiffusionPreferencePairs: no pairs were given to write")
-            return {"train": self._generate_examples()}
-
-        def _generate_examples(self):
-            p = self._pairs
-            for i in range(len(p["index"])):
-                yield int(p["index"][i]), {k: v[i] for k, v in p.items()}
-
-    _BUILDER = (tfds, PairsConfig, DiffusionPreferencePairs)
-    return _BUILDER
+    shape = tuple(config.shape)
+    feats = {
+        "index": tfds.features.Scalar(np.int64),
+        "x_w": tfds.features.Tensor(shape=shape, dtype=np.float32),
+        "x_l": tfds.features.Tensor(shape=shape, dtype=np.float32),
+        "reward_w": tfds.features.Scalar(np.float32),
+        "reward_l": tfds.features.Scalar(np.float32),
+        "p_label": tfds.features.Scalar(np.float32),
+    }
+    if config.conditional:
+        feats["label"] = tfds.features.Scalar(np.int64)
+    return feats
 
 
-_BUILDER = None
+def _builder_module():
+    """(tfds, config class, builder class) of the `diffusion_preference_pairs` dataset."""
+    return tfds_build.records_builder("DiffusionPreferencePairs", __file__,
+                                      {"shape": (), "conditional": False, "spec": ""}, _features)
 
 
 class _QuietTFDS:
@@ -278,7 +235,9 @@ def _builder(data_dir: str, name: str, shape, conditional: bool, spec: str = "",
     cfg = PairsConfig(name=name, version="1.0.0", description="preference pairs " + spec[:200],
                       shape=tuple(int(s) for s in shape), conditional=bool(conditional), spec=spec)
     with _QuietTFDS():
-        return Builder(data_dir=data_dir, config=cfg, file_format="array_record", pairs=pairs)
+        rows = None if pairs is None else [{k: v[i] for k, v in pairs.items()} for i in range(len(pairs["index"]))]
+        splits = None if rows is None else {"train": rows}
+        return Builder(data_dir=data_dir, config=cfg, file_format="array_record", splits=splits)
 
 
 def write_pairs(data_dir: str, name: str, pairs: dict, spec: str = "") -> str:

@@ -26,8 +26,6 @@ naming the record, field, split and path.
 """
 from __future__ import annotations
 
-import dataclasses
-import os
 
 import numpy as np
 
@@ -246,69 +244,29 @@ def to_records(pairs: dict) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 # TFDS storage (ArrayRecord, no TensorFlow)
 # ----------------------------------------------------------------------------------------------
-_BUILDER = None
+def _features(config) -> dict:
+    import tensorflow_datasets as tfds
+
+    return {
+        "index": tfds.features.Scalar(np.int64),
+        "prompt": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+        "chosen": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+        "rejected": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+        "reward_chosen": tfds.features.Scalar(np.float32),
+        "reward_rejected": tfds.features.Scalar(np.float32),
+        "p_chosen": tfds.features.Scalar(np.float32),
+    }
 
 
 def _builder_classes():
-    """(tfds, config class, builder class), defined on first use (importing TFDS takes a moment)."""
-    global _BUILDER
-    if _BUILDER is not None:
-        return _BUILDER
-    import tensorflow_datasets as tfds
-
-    @dataclasses.dataclass(eq=False)
-    class PairsConfig(tfds.core.BuilderConfig):
-        spec: str = ""
-
-    class SyntheticPreferencePairs(tfds.core.GeneratorBasedBuilder):
-        """Preference pairs of an SFT policy on the synthetic language (see the module docstring)."""
-
-        VERSION = tfds.core.Version("1.0.0")
-        RELEASE_NOTES = {"1.0.0": "Initial release."}
-
-        # TFDS derives code_path from the package (which needs the importlib_resources backport
-        # under an editable install); this file is the builder's code.
-        @tfds.core.utils.classproperty
-        @classmethod
-        def code_path(cls):
-            from etils import epath
-
-            return epath.Path(os.path.abspath(__file__))
-
-        def __init__(self, *, records: dict | None = None, **kwargs):
-            self._records = records
-            super().__init__(**kwargs)
-
-        def _info(self):
-            feats = tfds.features.FeaturesDict({
-                "index": tfds.features.Scalar(np.int64),
-                "prompt": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-                "chosen": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-                "rejected": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-                "reward_chosen": tfds.features.Scalar(np.float32),
-                "reward_rejected": tfds.features.Scalar(np.float32),
-                "p_chosen": tfds.features.Scalar(np.float32),
-            })
-            return tfds.core.DatasetInfo(builder=self, description=self.builder_config.description,
-                                         features=feats)
-
-        def _split_generators(self, dl_manager):
-            if self._records is None:
-                raise RuntimeError("SyntheticPreferencePairs: no records were given to write")
-            return {split: self._generate_examples(recs) for split, recs in self._records.items()}
-
-        def _generate_examples(self, records):
-            for rec in records:
-                yield int(rec["index"]), rec
-
-    _BUILDER = (tfds, PairsConfig, SyntheticPreferencePairs)
-    return _BUILDER
+    """(tfds, config class, builder class) of the `synthetic_preference_pairs` dataset."""
+    return tfds_build.records_builder("SyntheticPreferencePairs", __file__, {"spec": ""}, _features)
 
 
 def _builder(data_dir: str, name: str, spec: str = "", records: dict | None = None):
     tfds, PairsConfig, Builder = _builder_classes()
     cfg = PairsConfig(name=name, version="1.0.0", description="preference pairs " + spec[:300], spec=spec)
-    return Builder(data_dir=data_dir, config=cfg, file_format="array_record", records=records)
+    return Builder(data_dir=data_dir, config=cfg, file_format="array_record", splits=records)
 
 
 def write_pairs(data_dir: str, name: str, records: dict[str, list[dict]], spec: str = "") -> str:

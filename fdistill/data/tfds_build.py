@@ -95,3 +95,57 @@ def read_records(source, indices, dataset_dir: str, regenerate: str = "") -> lis
                                     "again when missing)")
         raise CorruptDataError(f"{path} (split {split!r}) is corrupt: {cause}. To regenerate it: {regenerate}") from e
     return records
+
+
+_RECORD_BUILDERS: dict = {}
+
+
+def records_builder(class_name: str, code_file: str, config_fields: dict, features: Callable):
+    """(tfds, config class, builder class) of a TFDS dataset written from in-memory records (the
+    preference pairs of the language and diffusion objectives), defined once per `class_name`
+    (TFDS names the dataset after it: `SyntheticPreferencePairs` -> `synthetic_preference_pairs`).
+
+    The builder is created as `Builder(data_dir=..., config=ConfigClass(name=..., version='1.0.0',
+    description=..., **config_fields), file_format='array_record', splits={split: records})`, each
+    record a dict with an integer 'index' (its key); `features(builder_config)` returns the dict of
+    TFDS features. Importing TFDS takes a moment, so nothing is defined before the first call.
+    """
+    if class_name in _RECORD_BUILDERS:
+        return _RECORD_BUILDERS[class_name]
+    import dataclasses
+
+    import tensorflow_datasets as tfds
+
+    config_cls = dataclasses.make_dataclass(
+        f"{class_name}Config", [(k, type(v), dataclasses.field(default=v)) for k, v in config_fields.items()],
+        bases=(tfds.core.BuilderConfig,), eq=False)
+
+    def __init__(self, *, splits: dict | None = None, **kwargs):
+        self._splits = splits
+        tfds.core.GeneratorBasedBuilder.__init__(self, **kwargs)
+
+    def code_path(cls):
+        # TFDS derives it from the top-level package, which for an editable install needs the
+        # missing `importlib_resources` backport; the module defining the records is the code.
+        from etils import epath
+
+        return epath.Path(os.path.abspath(code_file))
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, description=self.builder_config.description,
+                                     features=tfds.features.FeaturesDict(features(self.builder_config)))
+
+    def _split_generators(self, dl_manager):
+        if self._splits is None:
+            raise RuntimeError(f"{class_name}: no records were given to write")
+        return {split: ((int(r["index"]), r) for r in records) for split, records in self._splits.items()}
+
+    builder_cls = type(class_name, (tfds.core.GeneratorBasedBuilder,), {
+        "__module__": __name__, "__doc__": f"In-memory records written as a TFDS dataset ({class_name}).",
+        "VERSION": tfds.core.Version("1.0.0"), "RELEASE_NOTES": {"1.0.0": "Initial release."},
+        "__init__": __init__, "code_path": tfds.core.utils.classproperty(classmethod(code_path)),
+        "_info": _info, "_split_generators": _split_generators,
+        "_generate_examples": lambda self, records: records,
+    })
+    _RECORD_BUILDERS[class_name] = (tfds, config_cls, builder_cls)
+    return _RECORD_BUILDERS[class_name]
