@@ -95,7 +95,8 @@ def _data_kind(name: str) -> str:
 def model(name: str) -> ConfigDict:
     """The `config.model` section of a network (`fdistill.models`)."""
     if name == "mlp":
-        return _section(name="mlp", width=128, depth=3, emb_dim=64, num_classes=0, dropout=0.0)
+        return _section(name="mlp", width=128, depth=3, emb_dim=64, num_classes=0, dropout=0.0,
+                        out_init="zeros")  # zeros (D = c_skip x at init) | lecun
     if name == "unet":
         return _section(name="unet", channels=32, channel_mult=(1, 2), num_res_blocks=2, attention=True,
                         num_heads=1, emb_dim=128, num_classes=0, dropout=0.0)
@@ -123,6 +124,7 @@ def train() -> ConfigDict:
         checkpoint_every=1000,
         keep_checkpoints=2,
         learning_rate=1e-3,
+        lr_schedule="constant",  # constant | cosine (to 0 at num_steps, which then fixes the trajectory)
         warmup_steps=0,
         grad_clip=1.0,  # global-norm clipping; 0 = none
         weight_decay=0.0,  # AdamW
@@ -163,7 +165,8 @@ def distill() -> ConfigDict:
         ratio_min=0.1,
         ratio_max=20.0,
         # the critic
-        critic="learned",  # learned (fake score + discriminator)
+        critic="learned",  # learned (fake score + discriminator) | oracle (exact; analytic mixture teacher only)
+        oracle_samples=4096,  # critic='oracle': generator samples in its kernel density
         fake_updates_per_gen=5,  # critic (fake score + discriminator) updates per generator update (TTUR)
         critic_loop="scan",  # scan | unroll (unroll for conv nets on CPU)
         fake_loss="edm",  # edm (lambda(sigma)-weighted DSM) | x0_mse (FastGen: unweighted)
@@ -176,6 +179,8 @@ def distill() -> ConfigDict:
         step_aware_critic=False,  # few-step: condition the critic on the student step
         # the student (the objective names the sampler: distill | dmd2_multistep | tdm)
         gen_sigma=80.0,  # G(z) = D_gen(gen_sigma z; gen_sigma)
+        latent_dim=0,  # one-step generator: z of this dimension (0 = the data's; vector data, fresh generator)
+        gen_out_init="",  # '' = config.model.out_init | zeros | lecun (the generator's output layer)
         num_student_steps=1,
         student_sigmas="karras",  # or K comma-separated decreasing floats
         sampler_seed=0,  # keys the few-step sampler's fresh re-noising noise at evaluation
@@ -185,6 +190,7 @@ def distill() -> ConfigDict:
         lr_gen=optional(float),
         lr_fake=optional(float),
         lr_disc=optional(float),
+        gen_lr_schedule=optional(str),  # None = train.lr_schedule
         critic_grad_clip=optional(float),
         gen_ema_decay=0.0,
         # evaluation

@@ -30,13 +30,14 @@ class Denoiser:
         c_noise = jnp.log(sigma) / 4
         return self.net.init(key, x_example, c_noise, **kw)["params"]
 
-    def _apply(self, params, x_in, c_noise, rngs=None, **kw):
+    def apply_net(self, params, x_in, c_noise, rngs=None, **kw):
+        """F(x_in; c_noise), the network inside the preconditioning."""
         if rngs is not None:
             return self.net.apply({"params": params}, x_in, c_noise, train=True, rngs=rngs, **kw)
         return self.net.apply({"params": params}, x_in, c_noise, **kw)
 
     def __call__(self, params, x: jax.Array, sigma: jax.Array, rngs=None, **kw) -> jax.Array:
-        net = lambda x_in, c_noise: self._apply(params, x_in, c_noise, rngs, **kw)
+        net = lambda x_in, c_noise: self.apply_net(params, x_in, c_noise, rngs, **kw)
         return diffusion.precondition(net, x, sigma, self.sigma_data)
 
     def with_features(self, params, x: jax.Array, sigma: jax.Array, rngs=None, **kw):
@@ -44,7 +45,7 @@ class Denoiser:
         feats = {}
 
         def net(x_in, c_noise):
-            out, feats["h"] = self._apply(params, x_in, c_noise, rngs, features=True, **kw)
+            out, feats["h"] = self.apply_net(params, x_in, c_noise, rngs, features=True, **kw)
             return out
 
         d = diffusion.precondition(net, x, sigma, self.sigma_data)

@@ -235,6 +235,8 @@ def _train_and_evaluate(config, wd: workdir_lib.Workdir, mesh, stop: _StopFlag, 
     is_main = wd.is_main
     objective = objectives.build(config)  # a teacher run's architecture is adopted into `config` here
     trajectory = tuple(objective.trajectory_fields)
+    if config.train.lr_schedule != "constant":  # the learning rate depends on how long the run trains
+        trajectory += ("train.num_steps",)
     changes, error = {}, None
     if is_main:
         try:

@@ -47,11 +47,17 @@ class TrainState:
     extra: Pytree = flax.struct.field(default_factory=dict)
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimizerSettings:
-    """AdamW with linear warm-up, global-norm clipping (0 = none) and a parameter EMA (0 = none)."""
+    """AdamW with linear warm-up, then a constant learning rate or a cosine decay to 0 at
+    `num_steps` (`lr_schedule`), global-norm clipping (0 = none) and a parameter EMA (0 = none)."""
 
     learning_rate: float
+    lr_schedule: str = "constant"
+    num_steps: int = 0
     warmup_steps: int = 0
     grad_clip: float = 0.0
     weight_decay: float = 0.0
@@ -77,6 +83,26 @@ class OptimizerSettings:
             raise ValueError(f"warmup_steps, grad_clip and weight_decay must be >= 0, got {self}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={self.lr_schedule!r} is not known; allowed: {list(LR_SCHEDULES)}")
+        if self.lr_schedule != "constant" and self.num_steps <= self.warmup_steps:
+            raise ValueError(f"a {self.lr_schedule} learning-rate schedule needs num_steps > warmup_steps, "
+                             f"got {self.num_steps} and {self.warmup_steps}")
+
+    @property
+    def decays(self) -> bool:
+        """Whether the learning rate depends on `num_steps` (which then fixes the trajectory)."""
+        return self.lr_schedule != "constant"
+
+    def schedule(self):
+        """The learning rate as a function of the update count (an optax schedule or a float)."""
+        s = self.learning_rate
+        if self.lr_schedule == "cosine":
+            s = optax.cosine_decay_schedule(s, self.num_steps - self.warmup_steps)
+        if self.warmup_steps:
+            s = optax.join_schedules([optax.linear_schedule(0.0, self.learning_rate, self.warmup_steps),
+                                      s if callable(s) else optax.constant_schedule(s)], [self.warmup_steps])
+        return s
 
 
 class Optimizer:
@@ -85,9 +111,8 @@ class Optimizer:
     def __init__(self, settings: OptimizerSettings):
         self.settings = settings
         s = settings
-        schedule = optax.linear_schedule(0.0, s.learning_rate, s.warmup_steps) if s.warmup_steps else s.learning_rate
         parts = [optax.clip_by_global_norm(s.grad_clip)] if s.grad_clip else []
-        parts.append(optax.adamw(schedule, b1=s.b1, b2=s.b2, eps=s.eps, weight_decay=s.weight_decay))
+        parts.append(optax.adamw(s.schedule(), b1=s.b1, b2=s.b2, eps=s.eps, weight_decay=s.weight_decay))
         self.tx = optax.chain(*parts)
 
     @property

@@ -19,6 +19,12 @@
 `distill.step_aware_critic=True` conditions both on the student step that produced a sample (for
 few-step students): the fake score network gets one class embedding per (class, step), so each
 step's output distribution has its own score.
+
+`OracleCritic` (`distill.critic='oracle'`, analytic mixture teacher) knows q exactly instead:
+the score and ratio of the noised kernel density of fresh student samples (`distillation.oracle`).
+It has nothing to train; it measures how much of a student's error is the learned critic's.
+
+Both give the generator update its two terms through `generator_terms`: (logit ~ log r, D_fake).
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ import jax.numpy as jnp
 
 from fdistill import diffusion
 from fdistill.denoiser import build_denoiser
-from fdistill.distillation import losses
+from fdistill.distillation import losses, oracle
 
 DISC_ON = ("fake_score", "separate", "teacher")
 FAKE_LOSSES = ("edm", "x0_mse")
@@ -64,6 +70,8 @@ class DiscriminatorHead(nn.Module):
 class LearnedCritic:
     """Fake score + discriminator (module docstring); parameters {'fake': ..., 'disc': ...}."""
 
+    learned = True
+
     def __init__(self, config, teacher, student, levels, use_disc: bool):
         dc = config.distill
         self.config, self.teacher, self.student, self.levels = config, teacher, student, levels
@@ -85,7 +93,7 @@ class LearnedCritic:
 
     def _fake_denoiser(self, net_config, student):
         if not self.step_aware:
-            return student.denoiser
+            return self.teacher.denoiser  # the teacher's architecture
         cfg = net_config.copy_and_resolve_references()
         cfg.model.num_classes = self.num_conditions(student)
         return build_denoiser(cfg, student.shape)
@@ -143,6 +151,12 @@ class LearnedCritic:
             if with_fake:
                 d_fake = self.fake_denoise(params, x_t, sigma, labels, step)
         return self.head.apply({"params": params["disc"]["head"]}, feats), d_fake
+
+    def generator_terms(self, params, frozen_teacher, x_t, sigma, labels, step, key, need_logits: bool):
+        """(logit of "real" or None, D_fake) at the generator's noised samples (`key` is unused)."""
+        if need_logits:
+            return self.logits(params, frozen_teacher, x_t, sigma, labels, step, with_fake=True)
+        return None, self.fake_denoise(params, x_t, sigma, labels, step)
 
     # ----- the loss --------------------------------------------------------------------------
     def fake_targets(self, point, key):
@@ -224,7 +238,43 @@ def copy_matching(source, target):
     return jax.tree_util.tree_map_with_path(pick, target)
 
 
+class OracleCritic:
+    """The exact critic on the analytic mixture (module docstring): D_fake and log r of the noised
+    kernel density of `distill.oracle_samples` fresh student training points (stop-gradient, drawn
+    independently of the points being updated, from the generator's current parameters)."""
+
+    learned = False
+
+    def __init__(self, config, teacher, student, use_disc: bool):
+        if config.distill.teacher != "analytic" or len(student.shape) != 1:
+            raise ValueError("config.distill.critic='oracle' needs config.distill.teacher='analytic' (an exact "
+                             "teacher density) and vector data")
+        if config.distill.oracle_samples < 1:
+            raise ValueError(f"config.distill.oracle_samples must be >= 1, got {config.distill.oracle_samples}")
+        self.student, self.use_disc = student, use_disc
+        self.num_samples = int(config.distill.oracle_samples)
+
+    def init(self, key, frozen_teacher) -> dict:
+        return {"fake": {}, "disc": {}}  # nothing to train
+
+    def samples(self, gen_params, key) -> jax.Array:
+        """The kernel density's support: fresh stop-gradient training points of the student."""
+        gen = jax.lax.stop_gradient(gen_params)
+        return jax.lax.stop_gradient(self.student.train_point(gen, self.student.draws(key, self.num_samples))["x"])
+
+    def generator_terms(self, params, gmm, x_t, sigma, labels, step, key, need_logits: bool):
+        if key is None:
+            raise ValueError("the oracle critic needs draws['critic_key'] (fresh samples for its density)")
+        y = self.samples(params["gen"], key)
+        logits = oracle.log_ratio(gmm.log_prob, y, x_t, sigma) if need_logits else None
+        return logits, oracle.kde_denoiser(y, x_t, sigma)
+
+
+CRITICS = ("learned", "oracle")
+
+
 def build(config, teacher, student, levels, use_disc: bool):
     """The critic named by `config.distill.critic`."""
-    choice(config.distill.critic, ("learned",), "config.distill.critic")
+    if choice(config.distill.critic, CRITICS, "config.distill.critic") == "oracle":
+        return OracleCritic(config, teacher, student, use_disc)
     return LearnedCritic(config, teacher, student, levels, use_disc)

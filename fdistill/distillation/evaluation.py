@@ -55,7 +55,7 @@ class Evaluator:
         out, labs = [], []
         for i, start in enumerate(range(0, n, chunk)):
             k_z, k_l = jax.random.split(jax.random.fold_in(key, i))
-            z = jax.random.normal(k_z, (chunk,) + s.shape)
+            z = jax.random.normal(k_z, (chunk,) + s.latent_shape)
             lab = s.draw_labels(k_l, chunk) if labels is None else jnp.asarray(
                 np.resize(np.asarray(labels)[start:start + chunk], chunk))
             out.append(np.asarray(fn(gen_params, z, lab)))
@@ -115,7 +115,7 @@ class Evaluator:
         metrics["samples_per_sec"] = e.num_samples / elapsed
         metrics.update(self.teacher_metrics(frozen, k_t, labels))
         metrics["speedup"] = metrics["samples_per_sec"] / metrics["teacher/samples_per_sec"]
-        if hasattr(self.source, "gmm") and self.critic is not None and self.critic.use_disc:
+        if hasattr(self.source, "gmm") and getattr(self.critic, "learned", False) and self.critic.use_disc:
             metrics["ratio_spearman"] = self.ratio_spearman(params, frozen, k_r)
         self.last_samples = x
         return metrics

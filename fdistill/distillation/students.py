@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fdistill import diffusion
-from fdistill.denoiser import Denoiser
+from fdistill.denoiser import Denoiser, build_denoiser
 
 SIGMA_SCHEDULES = ("karras",)
 
@@ -96,7 +96,14 @@ def importance_weight(mixed: jax.Array, xi: jax.Array) -> jax.Array:
 
 
 class OneStep:
-    """G(z) = D_gen(sigma_g z; sigma_g) (see the module docstring)."""
+    """G(z) = D_gen(sigma_g z; sigma_g) (see the module docstring).
+
+    With `distill.latent_dim` = m larger than the data dimension d (vector data, a generator that
+    does not start from a teacher network), z has m dimensions and the same preconditioning skips
+    through z's first d: G(z) = c_skip sigma_g z[:d] + c_out F(c_in sigma_g z; c_noise). A wider
+    latent lets the continuous map place disjoint 2-D modes without folding the plane onto a curve
+    (`experiments/results/student_quality.md`).
+    """
 
     def __init__(self, denoiser: Denoiser, levels: NoiseLevels, shape, num_classes: int, conditional: bool,
                  distill_config, diffusion_config):
@@ -105,6 +112,16 @@ class OneStep:
         self.gen_sigma = float(distill_config.gen_sigma)
         self.num_steps = 1
         self.sigmas = np.array([self.gen_sigma], np.float32)
+        m = int(distill_config.latent_dim)
+        if m and (len(self.shape) != 1 or m < self.shape[0]):
+            raise ValueError(f"config.distill.latent_dim={m} needs vector data and at least the data's dimension "
+                             f"(data shape {self.shape}); 0 = the data's")
+        self.latent_shape = (m,) if m else self.shape
+
+    def init(self, key):
+        """Fresh generator parameters (a generator that does not start from a teacher)."""
+        x = jnp.zeros((1,) + self.latent_shape, jnp.float32)
+        return self.denoiser.init(key, x, **self.kw(jnp.zeros((1,), jnp.int32)))
 
     def kw(self, labels) -> dict:
         return {"labels": labels} if self.conditional else {}
@@ -115,16 +132,19 @@ class OneStep:
     def draws(self, key, b: int) -> dict:
         """z, labels, the grid index of sigma and the noise of x_t."""
         k_z, k_lab, k_i, k_e = jax.random.split(key, 4)
-        shape = (b,) + self.shape
-        return {"z": jax.random.normal(k_z, shape), "labels": self.draw_labels(k_lab, b),
-                "index": self.levels.draw_index(k_i, b), "eps": jax.random.normal(k_e, shape)}
+        return {"z": jax.random.normal(k_z, (b,) + self.latent_shape), "labels": self.draw_labels(k_lab, b),
+                "index": self.levels.draw_index(k_i, b), "eps": jax.random.normal(k_e, (b,) + self.shape)}
 
     def generate_at(self, gen_params, x, sigma, labels) -> jax.Array:
         return self.denoiser(gen_params, x, sigma, **self.kw(labels))
 
     def sample(self, gen_params, z, labels=None) -> jax.Array:
         s = self.gen_sigma
-        return self.generate_at(gen_params, s * z, jnp.full(z.shape[:1], s), labels)
+        if self.latent_shape == self.shape:
+            return self.generate_at(gen_params, s * z, jnp.full(z.shape[:1], s), labels)
+        c_skip, c_out, c_in, c_noise = diffusion.preconditioning(jnp.float32(s), self.denoiser.sigma_data)
+        f = self.denoiser.apply_net(gen_params, c_in * s * z, jnp.full(z.shape[:1], c_noise), **self.kw(labels))
+        return c_skip * s * z[:, :self.shape[0]] + c_out * f.astype(z.dtype)
 
     def train_point(self, gen_params, draws: dict) -> dict:
         b = draws["z"].shape[0]
@@ -143,6 +163,9 @@ class _KStep(OneStep):
         K = distill_config.num_student_steps
         if not isinstance(K, (int, np.integer)) or K < 1:
             raise ValueError(f"config.distill.num_student_steps must be an integer >= 1, got {K!r}")
+        if self.latent_shape != self.shape:
+            raise ValueError("config.distill.latent_dim must be 0 for few-step students: every step after the "
+                             "first denoises a data-shaped x_k with the same network")
         self.num_steps = int(K)
         self.sigmas = student_sigmas(self.num_steps, distill_config.student_sigmas, self.gen_sigma,
                                      float(diffusion_config.sigma_min), float(diffusion_config.rho))
@@ -254,9 +277,30 @@ class TrajectorySegments(_KStep):
 STUDENTS = {"distill": OneStep, "dmd2_multistep": BackwardSimulation, "tdm": TrajectorySegments}
 
 
-def build(objective: str, denoiser, levels, shape, num_classes, conditional, distill_config, diffusion_config):
+def generator_denoiser(teacher, config, shape) -> Denoiser:
+    """The generator's network: the teacher's architecture, with `distill.gen_out_init` replacing
+    its output initialisation (a fresh generator only)."""
+    init = config.distill.gen_out_init
+    if not init:
+        return teacher.denoiser
+    if teacher.init_params is not None:
+        raise ValueError("config.distill.gen_out_init needs a fresh generator (config.distill.teacher='analytic'); "
+                         "a network teacher's generator copies its weights")
+    cfg = teacher.net_config.copy_and_resolve_references()
+    if "out_init" not in cfg.model:
+        raise ValueError(f"config.distill.gen_out_init: model {cfg.model.name!r} has no out_init option")
+    cfg.model.out_init = init
+    return build_denoiser(cfg, shape)
+
+
+def build(objective: str, teacher, levels, shape, num_classes, conditional, config):
     """The student sampler of objective `objective` ('distill', 'dmd2_multistep' or 'tdm')."""
-    if objective == "distill" and distill_config.num_student_steps != 1:
-        raise ValueError(f"config.distill.num_student_steps={distill_config.num_student_steps} needs a few-step "
+    dc = config.distill
+    if objective == "distill" and dc.num_student_steps != 1:
+        raise ValueError(f"config.distill.num_student_steps={dc.num_student_steps} needs a few-step "
                          "objective: config.objective='dmd2_multistep' or 'tdm' ('distill' is one-step)")
-    return STUDENTS[objective](denoiser, levels, shape, num_classes, conditional, distill_config, diffusion_config)
+    if dc.latent_dim and teacher.init_params is not None:
+        raise ValueError("config.distill.latent_dim needs a fresh generator (config.distill.teacher='analytic'); "
+                         "a network teacher's generator copies its weights and input size")
+    denoiser = generator_denoiser(teacher, config, shape)
+    return STUDENTS[objective](denoiser, levels, shape, num_classes, conditional, dc, config.diffusion)

@@ -8,6 +8,9 @@ import jax
 import jax.numpy as jnp
 
 
+OUT_INITS = {"zeros": nn.initializers.zeros, "lecun": nn.initializers.lecun_normal()}
+
+
 class FourierEmbedding(nn.Module):
     """Random Fourier features of the scalar noise conditioning c_noise (EDM's 'fourier' embedding)."""
 
@@ -41,7 +44,9 @@ class MLPDenoiserNet(nn.Module):
 
     `features=True` also returns the last hidden layer (used by discriminator heads). With
     `num_classes > 0` a learned class embedding is added to the noise embedding (labels required);
-    `train=True` (with a 'dropout' rng) applies dropout inside the residual blocks.
+    `train=True` (with a 'dropout' rng) applies dropout inside the residual blocks. The output layer
+    starts at zero (`out_init='zeros'`: a fresh EDM denoiser is D = c_skip x) or LeCun-normal
+    (`'lecun'`: a fresh one-step generator then spreads its samples instead of starting as a point).
     """
 
     out_dim: int
@@ -50,6 +55,7 @@ class MLPDenoiserNet(nn.Module):
     emb_dim: int = 64
     num_classes: int = 0
     dropout: float = 0.0
+    out_init: str = "zeros"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -66,6 +72,8 @@ class MLPDenoiserNet(nn.Module):
         for _ in range(self.depth):
             h = ResidualBlock(self.width, self.dropout, dtype=self.dtype)(h, emb, train)
         h = nn.silu(nn.LayerNorm(dtype=self.dtype)(h))
-        out = nn.Dense(self.out_dim, dtype=self.dtype, kernel_init=nn.initializers.zeros)(h)
+        if self.out_init not in OUT_INITS:
+            raise ValueError(f"config.model.out_init={self.out_init!r} is not known; allowed: {list(OUT_INITS)}")
+        out = nn.Dense(self.out_dim, dtype=self.dtype, kernel_init=OUT_INITS[self.out_init])(h)
         out = out.astype(jnp.float32)
         return (out, h.astype(jnp.float32)) if features else out

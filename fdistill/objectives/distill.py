@@ -38,7 +38,7 @@ from fdistill.distillation import critics, evaluation, losses, students, teacher
 from fdistill.evaluation.samples import MIN_EVAL_SAMPLES
 from fdistill.objectives.base import Objective, register
 
-NETWORKS = ("gen", "fake", "disc")
+CRITIC_SALT = 0xC1  # fold_in salt of the critic's own draws in the generator update (the oracle's samples)
 
 
 class DistillObjective(Objective):
@@ -66,17 +66,19 @@ class DistillObjective(Objective):
         self.teacher = teachers.build(config, self.source)
         conditional = bool(self.source.num_classes and self.teacher.net_config.model.num_classes)
         self.levels = students.NoiseLevels(dc, config.diffusion)
-        self.student = students.build(student_kind, self.teacher.denoiser, self.levels, self.source.shape,
-                                      self.source.num_classes, conditional, dc, config.diffusion)
+        self.student = students.build(student_kind, self.teacher, self.levels, self.source.shape,
+                                      self.source.num_classes, conditional, config)
         self.critic = critics.build(config, self.teacher, self.student, self.levels, self.use_disc)
         self.optimizers = self._optimizers(config)
+        if any(o.settings.decays for o in self.optimizers.values()):
+            self.trajectory_fields = ("train.num_steps",)  # the learning rate decays to 0 at num_steps
         label = f"{self.student.num_steps}-step {student_kind} ({self.div.name})"
         self.evaluator = evaluation.Evaluator(config, self.source, self.teacher, self.student, self.critic, label)
 
     def _optimizers(self, config) -> dict[str, ts.Optimizer]:
         dc = config.distill
         opt = lambda **kw: ts.Optimizer(ts.OptimizerSettings.from_config(config.train, **kw))  # noqa: E731
-        return {"gen": opt(learning_rate=dc.lr_gen, ema_decay=dc.gen_ema_decay),
+        return {"gen": opt(learning_rate=dc.lr_gen, lr_schedule=dc.gen_lr_schedule, ema_decay=dc.gen_ema_decay),
                 "fake": opt(learning_rate=dc.lr_fake, grad_clip=dc.critic_grad_clip, ema_decay=0.0),
                 "disc": opt(learning_rate=dc.lr_disc, grad_clip=dc.critic_grad_clip, ema_decay=0.0)}
 
@@ -85,8 +87,7 @@ class DistillObjective(Objective):
         k_gen, k_critic, k_rng = jax.random.split(key, 3)
         frozen = {"teacher": self.teacher.frozen()}
         if self.teacher.init_params is None:
-            x = jnp.zeros((1,) + self.student.shape, jnp.float32)
-            gen = self.student.denoiser.init(k_gen, x, **self.student.kw(jnp.zeros((1,), jnp.int32)))
+            gen = self.student.init(k_gen)
         else:  # DMD2: the generator starts from the teacher
             gen = jax.tree.map(jnp.array, self.teacher.init_params)
         params = {"gen": gen, **self.critic.init(k_critic, frozen["teacher"])}
@@ -109,8 +110,9 @@ class DistillObjective(Objective):
         x_t = x + point["noise"] * sigma.reshape(sigma.shape + (1,) * (x.ndim - 1))
         d_real = jax.lax.stop_gradient(self.teacher(frozen["teacher"], x_t, sigma, **self.student.kw(labels)))
         metrics = {}
+        logits, d_fake = self.critic.generator_terms(params, frozen["teacher"], x_t, sigma, labels, step,
+                                                     draws.get("critic_key"), self.use_disc)
         if self.use_disc:
-            logits, d_fake = self.critic.logits(params, frozen["teacher"], x_t, sigma, labels, step, with_fake=True)
             r = losses.ratio_from_logits(jax.lax.stop_gradient(logits), dc.logit_clip, dc.ratio_min, dc.ratio_max)
             if dc.ratio_bins > 0:
                 d = self.config.diffusion
@@ -123,7 +125,6 @@ class DistillObjective(Objective):
             l_gan = losses.gan_generator_loss(logits)
             metrics.update({"r/mean": jnp.mean(r), "r/min": jnp.min(r), "r/max": jnp.max(r)})
         else:
-            d_fake = self.critic.fake_denoise(params, x_t, sigma, labels, step)
             h = jnp.ones(x.shape[:1], jnp.float32)
             l_gan = jnp.zeros((), jnp.float32)
         d_fake = jax.lax.stop_gradient(d_fake)
@@ -161,7 +162,9 @@ class DistillObjective(Objective):
         labels_real = (jnp.moveaxis(batch["label"], 1, 0) if "label" in batch
                        else jnp.zeros((self.critic_updates, b), jnp.int32))
         keys = jax.random.split(k_critic, self.critic_updates)
-        if self.dc.critic_loop == "scan":
+        if not self.critic.learned:  # an exact critic: nothing to update
+            critic_metrics = {}
+        elif self.dc.critic_loop == "scan":
             state, critic_metrics = jax.lax.scan(lambda s, inp: self.critic_update(s, frozen, *inp), state,
                                                  (x_real, labels_real, keys))
         else:  # Python-unrolled (conv gradients inside scan are slow on CPU)
@@ -172,7 +175,7 @@ class DistillObjective(Objective):
             critic_metrics = jax.tree.map(lambda *a: jnp.stack(a), *per_update)
         critic_metrics = {k: jnp.mean(v) for k, v in critic_metrics.items()}
 
-        draws = self.student.draws(k_gen, b)
+        draws = {**self.student.draws(k_gen, b), "critic_key": jax.random.fold_in(k_gen, CRITIC_SALT)}
         (loss, (metrics, bins, _)), grads = jax.value_and_grad(self.generator_loss, has_aux=True)(
             state.params["gen"], state.params, frozen, draws, state.extra["ratio_bins"])
         state, opt_metrics = ts.apply_gradients(state, {"gen": grads}, self.optimizers)

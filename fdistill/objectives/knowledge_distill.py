@@ -33,8 +33,8 @@ class KnowledgeDistillation(Objective):
         self.teacher = teachers.build(config, self.source)
         conditional = bool(self.source.num_classes and self.teacher.net_config.model.num_classes)
         levels = students.NoiseLevels(config.distill, config.diffusion)
-        self.student = students.OneStep(self.teacher.denoiser, levels, self.source.shape, self.source.num_classes,
-                                        conditional, config.distill, config.diffusion)
+        self.student = students.build("distill", self.teacher, levels, self.source.shape, self.source.num_classes,
+                                      conditional, config)
         if config.distill.gen_sigma != config.diffusion.sigma_max:
             raise ValueError(f"config.distill.gen_sigma={config.distill.gen_sigma} must equal config.diffusion."
                              f"sigma_max={config.diffusion.sigma_max}: the student maps the ODE's starting noise")
@@ -44,8 +44,7 @@ class KnowledgeDistillation(Objective):
     def init(self, key):
         k_gen, k_rng = jax.random.split(key)
         if self.teacher.init_params is None:
-            x = jnp.zeros((1,) + self.student.shape, jnp.float32)
-            gen = self.student.denoiser.init(k_gen, x, **self.student.kw(jnp.zeros((1,), jnp.int32)))
+            gen = self.student.init(k_gen)
         else:
             gen = jax.tree.map(jnp.array, self.teacher.init_params)
         return ts.create_state(gen, self.optimizer, k_rng), {"teacher": self.teacher.frozen()}
@@ -64,7 +63,7 @@ class KnowledgeDistillation(Objective):
     def train_step(self, state, frozen, batch):
         b = batch["x"].shape[0]  # only the batch size: KD needs no data, only the teacher
         k_z, k_lab = jax.random.split(ts.step_key(state))
-        z = jax.random.normal(k_z, (b,) + self.student.shape)
+        z = jax.random.normal(k_z, (b,) + self.student.latent_shape)
         labels = self.student.draw_labels(k_lab, b)
         loss, grads = jax.value_and_grad(self.loss)(state.params, frozen, z, labels)
         state, metrics = ts.apply_gradients(state, grads, self.optimizer)
