@@ -12,6 +12,5 @@ from fdistill import configs
 
 def get_config():
     c = configs.load("gmm_fdistill")
-    c.distill.divergence = "rkl"
-    c.distill.lambda_gan = 1e-3
+    c.distill.divergence = "rkl"  # lambda_gan, noise levels, latent and schedule as gmm_fdistill (the study's)
     return c

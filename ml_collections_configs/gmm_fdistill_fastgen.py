@@ -13,8 +13,10 @@ difference in the README's f-distill section):
   * 4 critic updates per generator update (FastGen's `student_update_freq=5`);
   * AdamW with weight decay 0.01 for the three networks; gradient clipping (norm 10) on the
     generator only.
-Kept from FastGen and already our defaults: logit clamp +-10, ratio clamp [0.1, 20], bin EMA 0, GAN
-weight 1e-3, generator input sigma 80. Two differences remain: FastGen's discriminator heads read
+  * GAN weight 1e-3, a 2-D z, a constant learning rate and 2000 generator updates (the main job's
+    settings before the student-quality study, with which the README's FastGen rows were measured).
+Kept from FastGen and already our defaults: logit clamp +-10, ratio clamp [0.1, 20], bin EMA 0,
+generator input sigma 80. Two differences remain: FastGen's discriminator heads read
 the *frozen teacher's* features (`distill.disc_on='teacher'`, `distill.disc_heads=3`), which needs a
 network teacher (`distill.teacher=<score workdir>`); with the analytic teacher this config uses its
 own trunk (`'separate'`). FastGen's learning rate (1e-4 on CIFAR-10) is for its networks; the toy
@@ -35,4 +37,10 @@ def get_config():
     c.train.weight_decay = 0.01
     c.train.grad_clip = 10.0  # the generator's
     c.distill.critic_grad_clip = 0.0  # no clipping of the fake score and discriminator
+    c.distill.lambda_gan = 1e-3
+    c.distill.latent_dim = 0
+    c.distill.gen_lr_schedule = "constant"
+    c.train.num_steps = 2000
+    c.train.log_every = 250
+    c.train.checkpoint_every = 1000
     return c

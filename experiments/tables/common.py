@@ -1,6 +1,7 @@
 """Helpers shared by the table scripts (no flags here, so every table module can import it)."""
 from __future__ import annotations
 
+import os
 import sys
 
 import jax
@@ -30,6 +31,36 @@ def train_row(config, workdir: str, row: str) -> dict:
         sys.exit(e.code)
     COMPLETED_ROWS.append(row)
     return dict(results)
+
+
+def run_config(base, seed: int, num_steps: int, overrides: dict):
+    """A table run's config: `base` with `overrides` ({'section.field': value}), the seed, the
+    table's length, one checkpoint at the end, ten log rows and no mid-run evaluation."""
+    c = base.copy_and_resolve_references()
+    for dotted, value in overrides.items():
+        section, field = dotted.split(".")
+        c[section][field] = value
+    c.train.seed = seed
+    c.train.num_steps = num_steps
+    c.train.checkpoint_every = num_steps
+    c.train.log_every = max(num_steps // 10, 1)
+    c.train.eval_every = 0
+    return c
+
+
+def train_seeds(tag: str, row: str, workdir: str, seeds: int, make_config, on_result=None) -> list[dict]:
+    """Trains seeds 0..seeds-1 of one table row in `workdir/<row>/seed_<s>` (`train_row`) and returns
+    their results; `on_result(config, sub_workdir, seed, results)` may add entries to `results`."""
+    per_seed = []
+    for seed in range(seeds):
+        c = make_config(seed)
+        sub = os.path.join(workdir, row, f"seed_{seed}")
+        print(f"[{tag}] {row} seed {seed} -> {sub}", flush=True)
+        results = train_row(c, sub, f"{row} seed {seed}")
+        if on_result is not None:
+            on_result(c, sub, seed, results)
+        per_seed.append(results)
+    return per_seed
 
 
 def summarise(per_seed: list[dict]) -> dict:
@@ -65,3 +96,36 @@ def small_mode_mass(objective, x: np.ndarray, k: int = 2) -> float:
     w = np.asarray(gmm.weights)
     small = np.argsort(w)[:k]
     return float(mode_histogram(x, gmm)[small].sum() / w[small].sum())
+
+
+def plot_panels(path: str, objective, samples: dict, title_extra: dict, ncol: int = 4) -> None:
+    """One scatter panel per entry of `samples` (name -> (n, 2+) student samples, red) over the
+    objective's reference data (grey); `title_extra[name]` is appended to the panel's title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(samples)
+    ncol = min(len(names), ncol)
+    nrow = int(np.ceil(len(names) / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 3.2 * nrow), squeeze=False)
+    ref = objective.source.reference(4096)
+    lim = float(np.abs(ref[:, :2]).max()) * 1.3
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, name in zip(axes.ravel(), names):
+        x = samples[name]
+        ax.axis("on")
+        ax.scatter(ref[:, 0], ref[:, 1], s=1, alpha=0.3, c="tab:gray")
+        ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.3, c="tab:red")
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"{name}  {title_extra.get(name, '')}", fontsize=9)
+    fig.suptitle("1-step students (red) over teacher data (grey)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

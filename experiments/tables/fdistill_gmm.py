@@ -22,7 +22,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments.tables.common import final_samples, small_mode_mass, summarise, train_row
+from experiments.tables.common import final_samples, plot_panels, run_config, small_mode_mass, summarise, train_seeds
 from fdistill import divergences, objectives
 from fdistill.configs import CONFIG_DIR
 
@@ -47,15 +47,8 @@ COLUMNS = [
 SMALL_MODE_KEY = "small_mode_mass"
 
 
-def run_config(base, divergence: str, seed: int, num_steps: int):
-    c = base.copy_and_resolve_references()
-    c.distill.divergence = divergence
-    c.train.seed = seed
-    c.train.num_steps = num_steps
-    c.train.checkpoint_every = num_steps
-    c.train.log_every = max(num_steps // 10, 1)
-    c.train.eval_every = 0
-    return c
+def divergence_config(base, divergence: str, seed: int, num_steps: int):
+    return run_config(base, seed, num_steps, {"distill.divergence": divergence})
 
 
 def write_markdown(path: str, table: dict, teacher: dict, meta: dict) -> None:
@@ -92,37 +85,6 @@ def write_markdown(path: str, table: dict, teacher: dict, meta: dict) -> None:
         f.write("\n".join(lines))
 
 
-def plot_panels(path: str, objective, samples: dict, title_extra: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(samples)
-    ncol = min(len(names), 4)
-    nrow = int(np.ceil(len(names) / ncol))
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 3.2 * nrow), squeeze=False)
-    ref = objective.source.reference(4096)
-    lim = float(np.abs(ref[:, :2]).max()) * 1.3
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, name in zip(axes.ravel(), names):
-        x = samples[name]
-        ax.axis("on")
-        ax.scatter(ref[:, 0], ref[:, 1], s=1, alpha=0.3, c="tab:gray")
-        ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.3, c="tab:red")
-        ax.set_xlim(-lim, lim)
-        ax.set_ylim(-lim, lim)
-        ax.set_aspect("equal")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(f"{name}  {title_extra.get(name, '')}", fontsize=9)
-    fig.suptitle("1-step students (red) over teacher data (grey)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -136,26 +98,23 @@ def main(argv):
     t0 = time.perf_counter()
     table, per_run, samples, teacher = {}, {}, {}, {}
     for d in _DIVERGENCES.value:
-        rows = []
-        for seed in range(_SEEDS.value):
-            c = run_config(base, d, seed, num_steps)
-            sub = os.path.join(workdir, d, f"seed_{seed}")
-            print(f"[fdistill_gmm] {d} seed {seed} -> {sub}", flush=True)
-            results = train_row(c, sub, f"{d} seed {seed}")
+        def small_modes(c, sub, seed, results):
             objective = objectives.build(c)
             x = final_samples(objective, sub, int(c.eval.num_samples))
             results[SMALL_MODE_KEY] = small_mode_mass(objective, x)
-            rows.append(results)
-            teacher = {k: v for k, v in results.items() if k.startswith("teacher/")}
+            teacher.update({k: v for k, v in results.items() if k.startswith("teacher/")})
             if seed == 0:
                 samples[d] = x
+
+        rows = train_seeds("fdistill_gmm", d, workdir, _SEEDS.value,
+                           lambda seed: divergence_config(base, d, seed, num_steps), small_modes)
         per_run[d] = rows
         table[d] = summarise(rows)
         print(f"[fdistill_gmm] {d}: " + ", ".join(
             f"{k}={table[d][k]['mean']:.3f}" for k, *_ in COLUMNS if k in table[d]), flush=True)
     wall = time.perf_counter() - t0
     # teacher's small-mode mass, for reference
-    ref_obj = objectives.build(run_config(base, _DIVERGENCES.value[0], 0, num_steps))
+    ref_obj = objectives.build(divergence_config(base, _DIVERGENCES.value[0], 0, num_steps))
     meta = {
         "num_modes": int(base.data.num_modes), "imbalance": float(base.data.imbalance),
         "seeds": _SEEDS.value, "num_steps": num_steps, "batch_size": int(base.train.batch_size),

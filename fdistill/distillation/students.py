@@ -301,6 +301,6 @@ def build(objective: str, teacher, levels, shape, num_classes, conditional, conf
                          "objective: config.objective='dmd2_multistep' or 'tdm' ('distill' is one-step)")
     if dc.latent_dim and teacher.init_params is not None:
         raise ValueError("config.distill.latent_dim needs a fresh generator (config.distill.teacher='analytic'); "
-                         "a network teacher's generator copies its weights and input size")
+                         "a network teacher's generator copies its weights and input size: pass --config.distill.latent_dim=0")
     denoiser = generator_denoiser(teacher, config, shape)
     return STUDENTS[objective](denoiser, levels, shape, num_classes, conditional, dc, config.diffusion)
