@@ -10,6 +10,10 @@ point at the end of a random segment [sigma_{k+1}, sigma_k) at a noise level dra
 segment. The fake score is trained on the same points with weight min(1/sigma^2,
 `tdm_snr_clip`) times TDM's importance weight (`tdm_importance_weight`). Other divergences work
 too (`--config.distill.divergence=js`, which adds the discriminator on real data).
+
+Measured on this mixture (3 seeds, README "few-step" tables): K = 4 stays below K = 1 in coverage
+and sample quality at 2000 updates (0.46 against 0.88) and at 8000 (0.79 against 0.92; its mode
+weights are better, TV 0.051 against 0.074): K = 4 needs more than 8000 updates here.
 """
 from fdistill import configs
 

@@ -29,12 +29,12 @@ def tiny_score_config(num_steps: int = 20, **train):
 
 def tiny_distill_config(name: str = "gmm_fdistill", **distill):
     """A distillation config with a small network and batch (a step in milliseconds); `distill`
-    overrides fields of `config.distill`. The student is the pre-study one (2-D z, noise indices
-    20..980, lambda_gan 1e-3, constant learning rate) so that tests can write G(z) = D(80 z) out;
-    tests of the study's options set them."""
+    overrides fields of `config.distill`. The generator's z has the data's shape (`latent_dim=0`) so
+    that tests can write G(z) = D(80 z) out and start from network teachers; the wide-latent
+    generator has its own tests."""
     c = load_config(name)
     c.model.width, c.model.depth, c.model.emb_dim = 32, 1, 16
-    c.distill.update(latent_dim=0, gen_index_min=20, gen_index_max=980, lambda_gan=1e-3, gen_lr_schedule="constant")
+    c.distill.latent_dim = 0
     c.distill.fake_updates_per_gen = 2
     c.distill.disc_hidden = 32
     for k, v in distill.items():

@@ -100,7 +100,7 @@ def test_rkl_without_gan_is_exactly_the_dmd_update():
         return 0.5 * jnp.mean((x - jax.lax.stop_gradient(x - grad)) ** 2)
 
     expect = jax.jit(jax.grad(dmd_loss))(state.params["gen"])
-    chex.assert_trees_all_close(grads, expect, rtol=1e-5, atol=1e-8)
+    chex.assert_trees_all_close(grads, expect, rtol=1e-5, atol=1e-7)  # float32 sums of cancelling terms
     assert float(aux["h/min"]) == float(aux["h/max"]) == 1.0
 
 
@@ -433,7 +433,7 @@ def test_one_step_student_sample_and_training_point():
     np.testing.assert_allclose(np.asarray(pt["x"]), np.asarray(expect), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(st.sample(gen, d["z"])), np.asarray(expect), rtol=1e-6)
     idx = np.asarray(pt["index"])
-    assert idx.min() >= 20 and idx.max() <= 980 and np.all(np.asarray(pt["step"]) == 0)
+    assert idx.min() >= obj.levels.lo and idx.max() <= obj.levels.hi and np.all(np.asarray(pt["step"]) == 0)
     np.testing.assert_allclose(np.asarray(pt["sigma"]), np.asarray(obj.levels.grid)[idx])
     assert np.all(np.diff(np.asarray(obj.levels.grid)) > 0)  # ascending: index 0 = sigma_min
 
