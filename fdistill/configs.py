@@ -383,6 +383,27 @@ def check_overrides(config: ConfigDict, argv: list[str], flag: str = "config") -
             raise ConfigError(f"--{flag}.{path}={text!r}: {flag}.{path} expects {_TYPE_NAMES[bool]}")
 
 
+def override(config: ConfigDict, values: dict) -> ConfigDict:
+    """Sets `values` ({'section.field': value}) in `config`, in place, and returns it; a field the
+    config does not have is a ConfigError (ConfigDict would silently add it)."""
+    for dotted, value in values.items():
+        section, field = dotted.split(".")
+        if section not in config or field not in config[section]:
+            raise ConfigError(unknown_field_message(dotted, config[section] if section in config else config, section))
+        config[section][field] = value
+    return config
+
+
+# The one-step student of gmm_fdistill.py before its student-quality study
+# (experiments/results/student_quality.md): the settings the few-step and FastGen configs were
+# measured with, and the study's `old` row.
+STUDENT_BEFORE_STUDY = {
+    "distill.lambda_gan": 1e-3, "distill.gen_index_min": 20, "distill.gen_index_max": 980,
+    "distill.latent_dim": 0, "distill.gen_lr_schedule": "constant",
+    "train.num_steps": 2000, "train.log_every": 250, "train.checkpoint_every": 1000,
+}
+
+
 # ----- loading -------------------------------------------------------------------------------------
 
 

@@ -24,16 +24,9 @@ def get_config():
     c.objective = "dmd2_multistep"
     c.distill.num_student_steps = 4
     # The few-step students keep the settings they were measured with before the one-step study
-    # (experiments/results/student_quality.md); its narrow noise levels and 20000 updates are one-step
-    # choices (the few-step table in the README says what the few-step students reach).
-    c.distill.latent_dim = 0  # steps after the first take the data's shape
-    c.distill.lambda_gan = 1e-3
-    c.distill.gen_index_min = 20
-    c.distill.gen_index_max = 980
-    c.distill.gen_lr_schedule = "constant"
-    c.train.num_steps = 2000
-    c.train.log_every = 250
-    c.train.checkpoint_every = 1000
+    # (experiments/results/student_quality.md): 2000 updates, lambda_gan 1e-3, noise indices 20..980,
+    # a z of the data's shape (steps after the first take it), a constant learning rate.
+    configs.override(c, configs.STUDENT_BEFORE_STUDY)
     c.distill.student_sigmas = "karras"  # or e.g. "80,17.6,2.53,0.171"
     c.distill.sampler_seed = 0  # keys the sampler's fresh re-noising noise at evaluation
     return c

@@ -26,7 +26,8 @@ from fdistill import configs
 
 
 def get_config():
-    c = configs.load("gmm_fdistill")
+    # GAN weight 1e-3, 2-D z, constant lr, 2000 updates (then FastGen's noise indices below)
+    c = configs.override(configs.load("gmm_fdistill"), configs.STUDENT_BEFORE_STUDY)
     c.distill.ratio_binning = "sigma"
     c.distill.fake_loss = "x0_mse"
     c.distill.gen_index_min = 2
@@ -37,10 +38,4 @@ def get_config():
     c.train.weight_decay = 0.01
     c.train.grad_clip = 10.0  # the generator's
     c.distill.critic_grad_clip = 0.0  # no clipping of the fake score and discriminator
-    c.distill.lambda_gan = 1e-3
-    c.distill.latent_dim = 0
-    c.distill.gen_lr_schedule = "constant"
-    c.train.num_steps = 2000
-    c.train.log_every = 250
-    c.train.checkpoint_every = 1000
     return c

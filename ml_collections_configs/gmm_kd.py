@@ -13,7 +13,6 @@ def get_config():
     c.objective = "kd"
     c.distill.lr_gen = 1e-3
     c.distill.latent_dim = 0  # the student maps the teacher's own starting noise
-    c.distill.gen_lr_schedule = "constant"
     c.train.num_steps = 2000
     c.train.log_every = 250
     c.train.checkpoint_every = 1000

@@ -19,17 +19,11 @@ from fdistill import configs
 
 
 def get_config():
-    c = configs.load("gmm_fdistill")
+    c = configs.override(configs.load("gmm_fdistill"), configs.STUDENT_BEFORE_STUDY)  # as measured (2000 updates)
     c.objective = "tdm"
     c.distill.divergence = "rkl"
     c.distill.lambda_gan = 0.0  # data-free
     c.distill.num_student_steps = 4
-    # Settings as measured before the one-step study (see gmm_dmd2_multistep.py):
-    c.distill.latent_dim = 0  # steps after the first take the data's shape
-    c.distill.gen_lr_schedule = "constant"
-    c.train.num_steps = 2000
-    c.train.log_every = 250
-    c.train.checkpoint_every = 1000
     c.distill.student_sigmas = "karras"
     c.distill.tdm_snr_clip = 5.0  # min(SNR, 5) weight of the fake-score loss (TDM)
     c.distill.tdm_importance_weight = True
@@ -41,5 +35,4 @@ def get_config():
     # floor (sigma_VE ~ 0.1 on SD's schedule). With the one-step floor (index 20, sigma = 0.003) the
     # min(SNR, 5)-weighted fake score is too coarse at tiny sigma and the generator loss spikes.
     c.distill.gen_index_min = 200
-    c.distill.gen_index_max = 980  # the segments cover the whole trajectory (not gmm_fdistill's 150..350)
     return c

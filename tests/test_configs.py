@@ -38,6 +38,18 @@ def test_complete_fills_defaults_and_rejects_unknown_fields_and_types():
     assert configs.complete({"objective": "score", "data": {"name": "tfds:cifar10"}}).data.split == "train"
 
 
+def test_override_sets_known_fields_and_rejects_a_typo():
+    """configs.override (the table runs' and the configs' {'section.field': value} sets)."""
+    c = configs.override(configs.load("gmm_fdistill"), {"distill.lambda_gan": 0.5, "train.num_steps": 3})
+    assert c.distill.lambda_gan == 0.5 and c.train.num_steps == 3
+    with pytest.raises(configs.ConfigError, match=r"distill\.lambda_gn is not a config field; did you mean "
+                                                  r"distill\.lambda_gan"):
+        configs.override(c, {"distill.lambda_gn": 0.5})
+    with pytest.raises(configs.ConfigError, match=r"distil\.lambda_gan is not a config field"):
+        configs.override(c, {"distil.lambda_gan": 0.5})
+    assert "lambda_gn" not in c.distill
+
+
 def test_check_overrides_names_field_and_type():
     c = configs.load("gmm_fdistill")
     configs.check_overrides(c, ["--config.distill.divergence=kl", "--config.distill.lr_gen=3e-4", "--workdir=x"])

@@ -30,10 +30,9 @@ from ml_collections import config_flags
 
 from experiments.tables.common import final_samples, plot_panels, run_config, summarise, train_seeds
 from fdistill import objectives
-from fdistill.configs import CONFIG_DIR
+from fdistill.configs import CONFIG_DIR, STUDENT_BEFORE_STUDY
 
-OLD = {"distill.lambda_gan": 1e-3, "distill.gen_index_min": 20, "distill.gen_index_max": 980,
-       "distill.latent_dim": 0, "distill.gen_lr_schedule": "constant"}  # the main job before this study
+OLD = STUDENT_BEFORE_STUDY  # the main job before this study (its train.* length is the study's --num_steps)
 
 # row -> (what it changes, overrides of gmm_fdistill.py). Order = table order.
 ROWS = {

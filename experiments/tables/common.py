@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fdistill import configs
+
 # Rows of this process's table whose runs are finished, in order (`train_row`).
 COMPLETED_ROWS: list[str] = []
 
@@ -36,10 +38,7 @@ def train_row(config, workdir: str, row: str) -> dict:
 def run_config(base, seed: int, num_steps: int, overrides: dict):
     """A table run's config: `base` with `overrides` ({'section.field': value}), the seed, the
     table's length, one checkpoint at the end, ten log rows and no mid-run evaluation."""
-    c = base.copy_and_resolve_references()
-    for dotted, value in overrides.items():
-        section, field = dotted.split(".")
-        c[section][field] = value
+    c = configs.override(base.copy_and_resolve_references(), overrides)
     c.train.seed = seed
     c.train.num_steps = num_steps
     c.train.checkpoint_every = num_steps
