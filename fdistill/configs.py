@@ -205,6 +205,8 @@ def po() -> ConfigDict:
         loss="dpo",  # any loss of fdistill.objectives.preference
         beta=0.1,
         **preference_loss_params(),  # label_smoothing (cdpo), gamma (simpo), alpha (rpo), lambda_ (orpo), ...
+        desirable_weight=1.0,  # kto: lambda_D (TRL's name)
+        undesirable_weight=1.0,  # kto: lambda_U
         precompute_ref=True,  # reference log-probs computed once, not in every step
         reference="sft",  # sft (the run in sft_workdir) | init (random reference of config.model, demonstrator pairs)
         sft_workdir="",  # workdir of a finished 'sft' run with this config's task and model
@@ -392,6 +394,35 @@ def override(config: ConfigDict, values: dict) -> ConfigDict:
             raise ConfigError(unknown_field_message(dotted, config[section] if section in config else config, section))
         config[section][field] = value
     return config
+
+
+def parse_assignments(config: ConfigDict, texts: Iterable[str], flag: str = "set") -> dict:
+    """{'section.field': value} from command-line texts 'section.field=value' (as `--config.`
+    overrides are written), each value parsed as the field's type in `config`; an unknown field or a
+    value that does not parse is a ConfigError naming it. Apply the result with `override`."""
+    values = {}
+    for text in texts:
+        dotted, sep, raw = text.partition("=")
+        parts = dotted.split(".")
+        if not sep or len(parts) != 2:
+            raise ConfigError(f"--{flag}={text!r}: expected section.field=value, e.g. distill.lambda_gan=0.01")
+        section, field = parts
+        if section not in config or field not in config[section]:
+            raise ConfigError(unknown_field_message(dotted, config[section] if section in config else config, section))
+        kind = config[section].get_type(field)
+        try:
+            if kind is bool:
+                if raw.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(raw)
+                value = raw.lower() in ("true", "1")
+            elif kind in (int, float):
+                value = kind(raw)
+            else:
+                value = raw
+        except ValueError:
+            raise ConfigError(f"--{flag}={text!r}: {dotted} expects {_TYPE_NAMES.get(kind, kind.__name__)}") from None
+        values[dotted] = value
+    return values
 
 
 # The one-step student of gmm_fdistill.py before its student-quality study

@@ -15,8 +15,11 @@ does the same. Another loss on the same SFT run:
 The preference data (two SFT samples per prompt, Bradley-Terry labels on the true reward) are built
 once as a local TFDS dataset (ArrayRecord) in `po.data_dir` (default <sft workdir>/preference_data)
 and reused. `po.loss`: any loss of fdistill/objectives/preference.py (dpo | cdpo | ipo | hinge |
-ln_dpo | simpo | rpo | orpo | mapo), with `po.beta` and `po.label_smoothing` (cdpo), `po.gamma`
-(simpo), `po.alpha` (rpo), `po.lambda_` (orpo), `po.snr_value` / `po.margin_scale` (mapo).
+ln_dpo | simpo | rpo | orpo | mapo and TRL's robust | exo_pair | nca_pair | bco_pair | sppo_hard |
+aot | aot_unpaired | apo_zero | apo_down | discopop | cpo), with `po.beta` and
+`po.label_smoothing` (cdpo, robust, exo_pair, aot*), `po.gamma` (simpo), `po.alpha` (rpo),
+`po.lambda_` (orpo), `po.cpo_alpha` (cpo), `po.discopop_tau`, `po.nll_norm` (rpo, orpo, cpo:
+'example' | 'batch'), `po.snr_value` / `po.margin_scale` (mapo). KTO: synthetic_kto.py.
 `po.precompute_ref=True` computes the reference log-probs once; False recomputes them in the step.
 `po.reference=init` skips the SFT run (random reference, demonstrator pairs; for benchmarks).
 results.json: true_reward, kl_to_ref, mean_length, win_rate_vs_ref, optimal_frac, ref/* (the SFT

@@ -280,10 +280,12 @@ def test_prepare_trains_the_missing_reference_once_into_the_named_workdir(tmp_pa
         "--config.dpo.reference=W/reference")
 
 
-@pytest.mark.parametrize("method,space", [("diffusion_dpo", "perceptual"), ("ipo", "pixel")])
+@pytest.mark.parametrize("method,space", [("diffusion_dpo", "perceptual"), ("ipo", "pixel"), ("aot", "pixel"),
+                                          ("cpo", "pixel")])
 def test_step_compiles_once_and_only_the_policy_moves(teacher_dir, method, space):
-    """Any registry loss is a `config.dpo.method` (on -err/2, lengths 1), here one named after a
-    language loss (ipo); MaPO, reference-free, runs in test_short_mapo_run_*."""
+    """Any registry loss is a `config.dpo.method` (on -err/2, lengths 1), here ones named after
+    language losses (ipo; aot, which sorts over the batch; cpo, reference-free with an NLL term);
+    MaPO, reference-free, runs in test_short_mapo_run_*."""
     obj = objectives.build(po_config(teacher_dir, method, space=space))
     state, frozen = obj.init(jax.random.PRNGKey(0))
     ref_before = jax.tree.map(np.asarray, frozen["ref"])
@@ -297,7 +299,7 @@ def test_step_compiles_once_and_only_the_policy_moves(teacher_dir, method, space
         assert np.isfinite(float(m[k])), k  # the shared update path's and the registry's metrics
     np.testing.assert_allclose(m["logps/chosen"], -0.5 * m["err_w"], rtol=1e-6)
     # step 1: policy == reference, so every log-ratio margin h is 0 (up to float rounding)
-    at_zero = {"diffusion_dpo": np.log(2.0), "ipo": (1 / (2 * obj.beta)) ** 2}.get(method)
+    at_zero = {"diffusion_dpo": np.log(2.0), "ipo": (1 / (2 * obj.beta)) ** 2, "aot": np.log(2.0)}.get(method)
     if at_zero is not None:
         np.testing.assert_allclose(history[0]["loss"], at_zero, rtol=1e-3)
     chex.assert_trees_all_equal(frozen["ref"], ref_before)

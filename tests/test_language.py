@@ -7,6 +7,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from fdistill import objectives, train
@@ -234,8 +235,9 @@ def test_tfds_round_trip_and_bad_records_are_named(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # Objectives
 # ----------------------------------------------------------------------------------------------
-def init_po(**po):
+def init_po(objective="po", **po):
     c = tiny_dpo_config("unused", reference="init", **po)
+    c.objective = objective
     return language.build_po_setup(c)
 
 
@@ -270,6 +272,55 @@ def test_padding_never_changes_the_po_loss():
     (l2, _), g2 = grad(params, frozen["ref"], changed)
     assert float(l1) == pytest.approx(float(l2), rel=1e-6)
     chex.assert_trees_all_close(g1, g2, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+                                  "apo_zero", "apo_down", "discopop", "cpo"])
+def test_trl_losses_train_the_language_policy(name):
+    """TRL's loss types through `config.po.loss`: a finite loss and a gradient on the policy."""
+    obj, state, frozen, batch = init_po(precompute_ref=False, loss=name, nll_norm="batch")
+    params = jax.tree.map(lambda x: x + 0.05 * jnp.sign(x), state.params)  # policy != reference
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(obj.loss, has_aux=True))(params, frozen["ref"], batch)
+    assert np.isfinite(float(loss)) and np.isfinite(float(metrics["rewards/margins"]))
+    norm = float(optax.global_norm(grads))
+    assert np.isfinite(norm) and norm > 0
+
+
+def test_unpaired_examples_keep_the_labels_and_mismatch_the_kl_completions():
+    c = tiny_dpo_config("unused", reference="init")
+    t = prefdata.SyntheticLanguage(c.task)
+    pairs = prefdata.PreferencePairs(language.demonstrator_pairs(c, t)["train"], t, seed=3)
+    ex = prefdata.UnpairedExamples(pairs)
+    n = pairs.num_pairs
+    assert ex.num_examples == 2 * n
+    np.testing.assert_array_equal(ex.inputs["tokens"][:n], pairs.inputs["chosen_tokens"])
+    np.testing.assert_array_equal(ex.inputs["tokens"][n:], pairs.inputs["rejected_tokens"])
+    np.testing.assert_array_equal(ex.inputs["desirable"], np.r_[np.ones(n), np.zeros(n)])
+    b = ex.batch(5, 16)
+    nxt = np.roll(np.arange(16), -1)
+    np.testing.assert_array_equal(b["kl_tokens"][:, :prefdata.PROMPT_LEN], b["tokens"][:, :prefdata.PROMPT_LEN])
+    np.testing.assert_array_equal(b["kl_tokens"][:, prefdata.PROMPT_LEN:], b["tokens"][nxt, prefdata.PROMPT_LEN:])
+    np.testing.assert_array_equal(b["kl_mask"], b["mask"][nxt])
+    # the global batch is one function of the step: two processes' slices make it up
+    halves = [ex.batch(5, 16, i, 2) for i in range(2)]
+    for k in b:
+        np.testing.assert_array_equal(np.concatenate([h[k] for h in halves]), b[k])
+
+
+def test_kto_step_compiles_once_and_starts_at_half_the_weights():
+    obj, state, frozen, batch = init_po(precompute_ref=False, desirable_weight=2.0, undesirable_weight=0.0,
+                                        objective="kto")
+    step = jax.jit(chex.assert_max_traces(obj.train_step, n=1))
+    losses = []
+    for i in range(3):
+        state, m = step(state, frozen, {k: jnp.asarray(v) for k, v in obj.batch(i).items()})
+        losses.append(float(m["loss"]))
+    d = obj.batch(0)["desirable"]
+    np.testing.assert_allclose(losses[0], np.mean(d) * 2.0 / 2, rtol=1e-5)  # policy == reference: lambda / 2
+    assert np.isfinite(losses[-1]) and float(m["rewards/margins"]) != 0.0
+    chex.clear_trace_counter()
+    with pytest.raises(ValueError, match="config.po.precompute_ref=True is not supported by objective 'kto'"):
+        init_po(precompute_ref=True, objective="kto")
 
 
 def test_sft_lowers_nll(sft_workdir):

@@ -49,6 +49,36 @@ def np_loss(name, pw, pl_, rw, rl, lw, ll, beta, ls=0.1, gamma=0.5, alpha=1.0, l
         ew, el = -2 * pw, -2 * pl_
         hw, hl = np_mapo_link(s * ew), np_mapo_link(s * el)
         return ew - beta * np_logsig(t * (hw - hl)), hw, hl
+    # TRL 1.x DPOTrainer loss types, from the papers each cites (delta = pi - ref).
+    dw, dl = pw - rw, pl_ - rl
+    r = (beta * dw, beta * dl)
+    if name == "robust":  # rDPO, 2403.00409 eq. 9
+        return ((1 - ls) * -np_logsig(beta * h) - ls * -np_logsig(-beta * h)) / (1 - 2 * ls), *r
+    if name == "exo_pair":  # EXO, 2402.00856 eq. 16: KL(q || p_label) over the two responses
+        q = np.stack([1 / (1 + np.exp(-beta * h)), 1 / (1 + np.exp(beta * h))])
+        p = np.array([1 - ls, ls])[:, None]
+        return np.sum(q * np.log(q / p), axis=0), *r
+    if name == "nca_pair":  # 2402.05369
+        return -np_logsig(beta * dw) - 0.5 * np_logsig(-beta * dw) - 0.5 * np_logsig(-beta * dl), *r
+    if name == "bco_pair":
+        return -np_logsig(beta * dw) - np_logsig(-beta * dl), *r
+    if name == "sppo_hard":  # 2405.00675 eq. 4.7 with P(y_w wins) = 1
+        return (dw - 1 / (2 * beta)) ** 2 + (dl + 1 / (2 * beta)) ** 2, *r
+    if name in ("aot", "aot_unpaired"):  # 2406.05882: order statistics of the batch
+        d = (np.sort(pw - pl_) - np.sort(rw - rl)) if name == "aot" else (np.sort(dw) - np.sort(dl))
+        return -(1 - ls) * np_logsig(beta * d) - ls * np_logsig(-beta * d), *r
+    sig = lambda x: np.exp(np_logsig(x))
+    if name == "apo_zero":  # 2408.06266 eq. 7
+        return 1 - sig(beta * dw) + sig(beta * dl), *r
+    if name == "apo_down":  # eq. 8
+        return sig(beta * dw) + 1 - sig(beta * h), *r
+    if name == "discopop":  # 2406.08414 eq. 5, tau 0.05
+        m = sig(beta * h / 0.05)
+        with np.errstate(over="ignore"):
+            expo = np.where(m > 0, np.exp(-beta * h), 0.0)
+        return (1 - m) * -np_logsig(beta * h) + m * expo, *r
+    if name == "cpo":  # 2401.08417 eq. 6: sigmoid on summed log-probs + alpha NLL per token
+        return -np_logsig(beta * (pw - pl_)) + alpha * (-pw / lw), beta * pw, beta * pl_
     raise AssertionError(f"{name}: every registered loss needs its NumPy formula here")
 
 
@@ -68,7 +98,8 @@ def random_batch(rng, n=16, kind="random"):
     return pw, pl_, rw, rl, lw, ll
 
 
-PARAMS = dict(label_smoothing=0.1, gamma=0.5, alpha=1.0, lambda_=0.1, snr_value=0.5, margin_scale=1000.0)
+PARAMS = dict(label_smoothing=0.1, gamma=0.5, alpha=1.0, lambda_=0.1, snr_value=0.5, margin_scale=1000.0,
+              discopop_tau=0.05, cpo_alpha=1.0)
 
 
 @pytest.mark.parametrize("name", pl.LOSSES)
@@ -139,6 +170,44 @@ def test_bad_names_and_params_are_named():
         pl.preference_loss("orpo", x, x, x, x, x + 1, x + 1, beta=0.1, **{"lambda": 0.1})
     with pytest.raises(ValueError, match="po.label_smoothing must be in"):
         pl.preference_loss("cdpo", x, x, x, x, beta=0.1, label_smoothing=0.5)
+    # One config field, ranges per loss: eps = 0 is plain DPO for cdpo, log 0 for exo_pair.
+    pl.preference_loss("cdpo", x, x, x, x, beta=0.1, label_smoothing=0.0)
+    with pytest.raises(ValueError, match=r"po.label_smoothing must be in \(0, 0.5\) .*got 0.0 \(po.loss='exo_pair'\)"):
+        pl.preference_loss("exo_pair", x, x, x, x, beta=0.1, label_smoothing=0.0)
+    with pytest.raises(ValueError, match=r"po.nll_norm must be 'example' or 'batch', got 'token'"):
+        pl.preference_loss("rpo", x, x, x, x, x + 1, beta=0.1, nll_norm="token")
+
+
+def test_order_statistic_losses_couple_the_batch():
+    """aot / aot_unpaired compare sorted margins: permuting the pairs permutes nothing in the loss
+    vector (it is indexed by rank), and changing one pair can change every rank's loss."""
+    rng = np.random.default_rng(5)
+    batch = list(map(jnp.asarray, random_batch(rng)))
+    perm = rng.permutation(16)
+    for name in ("aot", "aot_unpaired"):
+        loss, _ = pl.preference_loss(name, *batch, beta=0.7)
+        shuffled, _ = pl.preference_loss(name, *[b[perm] for b in batch], beta=0.7)
+        np.testing.assert_allclose(shuffled, loss, rtol=1e-6)
+        changed = [b.at[0].add(-50.0) if i == 0 else b for i, b in enumerate(batch)]
+        assert np.sum(np.asarray(pl.preference_loss(name, *changed, beta=0.7)[0]) != np.asarray(loss)) > 1
+
+
+def test_nll_normalisation_example_and_batch():
+    """'example': -pi_w / |y_w| per pair (RPO/ORPO papers); 'batch': TRL's -sum pi_w / sum |y_w| for
+    every pair. Equal lengths make them the same mean; unequal lengths differ (parity.md: 1.541 vs 2.210)."""
+    pw, pl_, rw, rl, lw, ll = random_batch(np.random.default_rng(6))
+    args = list(map(jnp.asarray, (pw, pl_, rw, rl, lw, ll)))
+    token_mean = -pw.astype(np.float64).sum() / lw.sum()
+    for name in ("rpo", "orpo", "cpo"):
+        ex, m_ex = pl.preference_loss(name, *args, beta=0.7, nll_norm="example")
+        ba, m_ba = pl.preference_loss(name, *args, beta=0.7, nll_norm="batch")
+        np.testing.assert_allclose(m_ex["nll"], np.mean(-pw / lw), rtol=1e-5)
+        np.testing.assert_allclose(m_ba["nll"], token_mean, rtol=1e-5)
+        np.testing.assert_allclose(ba - ex, token_mean - (-pw / lw), rtol=1e-4, atol=1e-4)  # NLL weight 1
+        same = [a if i != 4 else jnp.full_like(a, 7.0) for i, a in enumerate(args)]
+        e2 = pl.preference_loss(name, *same, beta=0.7, nll_norm="example")[0]
+        b2 = pl.preference_loss(name, *same, beta=0.7, nll_norm="batch")[0]
+        np.testing.assert_allclose(jnp.mean(e2), jnp.mean(b2), rtol=1e-5)
 
 
 def test_sequence_logps_matches_a_loop_and_ignores_prompt_and_padding():
@@ -243,3 +312,29 @@ def test_every_loss_parameter_is_a_config_field_of_both_objectives():
         c = configs.base(family)[section]
         for name, p in pl.PARAMS.items():
             assert c[name] == p.default, (section, name)
+
+
+def test_kto_loss_matches_numpy_and_holds_the_reference_point_constant():
+    """KTO (arXiv 2402.01306 eqs. 7-8): z_ref = max(0, mean(pi_kl - ref_kl)) is a constant of the
+    gradient; desirable examples pay lambda_D (1 - s(b (r - z))), undesirable lambda_U (1 - s(b (z - r)))."""
+    rng = np.random.default_rng(7)
+    n, beta, lam_d, lam_u = 12, 0.3, 1.5, 0.7
+    pi, ref, pi_kl, ref_kl = (-rng.uniform(1, 10, n).astype(np.float32) for _ in range(4))
+    d = (rng.random(n) < 0.4).astype(np.float32)
+    for shift in (0.0, 3.0, -3.0):  # KL estimate negative (clamped to 0) and positive
+        kl_in = pi_kl + shift
+        z = max(0.0, float(np.mean(kl_in.astype(np.float64) - ref_kl)))
+        r = pi.astype(np.float64) - ref
+        sig = lambda x: 1 / (1 + np.exp(-x))
+        want = np.where(d > 0, lam_d * (1 - sig(beta * (r - z))), lam_u * (1 - sig(beta * (z - r))))
+        loss, m = pl.kto_loss(pi, ref, d, kl_in, ref_kl, beta=beta, desirable_weight=lam_d, undesirable_weight=lam_u)
+        np.testing.assert_allclose(loss, want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(m["kl"], z, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(m["rewards/chosen"], beta * r[d > 0].mean(), rtol=1e-5)
+        np.testing.assert_allclose(m["rewards/rejected"], beta * r[d == 0].mean(), rtol=1e-5)
+        np.testing.assert_allclose(m["logps/chosen"], pi[d > 0].mean(), rtol=1e-5)
+    grad_kl = jax.grad(lambda k: jnp.sum(pl.kto_loss(pi, ref, d, k, ref_kl, beta=beta)[0]))(jnp.asarray(pi_kl + 3.0))
+    np.testing.assert_array_equal(grad_kl, 0.0)
+    # policy == reference and z = 0: every example pays lambda / 2
+    loss, _ = pl.kto_loss(pi, pi, d, pi_kl, pi_kl, beta=beta, desirable_weight=lam_d, undesirable_weight=lam_u)
+    np.testing.assert_allclose(loss, np.where(d > 0, lam_d, lam_u) / 2, rtol=1e-6)

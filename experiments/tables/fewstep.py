@@ -4,7 +4,7 @@ measured samples/s, at equal generator updates or at equal wall time.
 
     python -m experiments.tables.fewstep --workdir runs/fewstep_gmm [--data gmm] [--steps 1,2,4] \
         [--methods dmd2_multistep,dmd2_stepaware,tdm] [--seeds 1] [--num_steps 2000] [--divergence js] \
-        [--budget updates|wall]
+        [--budget updates|wall] [--set distill.gen_index_min=150,distill.lambda_gan=0.01]
     python -m experiments.tables.fewstep --data digits --teacher runs/digits_score --workdir runs/fewstep_digits
 
 Methods: `dmd2_multistep` (one fake score and discriminator for the outputs of every step),
@@ -13,7 +13,8 @@ step that produced a sample) and `tdm`. `--budget=updates` trains every row for 
 generator updates. `--budget=wall` gives every row the wall time that the method's K = 1 row needs
 for `--num_steps` updates: each row's training rate (updates/s) is measured first, back to back in
 this process (`calibrate`, the best of three timing windows), and a row with rate r_K trains
-round(num_steps * r_K / r_1) updates (recorded in table.json and the table). The per-step column
+round(num_steps * r_K / r_1) updates (recorded in table.json and the table). `--set` changes config
+fields of every row (comma-separated `section.field=value`, typed as the field; recorded in table.json). The per-step column
 (`max step TV`) is the largest mode-weight TV over the outputs of single steps k = 0..K-1 of the
 rollout (`experiments.diagnostics.fewstep_step_modes`; GMM only): it is low only when every step's
 output matches the data, not merely the mixture over steps.
@@ -38,7 +39,7 @@ from absl import app, flags
 
 from experiments.tables.common import final_samples, small_mode_mass, summarise, train_row
 from fdistill import objectives
-from fdistill.configs import CONFIG_DIR, load
+from fdistill.configs import CONFIG_DIR, load, override, parse_assignments
 
 # method -> (config suffix <data>_<suffix>.py, distill overrides)
 METHODS = {
@@ -58,6 +59,8 @@ _DIVERGENCE = flags.DEFINE_string("divergence", None, "distill.divergence overri
 _BATCH = flags.DEFINE_integer("batch_size", None, "train.batch_size override (default: the config's).")
 _TEACHER = flags.DEFINE_string("teacher", None, "distill.teacher override: the workdir of a finished score run "
                                "(digits; default: the config's runs/digits_score).")
+_SET = flags.DEFINE_list("set", [], "Config fields of every row, comma-separated section.field=value "
+                         "(e.g. distill.gen_index_min=150,distill.gen_lr_schedule=cosine).")
 flags.mark_flags_as_required(["workdir"])
 
 # (metric key, header, format); metrics missing for a data source print '-'.
@@ -87,8 +90,9 @@ def config_path(data: str, method: str) -> str:
 
 
 def run_config(data: str, method: str, K: int, seed: int, num_steps: int | None, batch_size: int | None,
-               divergence: str | None = None, teacher: str | None = None):
+               divergence: str | None = None, teacher: str | None = None, assignments: list[str] = ()):
     c = load(config_path(data, method))
+    override(c, parse_assignments(c, assignments))
     c.distill.num_student_steps = K
     for k, v in METHODS[method][1].items():
         c.distill[k] = v
@@ -149,7 +153,8 @@ def write_markdown(path: str, table: dict, teacher: dict, meta: dict) -> None:
         + ("equal generator updates. " if meta["budget"] == "updates" else
            "equal wall time (each method's K = 1 budget; updates per row in the 'updates' column). ") +
         f"Mean +- std over seeds. samples/s: the K-step sampler, jitted, on this machine "
-        f"({meta['backend']}). Wall time {meta['wall_seconds'] / 60:.1f} min.",
+        f"({meta['backend']}). Wall time {meta['wall_seconds'] / 60:.1f} min."
+        + (f" Every row with {', '.join(meta['set'])}." if meta.get("set") else ""),
         "",
         "| row | divergence | student sigmas | " + " | ".join(h for _, h, _ in cols) + " |",
         "|---|---|---|" + "---|" * len(cols),
@@ -182,19 +187,21 @@ def main(argv):
         if m not in METHODS:
             raise app.UsageError(f"--methods={m!r} is not allowed; allowed: {list(METHODS)}")
         config_path(_DATA.value, m)
+        run_config(_DATA.value, m, 1, 0, None, None, assignments=_SET.value)  # a bad --set fails here
     steps = [int(k) for k in _STEPS.value]
     workdir = os.path.abspath(_WORKDIR.value)
     os.makedirs(workdir, exist_ok=True)
     t0 = time.perf_counter()
     table, per_run, samples, teacher = {}, {}, {}, {}
     meta = {"data": _DATA.value, "seeds": _SEEDS.value, "steps": steps, "backend": jax.default_backend(),
-            "budget": _BUDGET.value, "divergence": {}, "sigmas": {}, "updates_per_sec": {}, "updates": {}}
+            "budget": _BUDGET.value, "set": _SET.value, "divergence": {}, "sigmas": {}, "updates_per_sec": {}, "updates": {}}
     for method in _METHODS.value:
         updates = {K: _NUM_STEPS.value for K in steps}
         if _BUDGET.value == "wall":
             rates = {K: calibrate(run_config(_DATA.value, method, K, 0, None, _BATCH.value, _DIVERGENCE.value,
-                                             _TEACHER.value)) for K in sorted(set(steps) | {1})}
-            base = int(_NUM_STEPS.value or run_config(_DATA.value, method, 1, 0, None, None).train.num_steps)
+                                             _TEACHER.value, _SET.value)) for K in sorted(set(steps) | {1})}
+            base = int(_NUM_STEPS.value or run_config(_DATA.value, method, 1, 0, None, None,
+                                                      assignments=_SET.value).train.num_steps)
             updates = {K: max(1, round(base * rates[K] / rates[1])) for K in steps}
             meta["updates_per_sec"][method] = rates
             print(f"[fewstep] {method}: updates/s {rates} -> equal-wall-time updates {updates}", flush=True)
@@ -203,7 +210,7 @@ def main(argv):
             rows = []
             for seed in range(_SEEDS.value):
                 c = run_config(_DATA.value, method, K, seed, updates[K], _BATCH.value, _DIVERGENCE.value,
-                               _TEACHER.value)
+                               _TEACHER.value, _SET.value)
                 sub = os.path.join(workdir, method, f"K{K}", f"seed_{seed}")
                 print(f"[fewstep] {row} seed {seed} -> {sub}", flush=True)
                 results = train_row(c, sub, f"{row} seed {seed}")

@@ -1,22 +1,25 @@
-"""Table: the DPO family on the known-reward synthetic language (true reward, KL, length, win rate).
+"""Table: every preference loss and KTO on the known-reward synthetic language (true reward, KL,
+length, win rate).
 
     python -m experiments.tables.preference --workdir runs/table_preference [--seeds 3] \
-        [--losses dpo,ipo,ln_dpo,simpo,rpo,orpo] [--steps 500] [--sweep dpo=0.1:0.5,orpo=0.1:1]
+        [--losses dpo,ipo,...,cpo,kto] [--steps 500] [--sweep dpo=0.1:0.5,orpo=0.1:1]
 
 1. Trains the SFT policy (ml_collections_configs/synthetic_sft.py) into DIR/sft (reused when done).
 2. For each seed s: samples preference pairs from the SFT policy (pairs seed s, Bradley-Terry labels
    on the true reward; a local TFDS dataset under DIR/sft/preference_data) and fine-tunes the SFT
    policy with every loss at two strengths of its regulariser (`SWEEP`: beta, or lambda_ for orpo;
-   ml_collections_configs/synthetic_dpo.py, training seed s) into DIR/runs/<loss>_<param><value>_s<seed>.
-   Finished runs are reused, so an interrupted table resumes.
+   ml_collections_configs/synthetic_dpo.py, training seed s; `kto`: synthetic_kto.py on the same
+   pairs, unpaired) into DIR/runs/<loss>_<param><value>_s<seed>. Finished runs are reused, so an
+   interrupted table resumes.
 3. Writes DIR/table.md, DIR/table.json (per-seed results and means) and DIR/frontier.png (true
-   reward against KL(policy || SFT), one point per run).
+   reward against KL(policy || SFT), one point per run, losses coloured).
 
 Columns (mean +- std over seeds, responses sampled at temperature 1 on the 146 held-out prompts,
 8 per prompt): true reward (the best possible is 2.7), KL to the SFT reference (nats per response,
 Monte-Carlo), mean length (words; the optimum is 3), win rate against the SFT policy's responses
 (ties 1/2), fraction of optimal responses, and the implicit-reward accuracy on training pairs and on
-pairs of held-out prompts. About 13 minutes on 2 CPU cores with the defaults (SFT, then 36 runs of about 20 s).
+pairs of held-out prompts. About 20 s per run on one CPU core: the default (21 losses x 2 settings x
+3 seeds) is about 45 minutes on 2 cores.
 """
 from __future__ import annotations
 
@@ -30,14 +33,18 @@ from absl import app, flags, logging
 from experiments.tables.common import train_row
 from fdistill.configs import load as load_config
 
-DEFAULT_LOSSES = "dpo,ipo,ln_dpo,simpo,rpo,orpo"
+# (the pairwise losses of fdistill.objectives.preference, then KTO, objective 'kto')
 # loss -> (swept parameter, values); the other parameters are synthetic_dpo.py's defaults. Larger
 # beta = stronger pull to the reference. The length-normalised losses compare per-token log-ratios
 # (about 1/7 of the summed ones here), hence their larger beta; orpo has no reference and its beta
 # only scales the logged rewards, so its odds-ratio weight lambda_ is swept instead.
+# TRL's other DPOTrainer losses, CPO and KTO take DPO's betas.
 SWEEP = {"dpo": ("beta", (0.1, 0.5)), "cdpo": ("beta", (0.1, 0.5)), "ipo": ("beta", (0.1, 0.5)),
          "hinge": ("beta", (0.1, 0.5)), "ln_dpo": ("beta", (2.0, 10.0)), "simpo": ("beta", (2.0, 10.0)),
-         "rpo": ("beta", (0.1, 0.5)), "orpo": ("lambda_", (0.1, 1.0))}
+         "rpo": ("beta", (0.1, 0.5)), "orpo": ("lambda_", (0.1, 1.0)),
+         **{n: ("beta", (0.1, 0.5)) for n in ("robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
+                                               "aot_unpaired", "apo_zero", "apo_down", "discopop", "cpo", "kto")}}
+DEFAULT_LOSSES = ",".join(SWEEP)
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the SFT run, the PO runs and the table.")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per setting (pairs and training order).")
@@ -116,22 +123,23 @@ def plot_frontier(path: str, runs: dict[str, list[dict]], best: float) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    fig, ax = plt.subplots(figsize=(9.0, 6.0))
     ref = [r["ref/true_reward"] for rs in runs.values() for r in rs]
     ax.scatter([0.0], [np.mean(ref)], marker="*", s=180, color="k", label="SFT (reference)", zorder=3)
     losses = sorted({name.split(" ")[0] for name in runs}, key=list(SWEEP).index)
     markers = "osD^v<>p"
+    colours = plt.get_cmap("tab20")
     for name, rs in runs.items():
         loss = name.split(" ")[0]
         i, j = losses.index(loss), [n for n in runs if n.split(" ")[0] == loss].index(name)
         kl = [r["kl_to_ref"] for r in rs]
         tr = [r["true_reward"] for r in rs]
-        ax.scatter(kl, tr, color=f"C{i}", marker=markers[j % len(markers)], alpha=0.85,
+        ax.scatter(kl, tr, color=colours(i % 20), marker=markers[(j + 2 * (i // 20)) % len(markers)], alpha=0.85,
                    label=f"{name}, length {np.mean([r['mean_length'] for r in rs]):.1f}")
     ax.axhline(best, color="gray", ls="--", lw=1, label=f"best possible ({best:g})")
     ax.set(xlabel="KL(policy || SFT) [nats / response]", ylabel="true reward (held-out prompts)",
            title="Reward vs KL on the synthetic language")
-    ax.legend(fontsize=6.5, loc="lower right", ncol=2)
+    ax.legend(fontsize=5.5, loc="center left", bbox_to_anchor=(1.01, 0.5), ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -163,8 +171,9 @@ def main(argv):
     runs: dict[str, list[dict]] = {row: [] for row, *_ in rows_spec}
     for seed in range(_SEEDS.value):
         for row, name, param, value in rows_spec:
-            c = load_config("synthetic_dpo")
-            c.po.loss = name
+            c = load_config("synthetic_kto" if name == "kto" else "synthetic_dpo")
+            if name != "kto":
+                c.po.loss = name
             c.po[param] = value
             c.po.sft_workdir = sft_dir
             c.po.pairs.seed = seed
@@ -183,7 +192,7 @@ def main(argv):
     rows = summarise(runs, sft_results)
     c = load_config("synthetic_dpo")  # the defaults of the parameters that are not swept
     best = float(sft_results["best_reward"])
-    header = (f"Synthetic language, {_SEEDS.value} seed(s) per row, {_STEPS.value} steps of batch 64 pairs from "
+    header = (f"Synthetic language, {_SEEDS.value} seed(s) per row, {_STEPS.value} steps of batch 64 pairs (kto: 128 unpaired examples) from "
               f"{c.po.pairs.num_pairs} SFT pairs per seed; best possible reward {best:g}, best length 3 words. "
               f"rpo alpha={c.po.alpha:g}, simpo gamma={c.po.gamma:g}, orpo beta={c.po.beta:g} (logging only).")
     md = markdown(rows, header)

@@ -407,3 +407,37 @@ class PreferencePairs:
             "mean_words_chosen": float(np.mean(a["chosen_words"])),
             "mean_words_rejected": float(np.mean(a["rejected_words"])),
         }
+
+
+class UnpairedExamples:
+    """The pairs of a `PreferencePairs` as unpaired examples for KTO (arXiv 2402.01306): every chosen
+    response is a desirable example (label 1) and every rejected one an undesirable example (label
+    0), the same Bradley-Terry labels, 2N examples visited in their own epoch permutations, so a
+    batch rarely holds both halves of a pair.
+
+    A batch has `tokens`, `mask`, `lengths`, `desirable` [B] and the KL completions of KTO's
+    reference point: example i's prompt with the response of the next example of the *global*
+    batch, (i + 1) mod B (`kl_tokens`, `kl_mask`), the mismatched pairs (x_i, y_{i+1}) whose
+    policy/reference log-ratio estimates KL(pi || pi_ref) (TRL's KTOTrainer shifts the same way)."""
+
+    def __init__(self, pairs: PreferencePairs):
+        x = pairs.inputs
+        self.path, self.seed, self.num_pairs = pairs.path, pairs.seed, pairs.num_pairs
+        self.num_examples = 2 * self.num_pairs
+        self.inputs = {k: np.concatenate([x[f"chosen_{k}"], x[f"rejected_{k}"]]) for k in ("tokens", "mask", "lengths")}
+        self.inputs["desirable"] = np.repeat(np.array([1.0, 0.0], np.float32), self.num_pairs)
+
+    def rows(self, idx) -> dict[str, np.ndarray]:
+        out = {k: v[idx] for k, v in self.inputs.items()}
+        nxt = np.roll(np.asarray(idx), -1)
+        out["kl_tokens"] = self.inputs["tokens"][nxt].copy()
+        out["kl_tokens"][:, :PROMPT_LEN] = out["tokens"][:, :PROMPT_LEN]
+        out["kl_mask"] = self.inputs["mask"][nxt]
+        return out
+
+    def batch(self, step: int, global_batch: int, process_index: int = 0, process_count: int = 1) -> dict:
+        if self.num_examples == 0:
+            raise ValueError(f"{self.path}: no preference examples to train on")
+        rows = self.rows(epoch_indices(self.num_examples, global_batch, step, self.seed))
+        sl = process_slice(global_batch, process_index, process_count)
+        return {k: v[sl] for k, v in rows.items()}

@@ -464,6 +464,52 @@ class PreferenceObjective(Objective):
                               self.task.response_len - 1)]
 
 
+@register("kto", family="po")
+class KTOObjective(PreferenceObjective):
+    """KTO (arXiv 2402.01306; `preference.kto_loss`) of the SFT policy on the preference data
+    unpaired (`prefdata.UnpairedExamples`: chosen = desirable, rejected = undesirable, the same
+    Bradley-Terry labels). config.po: beta, desirable_weight (lambda_D), undesirable_weight
+    (lambda_U); `po.loss` is not read. The reference log-probabilities are computed in the step
+    (the KL completions change with every batch), so `po.precompute_ref` must be False.
+    `config.train.batch_size` counts examples (a pair gives two). Evaluation is the 'po' one: the
+    same samples and true reward, and the pair metrics (held-out accuracy) of the implicit reward
+    beta (pi - ref) on the same pairs."""
+
+    def __init__(self, config):
+        po = config.po
+        if po.precompute_ref:
+            raise ValueError("config.po.precompute_ref=True is not supported by objective 'kto' (its KL "
+                             "completions change with every batch); set --config.po.precompute_ref=False")
+        for f in ("desirable_weight", "undesirable_weight"):
+            if not po[f] >= 0:
+                raise ValueError(f"config.po.{f} must be >= 0, got {po[f]}")
+        super().__init__(config)
+        self.loss_name = "kto"
+        self.examples = prefdata.UnpairedExamples(self.pairs)
+        self.weights = {"desirable_weight": float(po.desirable_weight),
+                        "undesirable_weight": float(po.undesirable_weight)}
+
+    def loss(self, params, ref_params, batch):
+        n = batch["tokens"].shape[0]
+        tokens = jnp.concatenate([batch["tokens"], batch["kl_tokens"]])
+        mask = jnp.concatenate([batch["mask"], batch["kl_mask"]])
+        logps = lambda p: prefloss.sequence_logps(self.model.apply({"params": p}, tokens), tokens, mask)
+        pi, ref = logps(params), jax.lax.stop_gradient(logps(ref_params))
+        per_example, metrics = prefloss.kto_loss(pi[:n], ref[:n], batch["desirable"], pi[n:], ref[n:],
+                                                 beta=self.beta, **self.weights)
+        loss = jnp.mean(per_example)
+        metrics["loss"] = loss
+        return loss, metrics
+
+    def _metrics_on_rows(self, params, ref_params, rows):
+        pi_w, pi_l = self.pair_logps(params, rows)
+        ref_w, ref_l = jax.lax.stop_gradient(self.pair_logps(ref_params, rows))
+        return prefloss.trl_metrics(self.beta * (pi_w - ref_w), self.beta * (pi_l - ref_l), pi_w, pi_l)
+
+    def batch(self, step, process_index=0, process_count=1):
+        return self.examples.batch(step, self.config.train.batch_size, process_index, process_count)
+
+
 def build_po_setup(config, key=None):
     """(objective, state, frozen, batch) for `config` (a 'po' config), ready for
     `jax.jit(objective.train_step)(state, frozen, batch)`; with `config.po.reference='init'` nothing
