@@ -205,6 +205,8 @@ def po() -> ConfigDict:
         loss="dpo",  # any loss of fdistill.objectives.preference
         beta=0.1,
         **preference_loss_params(),  # label_smoothing (cdpo), gamma (simpo), alpha (rpo), lambda_ (orpo), ...
+        group_size=8,  # grpo, rloo: responses sampled per prompt in the step (online_dpo: 2)
+        clip_eps=0.2,  # grpo: ratio clipping
         desirable_weight=1.0,  # kto: lambda_D (TRL's name)
         undesirable_weight=1.0,  # kto: lambda_U
         precompute_ref=True,  # reference log-probs computed once, not in every step

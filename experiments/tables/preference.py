@@ -9,7 +9,8 @@ length, win rate).
    on the true reward; a local TFDS dataset under DIR/sft/preference_data) and fine-tunes the SFT
    policy with every loss at two strengths of its regulariser (`SWEEP`: beta, or lambda_ for orpo;
    ml_collections_configs/synthetic_dpo.py, training seed s; `kto`: synthetic_kto.py on the same
-   pairs, unpaired) into DIR/runs/<loss>_<param><value>_s<seed>. Finished runs are reused, so an
+   pairs, unpaired; the on-policy `grpo`, `rloo`, `online_dpo`: their configs, sampling their own
+   responses, seed s) into DIR/runs/<loss>_<param><value>_s<seed>. Finished runs are reused, so an
    interrupted table resumes.
 3. Writes DIR/table.md, DIR/table.json (per-seed results and means) and DIR/frontier.png (true
    reward against KL(policy || SFT), one point per run, losses coloured).
@@ -18,8 +19,8 @@ Columns (mean +- std over seeds, responses sampled at temperature 1 on the 146 h
 8 per prompt): true reward (the best possible is 2.7), KL to the SFT reference (nats per response,
 Monte-Carlo), mean length (words; the optimum is 3), win rate against the SFT policy's responses
 (ties 1/2), fraction of optimal responses, and the implicit-reward accuracy on training pairs and on
-pairs of held-out prompts. About 20 s per run on one CPU core: the default (21 losses x 2 settings x
-3 seeds) is about 45 minutes on 2 cores.
+pairs of held-out prompts. About 20 s per offline run and 50 s per on-policy run on one CPU core:
+the default (24 rows x 2 settings x 3 seeds) is about an hour.
 """
 from __future__ import annotations
 
@@ -38,12 +39,18 @@ from fdistill.configs import load as load_config
 # beta = stronger pull to the reference. The length-normalised losses compare per-token log-ratios
 # (about 1/7 of the summed ones here), hence their larger beta; orpo has no reference and its beta
 # only scales the logged rewards, so its odds-ratio weight lambda_ is swept instead.
-# TRL's other DPOTrainer losses, CPO and KTO take DPO's betas.
+# TRL's other DPOTrainer losses, CPO, KTO and online DPO take DPO's betas; GRPO's beta weighs its
+# k3 KL estimate (DeepSeekMath: 0.04), RLOO's the KL penalty in its reward.
 SWEEP = {"dpo": ("beta", (0.1, 0.5)), "cdpo": ("beta", (0.1, 0.5)), "ipo": ("beta", (0.1, 0.5)),
          "hinge": ("beta", (0.1, 0.5)), "ln_dpo": ("beta", (2.0, 10.0)), "simpo": ("beta", (2.0, 10.0)),
          "rpo": ("beta", (0.1, 0.5)), "orpo": ("lambda_", (0.1, 1.0)),
          **{n: ("beta", (0.1, 0.5)) for n in ("robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
-                                               "aot_unpaired", "apo_zero", "apo_down", "discopop", "cpo", "kto")}}
+                                               "aot_unpaired", "apo_zero", "apo_down", "discopop", "cpo", "kto",
+                                               "online_dpo")},
+         "grpo": ("beta", (0.04, 0.2)), "rloo": ("beta", (0.05, 0.2))}
+# rows that are objectives of their own (a config each); every other row is synthetic_dpo.py with po.loss
+METHOD_CONFIGS = {"kto": "synthetic_kto", "grpo": "synthetic_grpo", "rloo": "synthetic_rloo",
+                  "online_dpo": "synthetic_online_dpo"}
 DEFAULT_LOSSES = ",".join(SWEEP)
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the SFT run, the PO runs and the table.")
@@ -171,8 +178,8 @@ def main(argv):
     runs: dict[str, list[dict]] = {row: [] for row, *_ in rows_spec}
     for seed in range(_SEEDS.value):
         for row, name, param, value in rows_spec:
-            c = load_config("synthetic_kto" if name == "kto" else "synthetic_dpo")
-            if name != "kto":
+            c = load_config(METHOD_CONFIGS.get(name, "synthetic_dpo"))
+            if name not in METHOD_CONFIGS:
                 c.po.loss = name
             c.po[param] = value
             c.po.sft_workdir = sft_dir
@@ -192,7 +199,7 @@ def main(argv):
     rows = summarise(runs, sft_results)
     c = load_config("synthetic_dpo")  # the defaults of the parameters that are not swept
     best = float(sft_results["best_reward"])
-    header = (f"Synthetic language, {_SEEDS.value} seed(s) per row, {_STEPS.value} steps of batch 64 pairs (kto: 128 unpaired examples) from "
+    header = (f"Synthetic language, {_SEEDS.value} seed(s) per row, {_STEPS.value} steps of batch 64 pairs (kto: 128 unpaired examples; grpo, rloo: 16 prompts x 8 own samples; online_dpo: 64 own pairs) from "
               f"{c.po.pairs.num_pairs} SFT pairs per seed; best possible reward {best:g}, best length 3 words. "
               f"rpo alpha={c.po.alpha:g}, simpo gamma={c.po.gamma:g}, orpo beta={c.po.beta:g} (logging only).")
     md = markdown(rows, header)

@@ -467,19 +467,23 @@ def kto_loss(pi, ref, desirable, pi_kl, ref_kl, *, beta: float, desirable_weight
     return loss, metrics
 
 
-def sequence_logps(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> jax.Array:
-    """Summed log-probability of the masked tokens of each sequence, [B].
-
-    `logits[b, t]` is the model's next-token prediction after reading tokens[b, :t + 1], so token
-    t >= 1 is scored by logits[b, t - 1]:
-
-        logp[b] = sum_{t >= 1} loss_mask[b, t] * log_softmax(logits[b, t - 1])[tokens[b, t]].
-
-    `loss_mask` [B, T] is 1 on response tokens (including the end-of-sequence token) and 0 on the
-    prompt and padding; `loss_mask[:, 0]` is ignored (the first token has no prediction).
-    Computed in float32 whatever the logits' dtype.
-    """
+def token_logps(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    """Per-token log-probabilities of the masked tokens, [B, T - 1]: entry t - 1 is
+    loss_mask[b, t] * log_softmax(logits[b, t - 1])[tokens[b, t]] (token t is scored by the
+    prediction after reading tokens[:t]); float32 whatever the logits' dtype."""
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     target = tokens[:, 1:]
     token_logp = jnp.take_along_axis(logp, target[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return jnp.sum(token_logp * loss_mask[:, 1:].astype(jnp.float32), axis=-1)
+    return token_logp * loss_mask[:, 1:].astype(jnp.float32)
+
+
+def sequence_logps(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    """Summed log-probability of the masked tokens of each sequence, [B]:
+
+        logp[b] = sum_{t >= 1} loss_mask[b, t] * log_softmax(logits[b, t - 1])[tokens[b, t]]
+
+    (`token_logps` summed). `loss_mask` [B, T] is 1 on response tokens (including the
+    end-of-sequence token) and 0 on the prompt and padding; `loss_mask[:, 0]` is ignored (the first
+    token has no prediction). Computed in float32 whatever the logits' dtype.
+    """
+    return jnp.sum(token_logps(logits, tokens, loss_mask), axis=-1)
