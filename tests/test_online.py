@@ -24,7 +24,7 @@ def test_true_reward_and_mask_match_the_task_on_sampled_sequences():
     tokens = np.asarray(tokens)
     words, n = obj.task.split_responses(tokens)
     want = obj.task.reward(tokens[:, :prefdata.PROMPT_LEN], words, n)
-    np.testing.assert_allclose(online.true_reward(obj.task, jnp.asarray(tokens)), want, rtol=1e-6)
+    np.testing.assert_allclose(obj.task.sequence_reward(jnp.asarray(tokens)), want, rtol=1e-6)
     _, want_mask, lengths = obj.task.sequences(tokens[:, :prefdata.PROMPT_LEN], words, n)
     np.testing.assert_array_equal(np.asarray(mask), want_mask)
     assert tokens.shape[0] == 8 * 4 and np.all(np.asarray(mask).sum(1) == lengths)

@@ -106,6 +106,20 @@ class SyntheticLanguage:
         hits = ((words[:, None, :] == tg[:, :, None]) & valid[:, None, :]).any(-1).sum(-1)
         return (hits - self.length_cost * num_words).astype(np.float32)
 
+    def sequence_reward(self, tokens):
+        """`reward` of whole sequences [N, seq_len] in JAX (jit-compatible; [N] float32): the words
+        are the response tokens before the first EOS (on-policy training and decoding use it)."""
+        import jax.numpy as jnp
+
+        resp = tokens[:, PROMPT_LEN:]
+        is_eos = resp == EOS
+        num_words = jnp.where(is_eos.any(1), jnp.argmax(is_eos, axis=1), resp.shape[1])
+        valid = jnp.arange(resp.shape[1])[None] < num_words[:, None]
+        a = tokens[:, 1]
+        tg = jnp.stack([a, tokens[:, 2], jnp.asarray(self.pi)[a]], axis=1)
+        hits = ((resp[:, None, :] == tg[:, :, None]) & valid[:, None, :]).any(-1).sum(-1)
+        return hits.astype(jnp.float32) - self.length_cost * num_words.astype(jnp.float32)
+
     def best_reward(self) -> float:
         return NUM_TARGETS - NUM_TARGETS * self.length_cost
 

@@ -132,7 +132,8 @@ class TransformerLM(nn.Module):
 
 def generate(model: TransformerLM, params, prompts: jax.Array, key: jax.Array, total_len: int,
              temperature: float = 1.0, logit_bias: jax.Array | None = None, eos_id: int | None = None,
-             pad_id: int = 0, greedy: bool = False) -> tuple[jax.Array, jax.Array]:
+             pad_id: int = 0, greedy: bool = False, prefix_len: jax.Array | int | None = None
+             ) -> tuple[jax.Array, jax.Array]:
     """Continues `prompts` [B, P] to `total_len` tokens; jit-compatible (call it inside `jax.jit`).
 
     One `lax.fori_loop` over positions with a key/value cache: position t's token is fed, and for
@@ -140,15 +141,27 @@ def generate(model: TransformerLM, params, prompts: jax.Array, key: jax.Array, t
     when `greedy`), where `logit_bias` [total_len, vocab] (0 / -1e9 entries) says which tokens are
     allowed at each position. After `eos_id`, every later token is `pad_id`.
 
+    With `prefix_len` (a scalar or [B], may be traced: one compiled function for every length),
+    `prompts` is [B, total_len] and its first `prefix_len` tokens are the given prefix (the rest is
+    overwritten); the continuation of a prefix holding `eos_id` is drawn all the same (readers stop
+    at the first EOS).
+
     Returns (tokens [B, total_len], logp [B]): logp is the summed log-probability of the generated
     tokens up to and including the first EOS under the biased distribution at temperature 1 (the
     policy's own distribution whatever `temperature` is used to draw).
     """
-    b, p = prompts.shape
+    b = prompts.shape[0]
     if total_len > model.max_len:
         raise ValueError(f"total_len={total_len} exceeds the model's context max_len={model.max_len}")
     bias = jnp.zeros((total_len, model.vocab_size), jnp.float32) if logit_bias is None else logit_bias
-    tokens = jnp.concatenate([prompts.astype(jnp.int32), jnp.full((b, total_len - p), pad_id, jnp.int32)], axis=1)
+    if prefix_len is None:
+        p = prompts.shape[1]
+        tokens = jnp.concatenate([prompts.astype(jnp.int32), jnp.full((b, total_len - p), pad_id, jnp.int32)], axis=1)
+    else:
+        if prompts.shape[1] != total_len:
+            raise ValueError(f"with prefix_len, prompts must hold total_len={total_len} tokens, got {prompts.shape}")
+        p = jnp.asarray(prefix_len, jnp.int32)
+        tokens = prompts.astype(jnp.int32)
     cache = model.init_cache(b)
     carry = (tokens, jnp.zeros((b,), jnp.float32), jnp.zeros((b,), bool), cache)
 

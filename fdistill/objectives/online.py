@@ -4,8 +4,8 @@ current policy (the KV-cached `generate`, with the task's grammar) on the step's
 function of (train.seed, step) only.
 
 With P = `train.batch_size` prompts, G = `po.group_size` responses per prompt, r the true reward
-(`true_reward`, the task's hidden reward written in JAX), beta = `po.beta`, and log-probabilities
-under the sampled (grammar-masked) distribution:
+(`SyntheticLanguage.sequence_reward`, the task's hidden reward in JAX), beta = `po.beta`, and
+log-probabilities under the sampled (grammar-masked) distribution:
 
 * `grpo` (Shao et al., arXiv 2402.03300, eq. 3 and section 4.1.2, outcome supervision), one
   update per rollout (pi_old = pi_theta held constant):
@@ -43,19 +43,6 @@ from fdistill.sharding import process_slice
 # ----------------------------------------------------------------------------------------------
 # Pieces (pure functions, tested one by one)
 # ----------------------------------------------------------------------------------------------
-def true_reward(task: prefdata.SyntheticLanguage, tokens: jax.Array) -> jax.Array:
-    """`task.reward` of generated sequences [B, seq_len] in JAX: #{targets of the prompt in the
-    response's words} - length_cost * #words ([B] float32), words = the tokens before the first EOS."""
-    resp = tokens[:, prefdata.PROMPT_LEN:]
-    is_eos = resp == prefdata.EOS
-    num_words = jnp.where(is_eos.any(1), jnp.argmax(is_eos, axis=1), resp.shape[1])
-    valid = jnp.arange(resp.shape[1])[None] < num_words[:, None]
-    a, b = tokens[:, 1], tokens[:, 2]
-    targets = jnp.stack([a, b, jnp.asarray(task.pi)[a]], axis=1)  # [B, 3]
-    hits = ((resp[:, None, :] == targets[:, :, None]) & valid[:, None, :]).any(-1).sum(-1)
-    return hits.astype(jnp.float32) - task.length_cost * num_words.astype(jnp.float32)
-
-
 def response_mask(tokens: jax.Array) -> jax.Array:
     """1 on the response tokens up to and including the first EOS, [B, seq_len] float32 (the loss
     mask `SyntheticLanguage.sequences` writes)."""
@@ -156,7 +143,7 @@ class OnPolicyObjective(PreferenceObjective):
     def train_step(self, state, frozen, batch):
         key = ts.step_key(state)
         tokens, mask = self.rollout(state.params, batch["prompts"], jax.random.fold_in(key, 0))
-        rewards = true_reward(self.task, tokens)
+        rewards = self.task.sequence_reward(tokens)
         loss_fn = lambda p: self.on_policy_loss(p, frozen["ref"], tokens, mask, rewards, jax.random.fold_in(key, 1))
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         state, opt_metrics = ts.apply_gradients(state, grads, self.optimizer)
