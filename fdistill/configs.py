@@ -205,6 +205,9 @@ def po() -> ConfigDict:
         loss="dpo",  # any loss of fdistill.objectives.preference
         beta=0.1,
         **preference_loss_params(),  # label_smoothing (cdpo), gamma (simpo), alpha (rpo), lambda_ (orpo), ...
+        reward_model="",  # workdir of a finished 'reward_model' run to optimise against ('' = the true reward)
+        reward_width=128,  # objective reward_model: its bag-of-words MLP
+        reward_depth=2,
         group_size=8,  # grpo, rloo: responses sampled per prompt in the step (online_dpo: 2)
         clip_eps=0.2,  # grpo: ratio clipping
         desirable_weight=1.0,  # kto: lambda_D (TRL's name)

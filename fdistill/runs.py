@@ -95,6 +95,8 @@ SCORE_CONFIGS = {"gmm": "gmm_score", "digits": "digits_score"}
 DEPENDENCIES: dict[str, Dependency] = {
     "po.sft_workdir": Dependency(("sft",), {"*": "synthetic_sft"}, ("task", "model"), "sft",
                                  needed=lambda c: c.po.reference == "sft"),
+    "po.reward_model": Dependency(("reward_model",), {"*": "synthetic_reward_model"}, ("task",), "reward_model",
+                                  needed=lambda c: bool(c.po.reward_model)),
     "dpo.reference": Dependency(("score",), SCORE_CONFIGS, ("data", "model", "diffusion"), "reference"),
     "distill.teacher": Dependency(("score",), SCORE_CONFIGS, ("data", "diffusion"), "teacher",
                                   needed=lambda c: c.distill.teacher != "analytic",

@@ -45,7 +45,7 @@ flags.mark_flag_as_required("workdir")
 
 COLUMNS = [("true reward", "true_reward", "{:.3f}"), ("KL to SFT", "kl_to_sft", "{:.2f}"),
            ("length", "mean_length", "{:.2f}"), ("tokens generated / response", "tokens_per_response", "{:.1f}"),
-           ("win rate vs SFT", "win_rate_vs_sft", "{:.3f}")]
+           ("win rate vs SFT", "win_rate_vs_sft", "{:.3f}"), ("N (best-of-N)", "N", "{:.1f}")]
 
 
 def response_lengths(tokens) -> np.ndarray:
@@ -83,10 +83,10 @@ def main(argv):
         _, sft_r = prefeval.response_metrics(task, prompts, sft_tokens)
         sft_cost = float(np.mean(response_lengths(sft_tokens)))
 
-        def row(name, tokens, kl, cost):
+        def row(name, tokens, kl, cost, N=1):
             m, r = prefeval.response_metrics(task, prompts, np.asarray(tokens))
             out = {"true_reward": m["true_reward"], "mean_length": m["mean_length"], "kl_to_sft": float(kl),
-                   "tokens_per_response": float(cost), "win_rate_vs_sft": prefeval.win_rate(r, sft_r)}
+                   "tokens_per_response": float(cost), "win_rate_vs_sft": prefeval.win_rate(r, sft_r), "N": float(N)}
             per_seed.setdefault(name, []).append(out)
             print(f"[decoding] seed {seed} {name}: " + ", ".join(f"{k}={v:.3f}" for k, v in out.items()), flush=True)
 
@@ -102,8 +102,8 @@ def main(argv):
                 np.mean(np.asarray(kl)), cost)
             n = max(1, int(round(cost / sft_cost)))
             best, spent_bon = decoding.best_of_n(model, sft, task, p, jax.random.fold_in(key, 4), n)
-            row(f"best-of-{n} SFT (= compute of alpha={alpha:g})", best, decoding.best_of_n_kl_bound(n),
-                np.mean(np.asarray(spent_bon)))
+            row(f"best-of-N SFT (compute of alpha={alpha:g})", best, decoding.best_of_n_kl_bound(n),
+                np.mean(np.asarray(spent_bon)), N=n)
 
     rows = {name: {k: [float(np.mean([r[k] for r in rs])), float(np.std([r[k] for r in rs]))] for k in rs[0]}
             for name, rs in per_seed.items()}

@@ -239,6 +239,21 @@ def make_pairs(task: SyntheticLanguage, prompts: np.ndarray, tokens_a: np.ndarra
     }
 
 
+def relabel_pairs(arrays: dict[str, np.ndarray], proxy_chosen: np.ndarray, proxy_rejected: np.ndarray,
+                  temperature: float, seed: int) -> dict[str, np.ndarray]:
+    """The same pairs labelled by a Bradley-Terry draw on *proxy* rewards (a learned reward model)
+    instead of the true reward: where the draw prefers the current 'rejected' response the two swap
+    (their true rewards travel with them, so `label_agrees_with_reward` measures the proxy's label
+    noise); `p_chosen` becomes the proxy's probability of the new label."""
+    swap_wins, p = bradley_terry(proxy_rejected, proxy_chosen, temperature, np.random.default_rng([int(seed), 11]))
+    out = dict(arrays)
+    for a, b in (("chosen", "rejected"), ("chosen_words", "rejected_words"), ("reward_chosen", "reward_rejected")):
+        sel = swap_wins.reshape((-1,) + (1,) * (arrays[a].ndim - 1))
+        out[a], out[b] = np.where(sel, arrays[b], arrays[a]), np.where(sel, arrays[a], arrays[b])
+    out["p_chosen"] = np.where(swap_wins, p, 1.0 - p).astype(np.float32)
+    return out
+
+
 def to_records(pairs: dict) -> list[dict]:
     """One TFDS record per pair; responses are stored as their words only (no EOS, no padding)."""
     out = []

@@ -370,6 +370,16 @@ class PreferenceObjective(Objective):
             ref_params = init_params(self.model, jax.random.PRNGKey(int(po.init_seed)))
             arrays = demonstrator_pairs(config, self.task)
         self.ref_params = ref_params
+        self.proxy_reward = None
+        if po.reward_model:  # optimise against a learned reward: its Bradley-Terry labels on the training pairs
+            from fdistill.objectives import reward_model
+
+            self.proxy_reward, _ = reward_model.load(po.reward_model)
+            train = arrays["train"]
+            seqs = [self.task.sequences(train["prompt"], train[f], train[f"{f}_words"])[0] for f in ("chosen", "rejected")]
+            proxy = [np.asarray(jax.jit(self.proxy_reward)(jnp.asarray(t))) for t in seqs]
+            arrays = {**arrays, "train": prefdata.relabel_pairs(train, *proxy, float(po.pairs.bt_temperature),
+                                                                int(po.pairs.seed))}
         seed = int(config.train.seed)
         self.pairs = prefdata.PreferencePairs(arrays["train"], self.task, seed, arrays["_path"])
         self.test_pairs = prefdata.PreferencePairs(arrays["test"], self.task, seed, arrays["_path"])
@@ -447,6 +457,8 @@ class PreferenceObjective(Objective):
             rows = {k: jnp.asarray(v) for k, v in pairs.rows(np.arange(n_rows)).items()}
             for k, v in self._pair_metrics(params, ref, rows).items():
                 metrics[prefix + k] = float(v)
+        if self.proxy_reward is not None:
+            metrics["proxy_reward"] = float(np.mean(np.asarray(jax.jit(self.proxy_reward)(jnp.asarray(pol_tokens)))))
         metrics["best_reward"] = self.task.best_reward()
         metrics.update({f"pairs/{k}": v for k, v in self.pairs.stats().items()})
         tokens, _ = self.policy.sample(params, self.task.heldout_prompts, key, greedy=True)

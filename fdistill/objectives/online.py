@@ -4,8 +4,9 @@ current policy (the KV-cached `generate`, with the task's grammar) on the step's
 function of (train.seed, step) only.
 
 With P = `train.batch_size` prompts, G = `po.group_size` responses per prompt, r the true reward
-(`SyntheticLanguage.sequence_reward`, the task's hidden reward in JAX), beta = `po.beta`, and
-log-probabilities under the sampled (grammar-masked) distribution:
+(`SyntheticLanguage.sequence_reward`, the task's hidden reward in JAX) or, with `po.reward_model`
+(the workdir of a finished `reward_model` run), the learned reward it optimises instead,
+beta = `po.beta`, and log-probabilities under the sampled (grammar-masked) distribution:
 
 * `grpo` (Shao et al., arXiv 2402.03300, eq. 3 and section 4.1.2, outcome supervision), one
   update per rollout (pi_old = pi_theta held constant):
@@ -22,8 +23,9 @@ log-probabilities under the sampled (grammar-masked) distribution:
 
 Evaluation and results.json are the 'po' objective's (`language.PreferenceObjective.evaluate`),
 so the three share synthetic_dpo.py's keys; the offline SFT pairs are still built for the pair
-metrics. Training metrics: `reward` (mean true reward of the step's samples), `kl` (mean
-sequence log-ratio to the reference), `length` (words), and each method's own.
+metrics. Training metrics: `reward` (mean optimised reward of the step's samples), `true_reward`
+(the same samples' true reward: the two differ with a learned reward model), `kl` (mean sequence
+log-ratio to the reference), `length` (words), and each method's own.
 """
 from __future__ import annotations
 
@@ -143,9 +145,11 @@ class OnPolicyObjective(PreferenceObjective):
     def train_step(self, state, frozen, batch):
         key = ts.step_key(state)
         tokens, mask = self.rollout(state.params, batch["prompts"], jax.random.fold_in(key, 0))
-        rewards = self.task.sequence_reward(tokens)
+        true = self.task.sequence_reward(tokens)
+        rewards = true if self.proxy_reward is None else self.proxy_reward(tokens)
         loss_fn = lambda p: self.on_policy_loss(p, frozen["ref"], tokens, mask, rewards, jax.random.fold_in(key, 1))
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        metrics["true_reward"] = jnp.mean(true)  # = reward, unless a learned reward model is optimised
         state, opt_metrics = ts.apply_gradients(state, grads, self.optimizer)
         return state.replace(step=state.step + 1), {**metrics, **opt_metrics}
 
