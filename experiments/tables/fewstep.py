@@ -43,7 +43,7 @@ from fdistill.configs import CONFIG_DIR, load, override, parse_assignments
 
 # method -> (config suffix <data>_<suffix>.py, distill overrides)
 METHODS = {
-    "dmd2_multistep": ("dmd2_multistep", {}),
+    "dmd2_multistep": ("dmd2_multistep", {"step_aware_critic": False}),
     "dmd2_stepaware": ("dmd2_multistep", {"step_aware_critic": True}),
     "tdm": ("tdm", {}),
 }
