@@ -192,10 +192,11 @@ class OnlineDPOObjective(OnPolicyObjective):
         lengths = jnp.sum(mask, 1).reshape(-1, 2)
         p_first = jax.nn.sigmoid((r[:, 0] - r[:, 1]) / float(self.config.po.pairs.bt_temperature))
         first_wins = jax.random.bernoulli(key, p_first)
-        pick = lambda x, w: jnp.where(first_wins, x[:, 0], x[:, 1]) if w else jnp.where(first_wins, x[:, 1], x[:, 0])
+        chosen = lambda x: jnp.where(first_wins, x[:, 0], x[:, 1])
+        rejected = lambda x: jnp.where(first_wins, x[:, 1], x[:, 0])
         per_pair, m = prefloss.preference_loss(
-            self.loss_name, pick(seq, True), pick(seq, False), pick(ref_seq, True), pick(ref_seq, False),
-            pick(lengths, True), pick(lengths, False), beta=self.beta, **self.params)
+            self.loss_name, chosen(seq), rejected(seq), chosen(ref_seq), rejected(ref_seq), chosen(lengths),
+            rejected(lengths), beta=self.beta, **self.params)
         loss = jnp.mean(per_pair)
-        m = {**m, "reward_gap": jnp.mean(pick(r, True) - pick(r, False))}
+        m = {**m, "reward_gap": jnp.mean(chosen(r) - rejected(r))}
         return loss, {"loss": loss, **m, **self.rollout_metrics(tokens, mask, rewards, logp, ref_logp)}
