@@ -17,9 +17,9 @@ reports the K-step sampler's metrics with `nfe` = K and `samples_per_sec`.
 `distill.step_aware_critic=True` (default) conditions the fake score and discriminator on the step
 that produced a sample, so every step's output is matched to the data, not only the mixture of the
 steps' outputs (False: DMD2's pooled critic). Measured on this mixture (3 seeds, README "few-step"
-tables): at 40000 updates K = 4 reaches coverage / TV / high-quality fraction / MMD 0.938 / 0.022 /
-0.946 / 0.0025 (2 seeds), at least K = 1's 0.875 / 0.027 / 0.950 / 0.0031 at 20000 updates in
-coverage and TV and within a std in high-quality (K = 1 at 40000: 0.875 / 0.024 / 0.966 / 0.0018);
+tables): at 40000 updates K = 4 reaches coverage / TV / high-quality fraction / MMD 0.958 / 0.032 /
+0.932 / 0.0035 (3 seeds): above K = 1's 0.875 / 0.027 / 0.950 / 0.0031 at 20000 updates in
+coverage, within a std in the rest (K = 1 at 40000, 2 seeds: 0.875 / 0.024 / 0.966 / 0.0018);
 at 20000 updates K = 4 stays below (0.792 / 0.029 / 0.873 / 0.0043, 3 seeds), hence the longer
 default. With the settings measured before the one-step study (2000 updates, noise indices 20..980,
 lambda_gan 1e-3, constant learning rate) K = 4 was far below K = 1 (high-quality 0.31 against 0.80).
