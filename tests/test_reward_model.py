@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fdistill import train
+from fdistill import runs, train
 from fdistill.data import preference as prefdata
 from fdistill.objectives import language, reward_model
 from tests.test_language import tiny_dpo_config
@@ -60,10 +60,11 @@ def test_reward_model_learns_the_pairs(rm_workdir):
     rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl")) if '"loss"' in line]
     assert rows[-1]["loss"] < 0.6 < rows[-1]["accuracy"]  # it fits its training pairs (log 2 = 0.693 at the start)
     assert 0.0 <= res["accuracy"] <= 1.0 and np.isfinite(res["true_reward_corr"])
-    fn, run = reward_model.load(wd)
+    run = runs.open_run(wd, "reward_model", ("reward_model",), "synthetic_reward_model")
+    fn, params = reward_model.load(run)
     task = prefdata.SyntheticLanguage(run.config.task)
     tokens, _, _ = task.sequences(task.train_prompts[:3], np.full((3, 2), 5), np.array([1, 2, 2]))
-    assert np.asarray(fn(jnp.asarray(tokens))).shape == (3,)
+    assert np.asarray(fn(params, jnp.asarray(tokens))).shape == (3,)
 
 
 def test_grpo_against_a_learned_reward_reports_both_rewards(rm_workdir):
@@ -74,8 +75,8 @@ def test_grpo_against_a_learned_reward_reports_both_rewards(rm_workdir):
     obj, state, frozen, batch = language.build_po_setup(c)
     state, m = jax.jit(obj.train_step)(state, frozen, batch)
     assert float(m["reward"]) != pytest.approx(float(m["true_reward"]), abs=1e-4)
-    proxy = np.asarray(obj.proxy_reward(obj.rollout(state.params, jnp.asarray(batch["prompts"]),
-                                                    jax.random.PRNGKey(0))[0]))
+    proxy = np.asarray(obj.proxy_reward(frozen["reward_model"], obj.rollout(state.params, jnp.asarray(batch["prompts"]),
+                                                                            jax.random.PRNGKey(0))[0]))
     assert proxy.shape == (8 * c.po.group_size,)
 
 
@@ -88,3 +89,8 @@ def test_dpo_against_a_learned_reward_trains_on_its_labels(rm_workdir):
     np.testing.assert_array_equal(a["prompt"], b["prompt"])
     assert np.any(a["chosen"] != b["chosen"])  # some labels follow the learned reward, not the true one
     np.testing.assert_array_equal(obj.test_pairs.arrays["chosen"], base.test_pairs.arrays["chosen"])
+    # a reward model of another task is refused, naming the field
+    other = tiny_dpo_config("unused", reference="init", reward_model=wd)
+    other.task.length_cost = 0.2
+    with pytest.raises(ValueError, match=r"config.po.reward_model=.* was made with other task settings"):
+        language.build_po_setup(other)

@@ -25,7 +25,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from experiments.tables.common import train_row
+from experiments.tables.common import check_choices, train_row
 from fdistill.configs import load as load_config
 
 METHODS = {"dpo": ("synthetic_dpo", {"loss": "dpo"}), "rpo": ("synthetic_dpo", {"loss": "rpo"}),
@@ -81,11 +81,10 @@ def plot(path: str, curves: dict[str, list[list[dict]]]) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    for m in _METHODS.value:
-        if m not in METHODS:
-            raise app.UsageError(f"--methods={m!r} is not allowed; allowed: {list(METHODS)}")
+    check_choices("methods", _METHODS.value, METHODS)
     import jax
 
+    from fdistill import runs
     from fdistill.objectives import reward_model
 
     workdir = os.path.abspath(_WORKDIR.value)
@@ -96,8 +95,8 @@ def main(argv):
     rm_config.po.sft_workdir = sft_dir
     rm_config.po.pairs.num_pairs = _RM_PAIRS.value
     rm_results = train_row(rm_config, rm_dir, "reward_model")
-    proxy, _ = reward_model.load(rm_dir)
-    proxy = jax.jit(proxy)
+    fn, rm_params = reward_model.load(runs.open_run(rm_dir, "reward_model", ("reward_model",), "synthetic_reward_model"))
+    proxy = jax.jit(lambda tokens: fn(rm_params, tokens))
 
     curves: dict[str, list[list[dict]]] = {}
     for method in _METHODS.value:

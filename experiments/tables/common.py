@@ -14,6 +14,16 @@ from fdistill import configs
 COMPLETED_ROWS: list[str] = []
 
 
+def check_choices(flag: str, values, allowed) -> None:
+    """A command-line usage error naming `--flag=value` and the allowed values, for the first value
+    of a list flag that is not in `allowed` (checked before anything trains)."""
+    from absl import app
+
+    for v in values:
+        if v not in allowed:
+            raise app.UsageError(f"--{flag}={v!r} is not allowed; allowed: {list(allowed)}")
+
+
 def train_row(config, workdir: str, row: str) -> dict:
     """Trains one table row's run (or resumes it, or reuses it when finished) with
     `fdistill.train.train_and_evaluate` and returns its results.

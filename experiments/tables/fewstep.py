@@ -37,7 +37,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from experiments.tables.common import final_samples, small_mode_mass, summarise, train_row
+from experiments.tables.common import check_choices, final_samples, small_mode_mass, summarise, train_row
 from fdistill import objectives
 from fdistill.configs import CONFIG_DIR, load, override, parse_assignments
 
@@ -183,9 +183,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import jax
 
+    check_choices("methods", _METHODS.value, METHODS)
     for m in _METHODS.value:
-        if m not in METHODS:
-            raise app.UsageError(f"--methods={m!r} is not allowed; allowed: {list(METHODS)}")
         config_path(_DATA.value, m)
         run_config(_DATA.value, m, 1, 0, None, None, assignments=_SET.value)  # a bad --set fails here
     steps = [int(k) for k in _STEPS.value]

@@ -111,10 +111,7 @@ class SyntheticLanguage:
         are the response tokens before the first EOS (on-policy training and decoding use it)."""
         import jax.numpy as jnp
 
-        resp = tokens[:, PROMPT_LEN:]
-        is_eos = resp == EOS
-        num_words = jnp.where(is_eos.any(1), jnp.argmax(is_eos, axis=1), resp.shape[1])
-        valid = jnp.arange(resp.shape[1])[None] < num_words[:, None]
+        resp, num_words, valid = response_words(tokens)
         a = tokens[:, 1]
         tg = jnp.stack([a, tokens[:, 2], jnp.asarray(self.pi)[a]], axis=1)
         hits = ((resp[:, None, :] == tg[:, :, None]) & valid[:, None, :]).any(-1).sum(-1)
@@ -198,6 +195,18 @@ class SyntheticLanguage:
         tokens, mask, _ = self.sequences(prompts, words, num)
         return {"tokens": tokens, "loss_mask": mask, "reward": self.reward(prompts, words, num),
                 "num_words": num}
+
+
+def response_words(tokens):
+    """(response tokens [N, response_len], num_words [N], valid [N, response_len] bool) of whole
+    sequences in JAX (jit-compatible): the words are the response tokens before the first EOS, all of
+    them when there is none (the JAX counterpart of `SyntheticLanguage.split_responses`)."""
+    import jax.numpy as jnp
+
+    resp = tokens[:, PROMPT_LEN:]
+    is_eos = resp == EOS
+    num_words = jnp.where(is_eos.any(1), jnp.argmax(is_eos, axis=1), resp.shape[1])
+    return resp, num_words, jnp.arange(resp.shape[1])[None] < num_words[:, None]
 
 
 def _pad_to(words: np.ndarray, width: int) -> np.ndarray:

@@ -370,14 +370,15 @@ class PreferenceObjective(Objective):
             ref_params = init_params(self.model, jax.random.PRNGKey(int(po.init_seed)))
             arrays = demonstrator_pairs(config, self.task)
         self.ref_params = ref_params
-        self.proxy_reward = None
+        self.proxy_reward, self.proxy_params = None, None
         if po.reward_model:  # optimise against a learned reward: its Bradley-Terry labels on the training pairs
             from fdistill.objectives import reward_model
 
-            self.proxy_reward, _ = reward_model.load(po.reward_model)
+            fn, self.proxy_params = reward_model.load(runs.open_dependency(config, "po.reward_model"))
+            self.proxy_reward = jax.jit(fn)
             train = arrays["train"]
             seqs = [self.task.sequences(train["prompt"], train[f], train[f"{f}_words"])[0] for f in ("chosen", "rejected")]
-            proxy = [np.asarray(jax.jit(self.proxy_reward)(jnp.asarray(t))) for t in seqs]
+            proxy = [np.asarray(self.proxy_reward(self.proxy_params, jnp.asarray(t))) for t in seqs]
             arrays = {**arrays, "train": prefdata.relabel_pairs(train, *proxy, float(po.pairs.bt_temperature),
                                                                 int(po.pairs.seed))}
         seed = int(config.train.seed)
@@ -428,7 +429,10 @@ class PreferenceObjective(Objective):
     # ----- contract ---------------------------------------------------------------------------
     def init(self, key):
         params = jax.tree.map(jnp.array, self.ref_params)
-        return ts.create_state(params, self.optimizer, key), {"ref": self.ref_params}
+        frozen = {"ref": self.ref_params}
+        if self.proxy_params is not None:
+            frozen["reward_model"] = self.proxy_params
+        return ts.create_state(params, self.optimizer, key), frozen
 
     def train_step(self, state, frozen, batch):
         loss_fn = lambda p, x: self.loss(p, frozen["ref"], x)
@@ -458,7 +462,8 @@ class PreferenceObjective(Objective):
             for k, v in self._pair_metrics(params, ref, rows).items():
                 metrics[prefix + k] = float(v)
         if self.proxy_reward is not None:
-            metrics["proxy_reward"] = float(np.mean(np.asarray(jax.jit(self.proxy_reward)(jnp.asarray(pol_tokens)))))
+            proxy = self.proxy_reward(frozen["reward_model"], jnp.asarray(pol_tokens))
+            metrics["proxy_reward"] = float(np.mean(np.asarray(proxy)))
         metrics["best_reward"] = self.task.best_reward()
         metrics.update({f"pairs/{k}": v for k, v in self.pairs.stats().items()})
         tokens, _ = self.policy.sample(params, self.task.heldout_prompts, key, greedy=True)

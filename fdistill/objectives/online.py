@@ -48,10 +48,9 @@ from fdistill.sharding import process_slice
 def response_mask(tokens: jax.Array) -> jax.Array:
     """1 on the response tokens up to and including the first EOS, [B, seq_len] float32 (the loss
     mask `SyntheticLanguage.sequences` writes)."""
+    _, num_words, _ = prefdata.response_words(tokens)
     pos = jnp.arange(tokens.shape[1])[None]
-    is_eos = (tokens == prefdata.EOS) & (pos >= prefdata.PROMPT_LEN)
-    first = jnp.where(is_eos.any(1), jnp.argmax(is_eos, axis=1), tokens.shape[1] - 1)
-    return ((pos >= prefdata.PROMPT_LEN) & (pos <= first[:, None])).astype(jnp.float32)
+    return ((pos >= prefdata.PROMPT_LEN) & (pos <= prefdata.PROMPT_LEN + num_words[:, None])).astype(jnp.float32)
 
 
 def group_advantages(rewards: jax.Array, group_size: int, eps: float = 1e-4) -> jax.Array:
@@ -146,7 +145,7 @@ class OnPolicyObjective(PreferenceObjective):
         key = ts.step_key(state)
         tokens, mask = self.rollout(state.params, batch["prompts"], jax.random.fold_in(key, 0))
         true = self.task.sequence_reward(tokens)
-        rewards = true if self.proxy_reward is None else self.proxy_reward(tokens)
+        rewards = true if self.proxy_reward is None else self.proxy_reward(frozen["reward_model"], tokens)
         loss_fn = lambda p: self.on_policy_loss(p, frozen["ref"], tokens, mask, rewards, jax.random.fold_in(key, 1))
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         metrics["true_reward"] = jnp.mean(true)  # = reward, unless a learned reward model is optimised

@@ -12,8 +12,8 @@ Objective `reward_model` (family 'po': the SFT run and the pairs are `synthetic_
 on the first `po.pairs.num_pairs` pairs. Evaluation: `accuracy` (r_phi orders held-out pairs as
 their labels), `true_order_accuracy` (as the true reward orders them, ties excluded) and
 `true_reward_corr` (Pearson correlation of r_phi with the true reward on SFT samples of held-out
-prompts). `load(workdir)` gives a jit-compatible reward function of token arrays for the objectives
-that optimise against it (`po.reward_model`).
+prompts). `load(run)` gives its jit-compatible reward function and parameters to the objectives that
+optimise against it (`po.reward_model`; the parameters travel in `frozen['reward_model']`).
 """
 from __future__ import annotations
 
@@ -39,11 +39,8 @@ class BagOfWordsReward(nn.Module):
 
     @nn.compact
     def __call__(self, tokens):
-        resp = tokens[:, prefdata.PROMPT_LEN:]
-        is_eos = resp == prefdata.EOS
-        num_words = jnp.where(is_eos.any(1), jnp.argmax(is_eos, axis=1), resp.shape[1])
-        valid = (jnp.arange(resp.shape[1])[None] < num_words[:, None]).astype(jnp.float32)
-        counts = jnp.einsum("bt,btv->bv", valid, jax.nn.one_hot(resp, self.vocab_size))
+        resp, num_words, valid = prefdata.response_words(tokens)
+        counts = jnp.einsum("bt,btv->bv", valid.astype(jnp.float32), jax.nn.one_hot(resp, self.vocab_size))
         L = float(self.response_len)
         h = jnp.concatenate([jax.nn.one_hot(tokens[:, 1], self.vocab_size), jax.nn.one_hot(tokens[:, 2], self.vocab_size),
                              jnp.minimum(counts, 1.0), counts / L, num_words[:, None].astype(jnp.float32) / L], axis=1)
@@ -56,12 +53,11 @@ def build(task: prefdata.SyntheticLanguage, po_config) -> BagOfWordsReward:
     return BagOfWordsReward(task.vocab_size, task.response_len, int(po_config.reward_width), int(po_config.reward_depth))
 
 
-def load(workdir: str, field: str = "po.reward_model"):
-    """(reward function tokens [B, T] -> [B], the run) of a finished `reward_model` run."""
-    run = runs.open_run(workdir, field, ("reward_model",), "synthetic_reward_model")
-    task = prefdata.SyntheticLanguage(run.config.task)
-    model, params = build(task, run.config.po), runs.restore_params(run)
-    return (lambda tokens: model.apply({"params": params}, tokens)), run
+def load(run: runs.FinishedRun):
+    """(reward function (params, tokens [B, T]) -> [B], its parameters) of a finished `reward_model`
+    run (open it with `runs.open_dependency(config, 'po.reward_model')`, which checks its task)."""
+    model = build(prefdata.SyntheticLanguage(run.config.task), run.config.po)
+    return (lambda params, tokens: model.apply({"params": params}, tokens)), runs.restore_params(run)
 
 
 @register("reward_model", family="po")
