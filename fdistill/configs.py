@@ -137,6 +137,16 @@ def train() -> ConfigDict:
     )
 
 
+def mesh() -> ConfigDict:
+    """`config.mesh`: the ('data', 'fsdp') device mesh and the parameter sharding rules
+    (`fdistill.sharding.ShardingRules`)."""
+    return _section(
+        fsdp=1,  # devices per parameter shard group; data = devices / fsdp
+        min_shard_size=2**14,  # leaves with fewer elements stay replicated
+        rules=(),  # ('regex=spec', ...) over leaf paths, first match wins; spec 'replicate' or e.g. 'None,fsdp'
+    )
+
+
 def sample_eval() -> ConfigDict:
     """Evaluation of a diffusion sampler on the data source's metrics."""
     return _section(num_samples=8192, num_steps=18, sampler="heun", chunk=4096)
@@ -287,6 +297,7 @@ def base(objective: str, data: str | None = None, model: str | None = None) -> C
         c.eval = lm_eval()
     c.model = globals()["model"](model or DEFAULT_MODEL[family])
     c.train = train()
+    c.mesh = mesh()
     if family == "distill":
         c.distill = distill()
     elif family == "po":

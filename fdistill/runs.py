@@ -13,9 +13,6 @@ import json
 import os
 from typing import Callable
 
-import jax
-import jax.numpy as jnp
-
 from fdistill import configs
 
 
@@ -54,14 +51,15 @@ def open_run(workdir: str, field: str, objectives: tuple[str, ...], make_with: s
 
 def restore_params(run: FinishedRun):
     """The parameters a finished run samples with (its EMA when it keeps one, else its parameters),
-    from its latest readable checkpoint, as device arrays."""
+    from its latest readable checkpoint, as host NumPy arrays (the training loop places them on
+    their shardings: no device holds a full copy of a sharded frozen network)."""
     from fdistill import checkpoint
 
     tree = checkpoint.restore_tree(run.workdir)
     params = tree.get("ema_params") or tree.get("params")
     if not params:
         raise KeyError(f"the checkpoint of {run.workdir!r} holds no parameters (keys {sorted(tree)})")
-    return jax.tree.map(jnp.asarray, params)
+    return params
 
 
 # ----- config fields that name other runs ---------------------------------------------------------

@@ -1,18 +1,29 @@
-"""Data parallelism by sharding: one 'data' mesh axis over every device of every process.
+"""Data parallelism and parameter sharding (FSDP) on a ('data', 'fsdp') mesh.
 
-The batch is sharded on its leading axis (`P('data')`), state and frozen parameters are replicated
-(`P()`). The same code runs on one CPU, 8 simulated CPU devices, one GPU and a multi-host pod.
+The mesh has `devices / fsdp` rows on 'data' and `fsdp` columns on 'fsdp' (`config.mesh.fsdp`,
+default 1: pure data parallelism). The batch is sharded on its leading axis over both axes
+(`P(('data', 'fsdp'))`). Parameters, optimiser states, EMAs and frozen networks follow
+`ShardingRules`: regex -> PartitionSpec rules (`config.mesh.rules`, first match wins), and by
+default the largest dimension divisible by `fsdp` of every leaf with at least `min_size` elements
+is split over 'fsdp' (ZeRO-3 / FSDP; big_vision's `fsdp` strategy), the rest replicated. XLA's
+SPMD partitioner inserts the all-gathers and reduce-scatters. The same code runs on one CPU, 8
+simulated CPU devices, one GPU and a multi-host pod.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
-from typing import Any
+import re
+from typing import Any, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # the batch's leading axis is split over every device
 _distributed_initialised = False
 
 
@@ -53,25 +64,30 @@ def initialize_distributed(
     _distributed_initialised = True
 
 
-def make_mesh(num_devices: int | None = None) -> Mesh:
-    """A 1-D ('data',) mesh over the first `num_devices` devices (default: all, all processes)."""
+def make_mesh(num_devices: int | None = None, fsdp: int = 1) -> Mesh:
+    """A ('data', 'fsdp') mesh of shape (n / fsdp, fsdp) over the first `num_devices` devices
+    (default: all, all processes); `fsdp` must divide n."""
     devices = jax.devices()
     if num_devices is not None:
         if num_devices > len(devices):
             raise ValueError(f"asked for {num_devices} devices but only {len(devices)} are visible")
         devices = devices[:num_devices]
-    mesh = jax.make_mesh(
-        (len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
-    )
+    n = len(devices)
+    if int(fsdp) < 1 or n % int(fsdp):
+        divisors = [d for d in range(1, n + 1) if n % d == 0]
+        raise ValueError(f"config.mesh.fsdp={fsdp} must divide the number of devices ({n}); allowed: {divisors}")
+    shape = (n // int(fsdp), int(fsdp))
+    auto = (jax.sharding.AxisType.Auto,) * 2
+    mesh = jax.make_mesh(shape, BATCH_AXES, axis_types=auto, devices=devices)
     order = [d.process_index for d in mesh.devices.flat]
     if order != sorted(order):
         # Process p loads rows `process_slice(batch, p, P)` of every global batch, and
-        # `make_array_from_process_local_data` puts them on p's devices in mesh order: keep each
-        # process's devices together and in process order (a stable sort keeps the order chosen
-        # by `make_mesh` inside each process), so that the global batch is the same array on any
-        # number of processes.
+        # `make_array_from_process_local_data` puts them on p's devices in mesh order (row-major
+        # over ('data', 'fsdp')): keep each process's devices together and in process order (a
+        # stable sort keeps the order chosen by `make_mesh` inside each process), so that the
+        # global batch is the same array on any number of processes.
         flat = sorted(mesh.devices.flat, key=lambda d: d.process_index)
-        mesh = Mesh(np.array(flat), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+        mesh = Mesh(np.array(flat).reshape(shape), BATCH_AXES, axis_types=auto)
     return mesh
 
 
@@ -80,7 +96,110 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(DATA_AXIS))
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+# ----- parameter sharding rules -------------------------------------------------------------------
+
+
+def leaf_paths(tree: Any) -> list[str]:
+    """'params/gen/Dense_0/kernel'-style paths of `tree`'s leaves, in flattening order."""
+    return [jax.tree_util.keystr(p, simple=True, separator="/") for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _parse_spec(text: str, where: str) -> tuple:
+    """'replicate' -> (); 'None,fsdp' -> (None, 'fsdp') (entries: an axis name or None)."""
+    text = text.strip()
+    if text in ("replicate", ""):
+        return ()
+    spec = []
+    for part in text.split(","):
+        part = part.strip()
+        if part in ("None", "none", "."):
+            spec.append(None)
+        elif part in BATCH_AXES:
+            spec.append(part)
+        else:
+            raise ValueError(f"{where}: {part!r} is not a mesh axis; a spec is 'replicate' or comma-separated "
+                             f"entries from {list(BATCH_AXES)} and None, e.g. 'None,fsdp'")
+    return tuple(spec)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+    """Leaf path and shape -> PartitionSpec.
+
+    `rules`: ('regex=spec', ...), searched in order against a leaf's path ('params/gen/Dense_0/kernel',
+    'opt_state/gen/1/0/mu/Dense_0/kernel', 'teacher/...'); spec 'replicate' or e.g. 'None,fsdp'. A
+    leaf no rule matches is split over 'fsdp' on its largest dimension divisible by `fsdp` (the
+    first such on ties) when it has at least `min_size` elements, else replicated. Parameters,
+    their Adam moments and their EMA have the same shapes, hence the same default sharding.
+    """
+
+    fsdp: int = 1
+    min_size: int = 2**14
+    rules: tuple[tuple[str, tuple], ...] = ()
+
+    @classmethod
+    def from_config(cls, mesh_config) -> "ShardingRules":
+        rules = []
+        for i, text in enumerate(mesh_config.rules):
+            where = f"config.mesh.rules[{i}]={text!r}"
+            pattern, sep, spec = str(text).rpartition("=")
+            if not sep or not pattern:
+                raise ValueError(f"{where}: expected 'regex=spec', e.g. 'Embed_0/embedding=fsdp,None'")
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"{where}: {pattern!r} is not a regular expression ({e})") from None
+            rules.append((pattern, _parse_spec(spec, where)))
+        if int(mesh_config.min_shard_size) < 0:
+            raise ValueError(f"config.mesh.min_shard_size must be >= 0, got {mesh_config.min_shard_size}")
+        return cls(int(mesh_config.fsdp), int(mesh_config.min_shard_size), tuple(rules))
+
+    def spec(self, path: str, shape: Sequence[int]) -> P:
+        for pattern, spec in self.rules:
+            if re.search(pattern, path):
+                self._check(path, shape, spec, pattern)
+                return P(*spec)
+        if self.fsdp == 1 or math.prod(shape) < self.min_size:
+            return P()
+        candidates = [i for i, d in enumerate(shape) if d % self.fsdp == 0]
+        if not candidates:
+            return P()
+        axis = max(candidates, key=lambda i: (shape[i], -i))
+        return P(*([None] * axis + [FSDP_AXIS]))
+
+    def _check(self, path: str, shape, spec: tuple, pattern: str) -> None:
+        if len(spec) > len(shape):
+            raise ValueError(f"config.mesh.rules: {pattern!r} gives {spec} to {path} of shape {tuple(shape)} "
+                             f"(more entries than dimensions)")
+        for dim, axis in zip(shape, spec):
+            if axis == FSDP_AXIS and dim % self.fsdp:
+                raise ValueError(f"config.mesh.rules: {pattern!r} splits a dimension of size {dim} of {path} "
+                                 f"{tuple(shape)} over fsdp={self.fsdp}, which does not divide it")
+
+    def shardings(self, tree: Any, mesh: Mesh) -> Any:
+        """A NamedSharding for every leaf of `tree` (arrays or ShapeDtypeStructs)."""
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        specs = [self.spec(path, np.shape(x)) for path, x in zip(leaf_paths(tree), leaves)]
+        return jax.tree_util.tree_unflatten(treedef, [NamedSharding(mesh, s) for s in specs])
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """Puts a pytree of host (or device) arrays onto `shardings` (one per leaf, or one for all):
+    every device receives only its own shard, and every process only builds its own devices'
+    shards, so no device ever holds a full copy of a sharded leaf."""
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
+
+    def put(x, sharding):
+        # Always from a host copy: leaves that share a buffer (e.g. params and their EMA at
+        # initialisation) must become distinct device buffers, or donating the state fails.
+        x = np.asarray(jax.device_get(x))
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, tree, shardings)
 
 
 def check_batch_size(global_batch: int, mesh: Mesh, field: str = "config.train.batch_size") -> None:
@@ -109,24 +228,21 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Places a pytree replicated on every device of the mesh (works across processes)."""
-    sharding = replicated(mesh)
-
-    def put(x):
-        # Always from a host copy: leaves that share a buffer (e.g. params and their EMA at
-        # initialisation) must become distinct device buffers, or donating the state fails.
-        x = np.asarray(jax.device_get(x))
-        if jax.process_count() == 1:
-            return jax.device_put(x, sharding)
-        return jax.make_array_from_process_local_data(sharding, x)
-
-    return jax.tree.map(put, tree)
+    return place(tree, replicated(mesh))
 
 
 def to_host(tree: Any) -> Any:
-    """Fetches (replicated or fully addressable) arrays to host NumPy."""
+    """The whole value of every array as host NumPy: sharded arrays are gathered (across processes
+    with a collective, so every process must call it at the same point), replicated ones read from
+    a local copy."""
     def get(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            x = x.addressable_data(0)
+            if x.is_fully_replicated:
+                x = x.addressable_data(0)
+            else:
+                from jax.experimental import multihost_utils
+
+                return np.asarray(multihost_utils.process_allgather(x, tiled=True))
         return np.asarray(jax.device_get(x))
 
     return jax.tree.map(get, tree)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from fdistill import checkpoint as ckpt_lib
 from fdistill import configs
 from fdistill import objectives
+from fdistill import placement as placement_lib
 from fdistill import sharding
 from fdistill import workdir as workdir_lib
 
@@ -203,12 +204,13 @@ def train_and_evaluate(config, workdir: str, num_devices: int | None = None, for
     sharding.initialize_distributed()
     config = configs.complete(config)
     validate_config(config)
-    mesh = sharding.make_mesh(num_devices)
+    mesh = sharding.make_mesh(num_devices, config.mesh.fsdp)
+    rules = sharding.ShardingRules.from_config(config.mesh)
     sharding.check_batch_size(config.train.batch_size, mesh)
     wd = workdir_lib.Workdir(workdir, is_main=jax.process_index() == 0)
     with wd.locked(), _StopFlag() as stop:
         try:
-            return _train_and_evaluate(config, wd, mesh, stop, force_new)
+            return _train_and_evaluate(config, wd, mesh, rules, stop, force_new)
         except Exception as e:
             if workdir_lib.is_disk_full(e) and not isinstance(e, workdir_lib.DiskFull):
                 raise _disk_full_error(e, wd) from None
@@ -231,7 +233,7 @@ def _disk_full_error(e: BaseException, wd: workdir_lib.Workdir) -> workdir_lib.D
         f"failed write. Intact in {wd.path}: {intact}. Free space on that disk and re-run the same command to resume.")
 
 
-def _train_and_evaluate(config, wd: workdir_lib.Workdir, mesh, stop: _StopFlag, force_new: bool) -> dict:
+def _train_and_evaluate(config, wd: workdir_lib.Workdir, mesh, rules, stop: _StopFlag, force_new: bool) -> dict:
     is_main = wd.is_main
     objective = objectives.build(config)  # a teacher run's architecture is adopted into `config` here
     trajectory = tuple(objective.trajectory_fields)
@@ -251,19 +253,19 @@ def _train_and_evaluate(config, wd: workdir_lib.Workdir, mesh, stop: _StopFlag, 
 
     key = jax.random.PRNGKey(tc.seed)
     init_key, eval_key = jax.random.split(key)
-    state, frozen = objective.init(init_key)
-    repl = sharding.replicated(mesh)
-    state = sharding.replicate(state, mesh)
-    frozen = sharding.replicate(frozen, mesh)
+    placement, frozen = placement_lib.on_mesh(objective, init_key, mesh, rules)
+    _log(is_main, placement.describe())
 
     ckpt = ckpt_lib.Checkpointer(wd.checkpoints, keep=tc.keep_checkpoints, save_every=tc.checkpoint_every)
     writer, ok = None, False
     try:
-        restored = ckpt.restore_latest(ckpt_lib.abstract_like(state, repl))
+        restored = ckpt.restore_latest(placement.abstract_state)
         start = 0
         if restored is not None:
             state, start = restored
             _log(is_main, f"resumed from {wd.checkpoints} at step {start}")
+        else:
+            state = placement.init_state(objective, init_key, frozen)
         wd.record(config, changes, start, trajectory)
 
         results = wd.read_results()
@@ -283,14 +285,8 @@ def _train_and_evaluate(config, wd: workdir_lib.Workdir, mesh, stop: _StopFlag, 
         step = start
         if step < num_steps:
             batch = sharding.shard_batch(objective.batch(step, pidx, pcount), mesh)
-            step_fn = jax.jit(
-                objective.train_step,
-                in_shardings=(repl, repl, sharding.batch_sharding(mesh)),
-                out_shardings=(repl, repl),
-                donate_argnums=(0,),
-            )
             t0 = time.perf_counter()
-            compiled = step_fn.lower(state, frozen, batch).compile()
+            compiled = placement.jit_step(objective).lower(state, frozen, batch).compile()
             _log(is_main, f"compiled the {objective.name} step in {time.perf_counter() - t0:.1f}s; "
                  + _describe_compiled(compiled))
 
@@ -356,8 +352,8 @@ def _train_and_evaluate(config, wd: workdir_lib.Workdir, mesh, stop: _StopFlag, 
 
 
 def _evaluate(objective, state, frozen, key, step, writer, plot_dir, is_main) -> dict[str, float]:
-    """Runs the objective's evaluation on a host-local copy of the state (every process computes
-    the same numbers locally; process 0 writes them and the plots)."""
+    """Runs the objective's evaluation on a host-local copy of the state, sharded leaves gathered
+    (every process computes the same numbers locally; process 0 writes them and the plots)."""
     local_state = jax.tree.map(jnp.asarray, sharding.to_host(state))
     local_frozen = jax.tree.map(jnp.asarray, sharding.to_host(frozen))
     t0 = time.perf_counter()

@@ -46,6 +46,7 @@ MAY_CHANGE = (
     # where inputs are found and what may be read, not what they are
     "data.data_dir", "data.allow_download", "distill.allow_unfinished_teacher",
     "po.data_dir", "pairs.dir",
+    "mesh.*",  # how the arrays are laid out over the devices (checkpoints restore onto any mesh)
 )
 # Fields that only change the evaluation: a resumed run with other values re-evaluates the latest
 # checkpoint (results.json is rewritten). An objective whose training reads one of them names it

@@ -1,14 +1,17 @@
 """Multi-process training on JAX's distributed runtime: 2 local CPU processes x 4 devices.
 
 `python -m experiments.run` is launched twice (process 0 and 1, coordinator on 127.0.0.1) on a tiny
-`gmm_score` config, while the same config trains in this pytest process on 8 devices. The loss
-trajectories must agree (each process loads only its half of every batch, and
+`gmm_score` config with its parameters sharded (`mesh.fsdp=4`: a (data 2, fsdp 4) mesh, each
+process one data row), while the same config trains replicated in this pytest process on 8
+devices. The loss trajectories must agree (each process loads only its half of every batch, and
 `jax.make_array_from_process_local_data` assembles the global batch), only process 0 writes logs
-and results, and the checkpoint written by both processes restores and resumes in 1 process.
+and results (evaluated on the gathered state), and the sharded checkpoint written by both
+processes restores and resumes in 1 process with fsdp 1.
 """
 import json
-import signal
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -85,9 +88,11 @@ def wait_all(procs, logs, deadline, expected_status: int = 0):
 def test_two_processes_match_one_process_and_checkpoint_restores(tmp_path):
     assert jax.device_count() == 8 and jax.process_count() == 1
     config = tiny_score_config(NUM_STEPS, checkpoint_every=6)
+    sharded = config.copy_and_resolve_references()
+    sharded.mesh.fsdp, sharded.mesh.min_shard_size = 4, 64  # the tiny network's kernels are split
     two, one = str(tmp_path / "two_processes"), str(tmp_path / "one_process")
 
-    procs, logs = launch_two_processes(config, two, tmp_path)
+    procs, logs = launch_two_processes(sharded, two, tmp_path)
     try:
         # The 1-process, 8-device reference trains here while the two processes run.
         train.train_and_evaluate(config, one)
@@ -112,6 +117,9 @@ def test_two_processes_match_one_process_and_checkpoint_restores(tmp_path):
     np.testing.assert_allclose(results["mmd"], results_one["mmd"], rtol=1e-3, atol=1e-6)
     with open(tmp_path / "process_1.log") as f:
         assert "[fdistill] results" not in f.read()  # process 1 prints no log lines
+    with open(tmp_path / "process_0.log") as f:
+        placed = re.search(r"mesh data=2 x fsdp=4; [^;]*; state [^;]*\((\d+) of \d+ leaves sharded\)", f.read())
+    assert placed and int(placed.group(1)) > 0, "the 2-process run must shard its parameters"
 
     # Both processes took part in the checkpoint saves; the checkpoints restore in 1 process.
     assert sorted(int(s) for s in os.listdir(os.path.join(two, "checkpoints")) if s.isdigit()) == [6, 12]
@@ -120,7 +128,8 @@ def test_two_processes_match_one_process_and_checkpoint_restores(tmp_path):
     chex.assert_trees_all_close(tree_two["params"], tree_one["params"], rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(tree_two["opt_state"], tree_one["opt_state"], rtol=1e-4, atol=1e-6)
 
-    # Resuming the 2-process run in 1 process with 8 devices continues the same trajectory.
+    # Resuming the 2-process fsdp-4 run in 1 process with 8 devices and fsdp 1 continues the same
+    # trajectory.
     more = tiny_score_config(NUM_STEPS + 2, checkpoint_every=6)
     train.train_and_evaluate(more, two)
     train.train_and_evaluate(more, one)

@@ -119,8 +119,8 @@ class LearnedCritic:
         x = jnp.zeros((1,) + self.student.shape, jnp.float32)
         kw = self.kw(jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))
         fake = self.denoiser.init(k_fake, x, **kw)
-        if self.teacher.init_params is not None:  # DMD2: the fake score starts from the teacher
-            fake = copy_matching(self.teacher.init_params, fake)
+        if self.teacher.starts_students:  # DMD2: the fake score starts from the teacher
+            fake = copy_matching(frozen_teacher, fake)
         disc = {}
         if self.disc_on == "separate":
             disc["trunk"] = self.disc_net.init(k_trunk, x, **self.student.kw(kw.get("labels")))

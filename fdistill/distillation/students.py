@@ -283,7 +283,7 @@ def generator_denoiser(teacher, config, shape) -> Denoiser:
     init = config.distill.gen_out_init
     if not init:
         return teacher.denoiser
-    if teacher.init_params is not None:
+    if teacher.starts_students:
         raise ValueError("config.distill.gen_out_init needs a fresh generator (config.distill.teacher='analytic'); "
                          "a network teacher's generator copies its weights")
     cfg = teacher.net_config.copy_and_resolve_references()
@@ -299,7 +299,7 @@ def build(objective: str, teacher, levels, shape, num_classes, conditional, conf
     if objective == "distill" and dc.num_student_steps != 1:
         raise ValueError(f"config.distill.num_student_steps={dc.num_student_steps} needs a few-step "
                          "objective: config.objective='dmd2_multistep' or 'tdm' ('distill' is one-step)")
-    if dc.latent_dim and teacher.init_params is not None:
+    if dc.latent_dim and teacher.starts_students:
         raise ValueError("config.distill.latent_dim needs a fresh generator (config.distill.teacher='analytic'); "
                          "a network teacher's generator copies its weights and input size: pass --config.distill.latent_dim=0")
     denoiser = generator_denoiser(teacher, config, shape)

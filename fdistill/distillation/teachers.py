@@ -30,7 +30,7 @@ class AnalyticTeacher:
         self.net_config = config
         self.denoiser = build_denoiser(config, source.shape)
         self.sigma_data = self.denoiser.sigma_data
-        self.init_params = None
+        self.starts_students = False  # fresh generator and fake score
         self.name = "analytic"
 
     def frozen(self):
@@ -65,7 +65,7 @@ class ScoreRunTeacher:
         tconfig = run.config
         self.net_config = tconfig
         self.sigma_data = self.denoiser.sigma_data
-        self.init_params = params
+        self.starts_students = True  # the generator and fake score start from its weights (frozen['teacher'])
         self._params = params
         self.name = workdir
         replaced = adopt_architecture(config, tconfig)

@@ -6,16 +6,23 @@ An objective is a small object built from the experiment config. The loop owns e
     @register("score")
     class ScoreObjective(Objective):
         def __init__(self, config): ...
-        def init(self, key) -> (state, frozen)
+        def frozen(self) -> pytree of frozen parameters           # optional; default {}
+        def init_state(self, key, frozen) -> state                # pure, jitted by the loop
         def train_step(self, state, frozen, batch) -> (state, metrics)   # pure, jitted by the loop
         def batch(self, step, process_index, process_count) -> dict of numpy arrays
         def evaluate(self, state, frozen, key) -> dict of floats
 
 Conventions:
-  * `state` is a pytree (a `flax.struct.dataclass`) with an integer `step` field; it is replicated
-    on the mesh, checkpointed and donated to the step.
-  * `frozen` is a pytree of frozen parameters (teacher, reference policy); replicated, passed as an
-    argument (never closed over as a constant), never donated, never checkpointed.
+  * `state` is a pytree (a `flax.struct.dataclass`) with an integer `step` field; it is placed on
+    the mesh by `config.mesh`'s sharding rules, checkpointed and donated to the step.
+    `init_state(key, frozen)` must be a pure function of its arguments: the loop runs
+    `jax.jit(init_state, out_shardings=...)` on shapes first (`jax.eval_shape`), so the state is
+    created already sharded and no device holds a full copy of a sharded leaf. A state that starts
+    from a frozen network (DMD2's generator, a DPO policy) copies it from `frozen`, not from a
+    Python attribute (which would be baked into the program as a constant).
+  * `frozen()` is a pytree of frozen parameters (teacher, reference policy), as host or device
+    arrays; the loop places it on its shardings and passes it as an argument (never closed over as
+    a constant), never donated, never checkpointed.
   * `batch(step, ...)` returns this process's slice of the global batch for `step`; the global batch
     must be a deterministic function of (config, step) only, so runs on any number of devices or
     processes follow the same trajectory and a resumed run sees the same data.
@@ -103,9 +110,19 @@ class Objective(abc.ABC):
     def __init__(self, config):
         self.config = config
 
+    def frozen(self) -> Pytree:
+        """The frozen networks' parameters ({} when there are none)."""
+        return {}
+
     @abc.abstractmethod
+    def init_state(self, key, frozen: Pytree) -> Pytree:
+        """A fresh train state; pure and jittable (see the module docstring)."""
+
     def init(self, key) -> tuple[Pytree, Pytree]:
-        """Returns `(state, frozen)` for a fresh run."""
+        """`(state, frozen)` of a fresh run on the default device (tests, tools); the training loop
+        creates them on the mesh instead (`fdistill.train.init_on_mesh`)."""
+        frozen = self.frozen()
+        return self.init_state(key, frozen), frozen
 
     @abc.abstractmethod
     def train_step(self, state: Pytree, frozen: Pytree, batch: dict) -> tuple[Pytree, dict]:

@@ -167,9 +167,11 @@ class DiffusionPreferenceObjective(Objective):
         self.num_micro = ts.check_grad_accum(config.train.grad_accum_steps, config.train.batch_size)
 
     # ----- contract -------------------------------------------------------------------------
-    def init(self, key):
-        params = jax.tree.map(jnp.array, self.ref_params)
-        return ts.create_state(params, self.optimizer, key), {"ref": self.ref_params}
+    def frozen(self):
+        return {"ref": self.ref_params}
+
+    def init_state(self, key, frozen):
+        return ts.create_state(jax.tree.map(jnp.array, frozen["ref"]), self.optimizer, key)
 
     def loss(self, params, ref_params, inputs, rngs=None):
         """Mean per-pair loss and metrics on `inputs` (the batch and its `pair_noise` draws); the

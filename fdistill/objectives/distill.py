@@ -83,16 +83,18 @@ class DistillObjective(Objective):
                 "disc": opt(learning_rate=dc.lr_disc, grad_clip=dc.critic_grad_clip, ema_decay=0.0)}
 
     # ----- contract --------------------------------------------------------------------------
-    def init(self, key):
+    def frozen(self):
+        return {"teacher": self.teacher.frozen()}
+
+    def init_state(self, key, frozen):
         k_gen, k_critic, k_rng = jax.random.split(key, 3)
-        frozen = {"teacher": self.teacher.frozen()}
-        if self.teacher.init_params is None:
+        if self.teacher.starts_students:  # DMD2: the generator starts from the teacher
+            gen = jax.tree.map(jnp.array, frozen["teacher"])
+        else:
             gen = self.student.init(k_gen)
-        else:  # DMD2: the generator starts from the teacher
-            gen = jax.tree.map(jnp.array, self.teacher.init_params)
         params = {"gen": gen, **self.critic.init(k_critic, frozen["teacher"])}
         extra = {"ratio_bins": jnp.ones((max(int(self.dc.ratio_bins), 1),), jnp.float32)}
-        return ts.create_state(params, self.optimizers, k_rng, extra), frozen
+        return ts.create_state(params, self.optimizers, k_rng, extra)
 
     def batch(self, step, process_index=0, process_count=1):
         """One real batch per critic update, stacked on axis 1: {'x': [B, fake_updates_per_gen, ...]}."""

@@ -41,13 +41,16 @@ class KnowledgeDistillation(Objective):
         self.optimizer = ts.Optimizer(ts.OptimizerSettings.from_config(config.train, learning_rate=config.distill.lr_gen))
         self.evaluator = evaluation.Evaluator(config, self.source, self.teacher, self.student, None, "1-step kd")
 
-    def init(self, key):
+    def frozen(self):
+        return {"teacher": self.teacher.frozen()}
+
+    def init_state(self, key, frozen):
         k_gen, k_rng = jax.random.split(key)
-        if self.teacher.init_params is None:
-            gen = self.student.init(k_gen)
+        if self.teacher.starts_students:
+            gen = jax.tree.map(jnp.array, frozen["teacher"])
         else:
-            gen = jax.tree.map(jnp.array, self.teacher.init_params)
-        return ts.create_state(gen, self.optimizer, k_rng), {"teacher": self.teacher.frozen()}
+            gen = self.student.init(k_gen)
+        return ts.create_state(gen, self.optimizer, k_rng)
 
     def ode_endpoint(self, frozen_teacher, z, labels) -> jax.Array:
         """The teacher's deterministic sample from the noise sigma_max z."""

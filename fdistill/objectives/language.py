@@ -220,9 +220,9 @@ class SFTObjective(Objective):
         self.heldout = self.task.heldout_demonstrations(config.eval.num_heldout)
         self._nll = jax.jit(lambda p, t, m: token_nll(self.model, p, t, m))
 
-    def init(self, key):
+    def init_state(self, key, frozen):
         k_init, k_rng = jax.random.split(key)
-        return ts.create_state(init_params(self.model, k_init), self.optimizer, k_rng), {}
+        return ts.create_state(init_params(self.model, k_init), self.optimizer, k_rng)
 
     def train_step(self, state, frozen, batch):
         loss, grads = sft_value_and_grad(self.model, state.params, batch, self.num_micro)
@@ -427,12 +427,14 @@ class PreferenceObjective(Objective):
         return self.loss(params, ref_params, rows)[1]
 
     # ----- contract ---------------------------------------------------------------------------
-    def init(self, key):
-        params = jax.tree.map(jnp.array, self.ref_params)
+    def frozen(self):
         frozen = {"ref": self.ref_params}
         if self.proxy_params is not None:
             frozen["reward_model"] = self.proxy_params
-        return ts.create_state(params, self.optimizer, key), frozen
+        return frozen
+
+    def init_state(self, key, frozen):
+        return ts.create_state(jax.tree.map(jnp.array, frozen["ref"]), self.optimizer, key)
 
     def train_step(self, state, frozen, batch):
         loss_fn = lambda p, x: self.loss(p, frozen["ref"], x)

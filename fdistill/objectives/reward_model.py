@@ -70,9 +70,9 @@ class RewardModelObjective(PreferenceObjective):
         self.rm = build(self.task, config.po)
         self.loss_name = "reward_model"
 
-    def init(self, key):
-        params = jax.jit(lambda k: self.rm.init(k, jnp.zeros((1, self.task.seq_len), jnp.int32))["params"])(key)
-        return ts.create_state(params, self.optimizer, key), {}
+    def init_state(self, key, frozen):
+        params = self.rm.init(key, jnp.zeros((1, self.task.seq_len), jnp.int32))["params"]
+        return ts.create_state(params, self.optimizer, key)
 
     def loss(self, params, ref_params, batch):
         r_w = self.rm.apply({"params": params}, batch["chosen_tokens"])

@@ -39,11 +39,11 @@ class ScoreObjective(Objective):
         self.num_classes = config.model.num_classes if self.source.num_classes else 0
         self.dropout = config.model.dropout > 0
 
-    def init(self, key):
+    def init_state(self, key, frozen):
         k_init, k_rng = jax.random.split(key)
         x = jnp.zeros((1,) + tuple(self.source.shape), jnp.float32)
         params = self.denoiser.init(k_init, x, **label_kwargs(self.num_classes, jnp.zeros((1,), jnp.int32)))
-        return ts.create_state(params, self.optimizer, k_rng), {}
+        return ts.create_state(params, self.optimizer, k_rng)
 
     def noised_inputs(self, batch, key) -> dict:
         """Per-example (x0, sigma, noise, labels, dropout key) for the whole batch, drawn once so that
