@@ -11,7 +11,9 @@
 #    fraction of a same-run 8192^2 matmul, and MFU = achieved FLOP/s / the GPU's dense peak for the
 #    dtype (PEAK_TFLOPS in step_throughput.py: H100/H200 SXM 989 bf16, 494 TF32; A100 312 / 156;
 #    override with PEAK_BF16=<TFLOP/s> PEAK_FP32=<TFLOP/s> for other GPUs).
-# 3. Prints the GPU model and writes everything to benchmarks/gpu_results/ (JSON + the log) for
+# 3. Times the CIFAR-10-size f-distill step (ml_collections_configs/cifar10_fdistill.py on random
+#    images, benchmarks/fsdp_memory.py --device) in bfloat16: steps/s, MFU, memory per device.
+# 4. Prints the GPU model and writes everything to benchmarks/gpu_results/ (JSON + the log) for
 #    benchmarks/RESULTS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -60,4 +62,8 @@ echo "== (a) steps and the digits U-Net step in bfloat16"
 python benchmarks/step_throughput.py --steps score,distill,po,unet --sizes gpu --dtype bfloat16 \
   --seconds "$SECONDS_PER_ROW" --peak_tflops "$(peak "${PEAK_BF16:-}")" --json "$OUT/bfloat16.json"
 
-echo "== done: $OUT/gpu_check.log, $OUT/float32.json, $OUT/bfloat16.json"
+echo "== (b) the CIFAR-10-size f-distill step (fdistill/placement, 82.8M-parameter U-Nets) in bfloat16"
+python benchmarks/fsdp_memory.py --device --dtype bfloat16 --batch "${CIFAR_BATCH:-64}" \
+  --seconds "$SECONDS_PER_ROW" --json "$OUT/cifar10_fdistill_bf16.json"
+
+echo "== done: $OUT/gpu_check.log, $OUT/float32.json, $OUT/bfloat16.json, $OUT/cifar10_fdistill_bf16.json"

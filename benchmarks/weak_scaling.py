@@ -5,7 +5,7 @@
 
 For each device count n, one process with n simulated devices (`XLA_FLAGS` is read when JAX
 starts, so every n gets its own process) runs the train step jitted as the training loop does it:
-a ('data',) mesh, the global batch n x per_device_batch sharded on P('data'), state and frozen
+a (data n, fsdp 1) mesh, the global batch n x per_device_batch split over the devices, state and frozen
 parameters replicated, state donated. A second process with 1 device runs the same global batch
 unsharded. Printed per n:
 
@@ -35,7 +35,7 @@ def worker(step_name: str, global_batch: int, num_devices: int, seconds: float) 
     sys.path.insert(0, HERE)
     import step_throughput
 
-    from fdistill import objectives, sharding
+    from fdistill import objectives, placement, sharding
 
     assert jax.device_count() == num_devices, (jax.device_count(), num_devices)
     _, config = next(iter(step_throughput.BENCHMARKS[step_name]("cpu", "float32")))
@@ -43,12 +43,11 @@ def worker(step_name: str, global_batch: int, num_devices: int, seconds: float) 
     mesh = sharding.make_mesh()
     sharding.check_batch_size(global_batch, mesh)
     obj = objectives.build(config)
-    state, frozen = obj.init(jax.random.PRNGKey(0))
-    state, frozen = sharding.replicate(state, mesh), sharding.replicate(frozen, mesh)
+    key = jax.random.PRNGKey(0)
+    where, frozen = placement.on_mesh(obj, key, mesh, sharding.ShardingRules(fsdp=1))
+    state = where.init_state(obj, key, frozen)
     batch = sharding.shard_batch(obj.batch(0), mesh)
-    repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    step = jax.jit(obj.train_step, in_shardings=(repl, repl, data), out_shardings=(repl, repl),
-                   donate_argnums=(0,)).lower(state, frozen, batch).compile()
+    step = where.jit_step(obj).lower(state, frozen, batch).compile()
     rate = step_throughput.time_fn(step, state, (frozen, batch), seconds)
     return {"steps_per_sec": rate}
 

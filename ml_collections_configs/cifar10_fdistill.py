@@ -5,8 +5,8 @@
 
 A paper-size config, not trained by this project: `benchmarks/fsdp_memory.py` compiles and steps it.
 One step holds four U-Nets of the teacher's size (the frozen teacher, the generator and the fake
-score with Adam moments, the discriminator head on the fake score's bottleneck): ~43M parameters
-each, about 1.9 GB of float32 parameters and optimiser state before activations, which
+score with Adam moments, the discriminator head on the fake score's bottleneck): 82.8M parameters
+each, about 3.3 GB of float32 parameters and optimiser state before activations, which
 `mesh.fsdp` splits over the devices (README, "Pods"). The generator and the fake score copy the
 teacher's architecture and weights (`config.distill.teacher`, the workdir of cifar10_score.py).
 """
