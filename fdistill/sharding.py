@@ -21,6 +21,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fdistill.configs import ConfigError  # a rule that does not fit a leaf is found when the leaf is placed
+
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # the batch's leading axis is split over every device
@@ -172,11 +174,11 @@ class ShardingRules:
 
     def _check(self, path: str, shape, spec: tuple, pattern: str) -> None:
         if len(spec) > len(shape):
-            raise ValueError(f"config.mesh.rules: {pattern!r} gives {spec} to {path} of shape {tuple(shape)} "
+            raise ConfigError(f"config.mesh.rules: {pattern!r} gives {spec} to {path} of shape {tuple(shape)} "
                              f"(more entries than dimensions)")
         for dim, axis in zip(shape, spec):
             if axis == FSDP_AXIS and dim % self.fsdp:
-                raise ValueError(f"config.mesh.rules: {pattern!r} splits a dimension of size {dim} of {path} "
+                raise ConfigError(f"config.mesh.rules: {pattern!r} splits a dimension of size {dim} of {path} "
                                  f"{tuple(shape)} over fsdp={self.fsdp}, which does not divide it")
 
     def shardings(self, tree: Any, mesh: Mesh) -> Any:
