@@ -55,6 +55,7 @@ from fdistill import configs, objectives, placement, sharding, train  # noqa: E4
 from fdistill.data import images as image_lib  # noqa: E402
 from fdistill.data import tfds_images  # noqa: E402
 from fdistill.evaluation import feature_metrics  # noqa: E402
+from fdistill.models import param_count  # noqa: E402
 
 
 class RandomImages:
@@ -102,10 +103,6 @@ def build_config(name: str, batch: int, teacher: str | None):
         c.po.precompute_ref = False
         c.po.pairs.num_pairs, c.po.pairs.num_test_pairs = 256, 64
     return c
-
-
-def param_count(tree) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
 def measure(config, fsdp: int) -> tuple[dict, tuple]:

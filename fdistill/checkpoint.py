@@ -252,8 +252,11 @@ class Checkpointer:
 
 
 def abstract_like(tree: Any, sharding) -> Any:
-    """ShapeDtypeStructs of `tree` carrying `sharding` (the restore target)."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)
+    """ShapeDtypeStructs of `tree` (arrays or ShapeDtypeStructs) carrying `sharding` (one for every
+    leaf, or a tree of them): the restore target."""
+    if isinstance(sharding, jax.sharding.Sharding):
+        sharding = jax.tree.map(lambda _: sharding, tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, sharding)
 
 
 def restore_tree(workdir: str, step: int | None = None) -> dict:

@@ -19,20 +19,27 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from fdistill import sharding
+from fdistill import checkpoint, sharding
+from fdistill.models import param_count
 
 
 @dataclasses.dataclass(frozen=True)
 class Placement:
-    """The mesh and the shardings of one run's state and frozen networks (pytrees of
-    NamedShardings); `abstract_state` (the checkpoint restore target) and `abstract_frozen` are
-    their ShapeDtypeStructs carrying them."""
+    """The mesh and one run's state and frozen networks as ShapeDtypeStructs carrying their
+    shardings (`abstract_state` is the checkpoint restore target); `state` and `frozen` are the
+    pytrees of their NamedShardings."""
 
     mesh: Mesh
-    state: Any
-    frozen: Any
     abstract_state: Any
     abstract_frozen: Any
+
+    @property
+    def state(self) -> Any:
+        return jax.tree.map(lambda x: x.sharding, self.abstract_state)
+
+    @property
+    def frozen(self) -> Any:
+        return jax.tree.map(lambda x: x.sharding, self.abstract_frozen)
 
     @property
     def batch(self) -> jax.sharding.NamedSharding:
@@ -52,9 +59,8 @@ class Placement:
         """'mesh data=2 x fsdp=4; 0.33M trained parameters; state 1.2 MiB/device of 4.8 MiB (31 of 40
         leaves sharded); frozen ...'."""
         shape = dict(self.mesh.shape)
-        trained = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state.params))
         parts = [f"mesh data={shape[sharding.DATA_AXIS]} x fsdp={shape[sharding.FSDP_AXIS]}",
-                 f"{trained / 1e6:.2f}M trained parameters"]
+                 f"{param_count(self.abstract_state.params) / 1e6:.2f}M trained parameters"]
         for name, tree in (("state", self.abstract_state), ("frozen", self.abstract_frozen)):
             per, total, split, count = per_device_bytes(tree)
             if count:
@@ -77,16 +83,11 @@ def per_device_bytes(tree: Any) -> tuple[int, int, int, int]:
     return per, total, split, len(leaves)
 
 
-def _with_shardings(abstract: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-
-
 def on_mesh(objective, key, mesh: Mesh, rules: sharding.ShardingRules) -> tuple[Placement, Any]:
     """The placement of `objective`'s arrays on `mesh`, and its frozen networks placed there."""
     host = objective.frozen()
     frozen_shardings = rules.shardings(host, mesh)
     frozen = sharding.place(host, frozen_shardings)
     abstract = jax.eval_shape(objective.init_state, key, frozen)
-    state_shardings = rules.shardings(abstract, mesh)
-    return Placement(mesh, state_shardings, frozen_shardings, _with_shardings(abstract, state_shardings),
-                     _with_shardings(jax.eval_shape(lambda f: f, frozen), frozen_shardings)), frozen
+    return Placement(mesh, checkpoint.abstract_like(abstract, rules.shardings(abstract, mesh)),
+                     checkpoint.abstract_like(frozen, frozen_shardings)), frozen

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fdistill.configs import ConfigError  # a rule that does not fit a leaf is found when the leaf is placed
+from fdistill.configs import ConfigError  # a bad config.mesh field: one line, exit status 2
 
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
@@ -77,7 +77,7 @@ def make_mesh(num_devices: int | None = None, fsdp: int = 1) -> Mesh:
     n = len(devices)
     if int(fsdp) < 1 or n % int(fsdp):
         divisors = [d for d in range(1, n + 1) if n % d == 0]
-        raise ValueError(f"config.mesh.fsdp={fsdp} must divide the number of devices ({n}); allowed: {divisors}")
+        raise ConfigError(f"config.mesh.fsdp={fsdp} must divide the number of devices ({n}); allowed: {divisors}")
     shape = (n // int(fsdp), int(fsdp))
     auto = (jax.sharding.AxisType.Auto,) * 2
     mesh = jax.make_mesh(shape, BATCH_AXES, axis_types=auto, devices=devices)
@@ -122,7 +122,7 @@ def _parse_spec(text: str, where: str) -> tuple:
         elif part in BATCH_AXES:
             spec.append(part)
         else:
-            raise ValueError(f"{where}: {part!r} is not a mesh axis; a spec is 'replicate' or comma-separated "
+            raise ConfigError(f"{where}: {part!r} is not a mesh axis; a spec is 'replicate' or comma-separated "
                              f"entries from {list(BATCH_AXES)} and None, e.g. 'None,fsdp'")
     return tuple(spec)
 
@@ -149,14 +149,14 @@ class ShardingRules:
             where = f"config.mesh.rules[{i}]={text!r}"
             pattern, sep, spec = str(text).rpartition("=")
             if not sep or not pattern:
-                raise ValueError(f"{where}: expected 'regex=spec', e.g. 'Embed_0/embedding=fsdp,None'")
+                raise ConfigError(f"{where}: expected 'regex=spec', e.g. 'Embed_0/embedding=fsdp,None'")
             try:
                 re.compile(pattern)
             except re.error as e:
-                raise ValueError(f"{where}: {pattern!r} is not a regular expression ({e})") from None
+                raise ConfigError(f"{where}: {pattern!r} is not a regular expression ({e})") from None
             rules.append((pattern, _parse_spec(spec, where)))
         if int(mesh_config.min_shard_size) < 0:
-            raise ValueError(f"config.mesh.min_shard_size must be >= 0, got {mesh_config.min_shard_size}")
+            raise ConfigError(f"config.mesh.min_shard_size must be >= 0, got {mesh_config.min_shard_size}")
         return cls(int(mesh_config.fsdp), int(mesh_config.min_shard_size), tuple(rules))
 
     def spec(self, path: str, shape: Sequence[int]) -> P:

@@ -204,11 +204,8 @@ def train_and_evaluate(config, workdir: str, num_devices: int | None = None, for
     sharding.initialize_distributed()
     config = configs.complete(config)
     validate_config(config)
-    try:
-        mesh = sharding.make_mesh(num_devices, config.mesh.fsdp)
-        rules = sharding.ShardingRules.from_config(config.mesh)
-    except ValueError as e:  # a config.mesh field: one line, exit status 2
-        raise configs.ConfigError(str(e)) from None
+    mesh = sharding.make_mesh(num_devices, config.mesh.fsdp)
+    rules = sharding.ShardingRules.from_config(config.mesh)
     sharding.check_batch_size(config.train.batch_size, mesh)
     wd = workdir_lib.Workdir(workdir, is_main=jax.process_index() == 0)
     with wd.locked(), _StopFlag() as stop:

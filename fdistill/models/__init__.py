@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 
+import jax
 import jax.numpy as jnp
 
 # name -> (module, class); imported lazily so that optional models cost nothing.
@@ -12,6 +13,11 @@ MODELS = {
 }
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def param_count(params) -> int:
+    """Elements of every leaf of `params` (arrays or ShapeDtypeStructs)."""
+    return int(sum(x.size for x in jax.tree.leaves(params)))
 
 
 def compute_dtype(name: str):

@@ -188,6 +188,3 @@ def generate(model: TransformerLM, params, prompts: jax.Array, key: jax.Array, t
     tokens, logp, _, _ = jax.lax.fori_loop(0, total_len - 1, body, carry)
     return tokens, logp
 
-
-def param_count(params) -> int:
-    return int(sum(x.size for x in jax.tree.leaves(params)))

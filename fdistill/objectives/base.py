@@ -120,7 +120,7 @@ class Objective(abc.ABC):
 
     def init(self, key) -> tuple[Pytree, Pytree]:
         """`(state, frozen)` of a fresh run on the default device (tests, tools); the training loop
-        creates them on the mesh instead (`fdistill.train.init_on_mesh`)."""
+        creates them on the mesh instead (`fdistill.placement.on_mesh`)."""
         frozen = self.frozen()
         return self.init_state(key, frozen), frozen
 

@@ -36,7 +36,8 @@ from fdistill import runs
 from fdistill import train_state as ts
 from fdistill.data import preference as prefdata
 from fdistill.evaluation import preference as prefeval
-from fdistill.models.transformer import TransformerLM, generate, param_count
+from fdistill.models import param_count
+from fdistill.models.transformer import TransformerLM, generate
 from fdistill.objectives import preference as prefloss
 from fdistill.objectives.base import Objective, register
 
