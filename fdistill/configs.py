@@ -10,7 +10,7 @@ and states only what differs:
         c.distill.divergence = "js"
         return c
 
-`base(family, data=..., model=...)` assembles the sections of a family (`score`, `distill`, `sft`,
+`base(family, data=..., model=...)` assembles the sections of a family (`score`, `flow`, `distill`, `sft`,
 `po`, `diffusion_po`) with the data section of a data source (`gmm`, `digits`, `tfds`) and the
 model section of a network (`mlp`, `unet`, `transformer`). `complete(config)` fills a partial
 config (an old `config.json`, a test's config) from its base and rejects fields the base does not
@@ -94,12 +94,14 @@ def _data_kind(name: str) -> str:
 
 def model(name: str) -> ConfigDict:
     """The `config.model` section of a network (`fdistill.models`)."""
+    # parametrisation: what the diffusion network's output means (fdistill.denoiser.build_denoiser):
+    # edm (D = c_skip x + c_out F(c_in x; ln(sigma)/4)) | velocity (flow matching: F(x_t, t) = dx_t/dt)
     if name == "mlp":
         return _section(name="mlp", width=128, depth=3, emb_dim=64, num_classes=0, dropout=0.0,
-                        out_init="zeros")  # zeros (D = c_skip x at init) | lecun
+                        out_init="zeros", parametrisation="edm")  # out_init: zeros (D = c_skip x at init) | lecun
     if name == "unet":
         return _section(name="unet", channels=32, channel_mult=(1, 2), num_res_blocks=2, attention=True,
-                        num_heads=1, emb_dim=128, num_classes=0, dropout=0.0)
+                        num_heads=1, emb_dim=128, num_classes=0, dropout=0.0, parametrisation="edm")
     if name == "transformer":
         return _section(name="transformer", width=64, depth=2, num_heads=4, mlp_ratio=4)
     raise ConfigError(f"config.model.name={name!r} has no base; known: ['mlp', 'unet', 'transformer']")
@@ -144,6 +146,15 @@ def mesh() -> ConfigDict:
         fsdp=1,  # devices per parameter shard group; data = devices / fsdp
         min_shard_size=2**14,  # leaves with fewer elements stay replicated
         rules=(),  # ('regex=spec', ...) over leaf paths, first match wins; spec 'replicate' or e.g. 'None,fsdp'
+    )
+
+
+def flow() -> ConfigDict:
+    """`config.flow`: flow-matching training of a velocity network (`fdistill.objectives.flow_matching`)."""
+    return _section(
+        t_distribution="logit_normal",  # logit_normal (t = sigmoid(t_mean + t_std n)) | uniform
+        t_mean=0.0,
+        t_std=1.0,
     )
 
 
@@ -267,8 +278,9 @@ def diffusion_po() -> ConfigDict:
     return c
 
 
-DEFAULT_DATA = {"score": "gmm", "distill": "gmm", "diffusion_po": "gmm"}
-DEFAULT_MODEL = {"score": "mlp", "distill": "mlp", "sft": "transformer", "po": "transformer", "diffusion_po": "mlp"}
+DEFAULT_DATA = {"score": "gmm", "flow": "gmm", "distill": "gmm", "diffusion_po": "gmm"}
+DEFAULT_MODEL = {"score": "mlp", "flow": "mlp", "distill": "mlp", "sft": "transformer", "po": "transformer",
+                 "diffusion_po": "mlp"}
 
 
 def family_of(objective: str) -> str:
@@ -286,7 +298,7 @@ def base(objective: str, data: str | None = None, model: str | None = None) -> C
     family = family_of(objective)
     c = ConfigDict()
     c.objective = objective
-    if family in ("score", "distill", "diffusion_po"):
+    if family in ("score", "flow", "distill", "diffusion_po"):
         c.data = globals()["data"](data or DEFAULT_DATA[family])
         c.diffusion = diffusion()
         c.eval = sample_eval()
@@ -296,6 +308,9 @@ def base(objective: str, data: str | None = None, model: str | None = None) -> C
         c.task = task()
         c.eval = lm_eval()
     c.model = globals()["model"](model or DEFAULT_MODEL[family])
+    if family == "flow":
+        c.model.parametrisation = "velocity"
+        c.flow = flow()
     c.train = train()
     c.mesh = mesh()
     if family == "distill":

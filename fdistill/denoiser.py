@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fdistill import diffusion, models
+from fdistill import diffusion, flow, models
 
 
 class Denoiser:
@@ -51,11 +51,56 @@ class Denoiser:
         d = diffusion.precondition(net, x, sigma, self.sigma_data)
         return d, feats["h"]
 
+    def velocity(self, params, x_t: jax.Array, t: jax.Array, rngs=None, **kw) -> jax.Array:
+        """The flow-matching velocity v(x_t; t) = (x_t - D(x_t / (1 - t); t / (1 - t))) / t of this
+        denoiser (`fdistill.flow`; 0 < t < 1)."""
+        sigma = flow.t_to_sigma(t)
+        x = x_t / diffusion.expand(1.0 - t, x_t)
+        return flow.velocity_from_denoiser(self(params, x, sigma, rngs=rngs, **kw), x_t, t)
+
+
+class VelocityDenoiser(Denoiser):
+    """A velocity network F(x_t, t) of flow matching (`config.model.parametrisation='velocity'`),
+    seen as an EDM denoiser through the exact conversion of `fdistill.flow`:
+
+        D(x; sigma) = x_t - t F(x_t, t),   t = sigma / (1 + sigma),   x_t = x / (1 + sigma).
+
+    F reads x_t unscaled and t as its noise conditioning; a zero output layer starts at v = 0.
+    """
+
+    def init(self, key, x_example: jax.Array, **kw):
+        return self.net.init(key, x_example, jnp.full(x_example.shape[:1], 0.5), **kw)["params"]
+
+    def velocity(self, params, x_t: jax.Array, t: jax.Array, rngs=None, **kw) -> jax.Array:
+        t = jnp.broadcast_to(jnp.asarray(t, x_t.dtype), x_t.shape[:1])
+        return self.apply_net(params, x_t, t, rngs, **kw).astype(x_t.dtype)
+
+    def _inputs(self, x, sigma):
+        sigma = jnp.broadcast_to(jnp.asarray(sigma, x.dtype), x.shape[:1])
+        t = flow.sigma_to_t(sigma)
+        return x / diffusion.expand(1.0 + sigma, x), t
+
+    def __call__(self, params, x: jax.Array, sigma: jax.Array, rngs=None, **kw) -> jax.Array:
+        x_t, t = self._inputs(x, sigma)
+        return flow.denoiser_from_velocity(self.velocity(params, x_t, t, rngs, **kw), x_t, t)
+
+    def with_features(self, params, x: jax.Array, sigma: jax.Array, rngs=None, **kw):
+        x_t, t = self._inputs(x, sigma)
+        v, h = self.apply_net(params, x_t, t, rngs, features=True, **kw)
+        return flow.denoiser_from_velocity(v.astype(x.dtype), x_t, t), h
+
+
+PARAMETRISATIONS = {"edm": Denoiser, "velocity": VelocityDenoiser}
+
 
 def build_denoiser(config, shape) -> Denoiser:
-    """The EDM denoiser of `config.model` for data of per-example `shape`."""
+    """The denoiser of `config.model` for data of per-example `shape`: EDM-preconditioned
+    (`model.parametrisation='edm'`) or a flow-matching velocity network (`'velocity'`)."""
+    kind = config.model.parametrisation
+    if kind not in PARAMETRISATIONS:
+        raise ValueError(f"config.model.parametrisation={kind!r} is not known; allowed: {list(PARAMETRISATIONS)}")
     net = models.build(config.model, shape, config.train.compute_dtype)
-    return Denoiser(net, config.diffusion.sigma_data)
+    return PARAMETRISATIONS[kind](net, config.diffusion.sigma_data)
 
 
 def edm_dsm_loss(denoiser: Denoiser, params, x0, sigma, noise, **kw) -> jax.Array:
@@ -75,16 +120,23 @@ _SAMPLE_FNS: dict = {}
 
 
 def sample_chunked(denoiser: Denoiser, params, shape, key, n: int, num_steps: int, sampler: str, diffusion_config,
-                   chunk: int, num_classes: int = 0, labels=None) -> np.ndarray:
-    """n deterministic EDM samples (Heun or Euler, `diffusion.sample`) generated in jitted chunks of
-    `chunk` (one compile per chunk size). Labels are drawn uniformly when None (conditional models)."""
-    cache_key = (id(denoiser), num_steps, sampler, chunk, tuple(shape), num_classes)
+                   chunk: int, num_classes: int = 0, labels=None, space: str = "sigma") -> np.ndarray:
+    """n deterministic samples generated in jitted chunks of `chunk` (one compile per chunk size):
+    `space='sigma'` integrates the EDM ODE on the Karras levels (`diffusion.sample`), `space='t'`
+    the flow ODE on N uniform steps from t = 1 (`flow.sample`; velocity networks). Heun or Euler.
+    Labels are drawn uniformly when None (conditional models)."""
+    if space not in ("sigma", "t"):
+        raise ValueError(f"space={space!r} must be 'sigma' or 't'")
+    cache_key = (id(denoiser), num_steps, sampler, chunk, tuple(shape), num_classes, space)
     if cache_key not in _SAMPLE_FNS:
         dc = diffusion_config
 
         @jax.jit
         def fn(params, noise, labels):
             kw = label_kwargs(num_classes, labels)
+            if space == "t":
+                return flow.sample(lambda x, t: denoiser.velocity(params, x, t, **kw), noise,
+                                   flow.uniform_times(num_steps), sampler)
             return diffusion.sample(lambda x, s: denoiser(params, x, s, **kw), noise, num_steps, sampler=sampler,
                                     sigma_min=dc.sigma_min, sigma_max=dc.sigma_max, rho=dc.rho)
 

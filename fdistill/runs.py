@@ -70,7 +70,8 @@ class Dependency:
     """A config field (`section.name`) holding the workdir of another run.
 
     `objectives`: what that run must be. `make_with`: the experiment config (in
-    ml_collections_configs/) that makes it, by `config.data.name` of the config naming it ('*': any).
+    ml_collections_configs/) that makes it, by '<objective>:<data name>' or `config.data.name` of the
+    config naming it ('*': any).
     `shared`: sections the run must have in common with the config naming it (checked on opening,
     copied by `experiments.prepare`). `needed(config)`: whether the config uses the field at all.
     `subdir`: the sub-workdir `experiments.prepare` trains into when the field is empty.
@@ -84,19 +85,24 @@ class Dependency:
     allow_unfinished: str = ""  # a boolean field of the same section allowing an unfinished run
 
     def config_name(self, config) -> str | None:
-        if "*" in self.make_with:
-            return self.make_with["*"]
-        return self.make_with.get(str(config.data.name).split(":")[0])
+        """The config that makes the run: `make_with['<objective>:<data>']`, else by data name, else '*'."""
+        data = str(config.data.name).split(":")[0] if "data" in config else ""
+        for key in (f"{config.objective}:{data}", data, "*"):
+            if key in self.make_with:
+                return self.make_with[key]
+        return None
 
 
 SCORE_CONFIGS = {"gmm": "gmm_score", "digits": "digits_score"}
+DIFFUSION_RUNS = ("score", "flow")  # networks with a denoiser (a flow run's velocity converts exactly)
 DEPENDENCIES: dict[str, Dependency] = {
     "po.sft_workdir": Dependency(("sft",), {"*": "synthetic_sft"}, ("task", "model"), "sft",
                                  needed=lambda c: c.po.reference == "sft"),
     "po.reward_model": Dependency(("reward_model",), {"*": "synthetic_reward_model"}, ("task",), "reward_model",
                                   needed=lambda c: bool(c.po.reward_model)),
-    "dpo.reference": Dependency(("score",), SCORE_CONFIGS, ("data", "model", "diffusion"), "reference"),
-    "distill.teacher": Dependency(("score",), SCORE_CONFIGS, ("data", "diffusion"), "teacher",
+    "dpo.reference": Dependency(DIFFUSION_RUNS, SCORE_CONFIGS, ("data", "model", "diffusion"), "reference"),
+    "distill.teacher": Dependency(DIFFUSION_RUNS, {**SCORE_CONFIGS, "boss:gmm": "gmm_flow"}, ("data", "diffusion"),
+                                  "teacher",
                                   needed=lambda c: c.distill.teacher != "analytic",
                                   allow_unfinished="allow_unfinished_teacher"),
 }

@@ -62,6 +62,23 @@ class GMM:
         s = jnp.asarray(sigma, x.dtype)[..., None]
         return x + s**2 * self.score(x, sigma)
 
+    def velocity(self, x_t: jax.Array, t) -> jax.Array:
+        """Exact flow-matching velocity E[eps - x_0 | x_t] under x_t = (1 - t) x_0 + t eps
+        (`fdistill.flow`), in closed form for every t in [0, 1]: given mode k, x_t ~ N((1 - t) mu_k, c_k I)
+        with c_k = (1 - t)^2 s_k^2 + t^2, and with r_k = x_t - (1 - t) mu_k
+
+            E[x_0 | x_t, k] = mu_k + (1 - t) s_k^2 r_k / c_k,    E[eps | x_t, k] = t r_k / c_k,
+
+        averaged with the posterior mode weights at level t."""
+        t = jnp.asarray(t, x_t.dtype)[..., None]
+        c = (1 - t) ** 2 * self.stds**2 + t**2  # [..., K]
+        r = x_t[..., None, :] - (1 - t)[..., None] * self.means  # [..., K, d]
+        d = x_t.shape[-1]
+        logw = jnp.log(self.weights) - 0.5 * jnp.sum(r**2, -1) / c - 0.5 * d * jnp.log(2 * jnp.pi * c)
+        w = jax.nn.softmax(logw, axis=-1)
+        per_mode = ((t - (1 - t) * self.stds**2) / c)[..., None] * r - self.means
+        return jnp.sum(w[..., None] * per_mode, axis=-2)
+
     def sample(self, key: jax.Array, n: int) -> jax.Array:
         """n exact samples from p_0."""
         k1, k2 = jax.random.split(key)

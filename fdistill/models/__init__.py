@@ -30,13 +30,14 @@ def compute_dtype(name: str):
 def build(model_config, data_shape: tuple[int, ...], dtype: str = "float32"):
     """Instantiates `config.model.name` for data of per-example shape `data_shape`.
 
-    All remaining fields of `model_config` are passed to the module constructor.
+    All remaining fields of `model_config` but `parametrisation` (what the network's output means:
+    `fdistill.denoiser.build_denoiser`) are passed to the module constructor.
     """
     name = model_config.name
     if name not in MODELS:
         raise ValueError(f"config.model.name={name!r} is not a known model; allowed: {sorted(MODELS)}")
     module, cls = MODELS[name]
-    kwargs = {k: v for k, v in model_config.to_dict().items() if k != "name"}
+    kwargs = {k: v for k, v in model_config.to_dict().items() if k not in ("name", "parametrisation")}
     if name == "mlp":
         kwargs["out_dim"] = data_shape[-1]
     else:

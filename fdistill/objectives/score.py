@@ -103,12 +103,16 @@ class ScoreObjective(Objective):
         if x is None:
             x = self.sample(ts.eval_params(state), jax.random.key(0), min(self.config.eval.num_samples, 4096))
         path = os.path.join(plot_dir, f"samples_{step:07d}.png")
-        return [self.source.plot_samples(x, path, f"{self.config.eval.num_steps}-step Heun samples, step {step}")]
+        return [self.source.plot_samples(x, path, f"{self.sampler_name()} samples, step {step}")]
+
+    def sampler_name(self) -> str:
+        e = self.config.eval
+        return f"{e.num_steps}-step {e.sampler}"
 
 
 def load_teacher(workdir: str, field: str = "config.distill.teacher", allow_unfinished: bool = False
                  ) -> tuple[Denoiser, object, object]:
-    """(Denoiser, sampling parameters, completed config) of a finished score run in `workdir`."""
-    run = runs.open_run(workdir, field, ("score",), make_with="gmm_score", allow_unfinished=allow_unfinished)
+    """(Denoiser, sampling parameters, completed config) of a finished score or flow run in `workdir`."""
+    run = runs.open_run(workdir, field, runs.DIFFUSION_RUNS, make_with="gmm_score", allow_unfinished=allow_unfinished)
     source_shape = data_lib.build(run.config.data).shape
     return build_denoiser(run.config, source_shape), runs.restore_params(run), run.config
