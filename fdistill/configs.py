@@ -207,6 +207,17 @@ def distill() -> ConfigDict:
         sampler_seed=0,  # keys the few-step sampler's fresh re-noising noise at evaluation
         tdm_snr_clip=5.0,
         tdm_importance_weight=True,
+        # consistency models (objectives cd, ct; fdistill.objectives.consistency)
+        cm_scales_min=10,  # discretisation N of [sigma_min, sigma_max]: doubles from min to max over the run (iCT)
+        cm_scales_max=1280,  # cd: usually min = max (a fixed grid)
+        cm_sigma_sampling="lognormal",  # lognormal (iCT: interval i with prob. of ln sigma ~ N(cm_p_mean, cm_p_std^2)) | uniform
+        cm_p_mean=-1.1,
+        cm_p_std=2.0,
+        cm_loss="pseudo_huber",  # pseudo_huber (iCT: sqrt(|d|^2 + c^2) - c, c = cm_huber_c sqrt(dim)) | l2
+        cm_huber_c=0.00054,
+        # BOSS (objective boss; fdistill.objectives.boss): num_student_steps is the step budget N
+        boss_fine_steps=200,  # M: the fine uniform t grid of the reference trajectories and the step-size search
+        boss_cost_samples=1024,  # trajectories averaged in the cost of each step
         # optimisers (None = config.train's value)
         lr_gen=optional(float),
         lr_fake=optional(float),

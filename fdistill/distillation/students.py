@@ -303,4 +303,7 @@ def build(objective: str, teacher, levels, shape, num_classes, conditional, conf
         raise ValueError("config.distill.latent_dim needs a fresh generator (config.distill.teacher='analytic'); "
                          "a network teacher's generator copies its weights and input size: pass --config.distill.latent_dim=0")
     denoiser = generator_denoiser(teacher, config, shape)
+    if dc.latent_dim and type(denoiser) is not Denoiser:
+        raise ValueError("config.distill.latent_dim skips z through the EDM preconditioning: it needs "
+                         "config.model.parametrisation='edm'")
     return STUDENTS[objective](denoiser, levels, shape, num_classes, conditional, dc, config.diffusion)

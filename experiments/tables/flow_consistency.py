@@ -1,0 +1,126 @@
+"""Flow matching, BOSS, knowledge distillation and consistency models on the mixture, at NFE 1..8.
+
+    python -m experiments.tables.flow_consistency --workdir runs/flow_consistency [--seeds 3] \
+        [--methods flow,boss,kd,cd,ct] [--boss_steps 2,4,8] [--cm_steps 20000]
+
+Every run is on the main job's imbalanced 8-mode ring (`gmm_fdistill.py`'s `config.data`), seeds
+0..N-1, in `WORKDIR/<run>/seed_<s>` (re-running reuses finished runs and resumes stopped ones):
+
+* `flow`: the flow-matching teacher (`gmm_flow.py`); its own 18-step Heun in t (NFE 35) is a row.
+* `boss`: `gmm_boss.py` with N = 2, 4, 8 Euler steps on that seed's flow teacher. Each run gives three
+  rows: the teacher with N uniform steps, the teacher on the BOSS schedule, and BOSS + refinement.
+* `kd`: `gmm_kd.py` (analytic teacher, NFE 1). `cd`, `ct`: `gmm_cd.py` / `gmm_ct.py`, evaluated with
+  1, 2 and 4 steps of the same network (`--cm_steps` updates).
+
+Writes `WORKDIR/table.md` and `WORKDIR/table.json` (mean and std over seeds, per-seed values).
+f-distill, DMD2 and TDM on the same mixture are in `experiments/results/fewstep_gmm_*.md`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import app, flags, logging
+
+from experiments.tables.common import check_choices, run_config, summarise, train_seeds
+from fdistill import configs
+
+METHODS = ("flow", "boss", "kd", "cd", "ct")
+COLUMNS = [("nfe", "NFE", "{:.0f}"), ("mode_coverage", "coverage", "{:.3f}"), ("mode_weight_tv", "mode-weight TV", "{:.3f}"),
+           ("high_quality_frac", "high-quality frac", "{:.3f}"), ("mmd", "MMD", "{:.4f}")]
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (one sub-workdir per run and seed).")
+_SEEDS = flags.DEFINE_integer("seeds", 3, "Training seeds per run (train.seed = 0..N-1).")
+_METHODS = flags.DEFINE_list("methods", list(METHODS), f"Runs to train; allowed: {list(METHODS)} (boss needs flow).")
+_BOSS_STEPS = flags.DEFINE_list("boss_steps", ["2", "4", "8"], "Euler step budgets N of the BOSS runs.")
+_CM_STEPS = flags.DEFINE_integer("cm_steps", None, "Updates of the cd and ct runs (default: their configs').")
+flags.mark_flags_as_required(["workdir"])
+
+
+def mixture():
+    return configs.load("gmm_fdistill").data
+
+
+def config_for(name: str, seed: int, num_steps: int | None = None, **overrides):
+    base = configs.load(name)
+    base.data = mixture()
+    return run_config(base, seed, int(num_steps or base.train.num_steps), overrides)
+
+
+def rows_of(method: str, per_seed: list[dict], label: str) -> dict[str, list[dict]]:
+    """Table rows (name -> per-seed metric dicts) of one run's results."""
+    def pick(prefix):
+        return [{k[len(prefix):]: v for k, v in r.items() if k.startswith(prefix) and "/" not in k[len(prefix):]}
+                for r in per_seed]
+
+    if method == "boss":
+        n = label
+        return {f"flow teacher, {n} uniform Euler steps": pick("uniform/"),
+                f"flow teacher, BOSS schedule ({n} steps)": pick("schedule/"),
+                f"BOSS + refinement ({n} steps)": pick("")}
+    if method in ("cd", "ct"):
+        return {f"{method.upper()}, {k} step{'s' if k > 1 else ''}": pick("" if k == 1 else f"steps{k}/")
+                for k in (1, 2, 4)}
+    if method == "flow":
+        return {"flow teacher, 18 Heun steps in t": pick("")}
+    return {"KD (Luhman & Luhman), 1 step": pick("")}
+
+
+def write_markdown(path: str, table: dict, teacher: dict, meta: dict) -> None:
+    lines = ["# Flow matching, BOSS, KD and consistency models on the imbalanced 8-mode ring", "",
+             f"{meta['seeds']} seed(s) per row; mean +- std over seeds. CD/CT: {meta['cm_steps']} updates. "
+             f"Wall time {meta['wall_seconds'] / 60:.1f} min.", "",
+             "| row | " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
+    for row, stats in table.items():
+        cells = [fmt.format(stats[k]["mean"]) + ("" if k == "nfe" else " +- " + fmt.format(stats[k]["std"]))
+                 if k in stats else "-" for k, _, fmt in COLUMNS]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    tcells = [fmt.format(teacher[f"teacher/{k}"]) if f"teacher/{k}" in teacher else "-" for k, _, fmt in COLUMNS]
+    lines.append("| analytic teacher, EDM Heun (KD/CD/CT reference) | " + " | ".join(tcells) + " |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    check_choices("methods", _METHODS.value, METHODS)
+    if "boss" in _METHODS.value and "flow" not in _METHODS.value:
+        raise app.UsageError("--methods: boss straightens the flow teacher; include flow")
+    boss_steps = [int(n) for n in _BOSS_STEPS.value]
+    logging.set_verbosity(logging.WARNING)
+    workdir = os.path.abspath(_WORKDIR.value)
+    os.makedirs(workdir, exist_ok=True)
+    t0 = time.perf_counter()
+    rows, teacher = {}, {}
+
+    def run(method, row_dir, make_config, label=""):
+        per_seed = train_seeds("flow_consistency", row_dir, workdir, _SEEDS.value, make_config)
+        if method in ("kd", "cd", "ct"):
+            teacher.update({k: v for k, v in per_seed[0].items() if k.startswith("teacher/")})
+        rows.update(rows_of(method, per_seed, label))
+
+    if "flow" in _METHODS.value:
+        run("flow", "flow", lambda s: config_for("gmm_flow", s))
+    for n in boss_steps if "boss" in _METHODS.value else []:
+        run("boss", f"boss_{n}", lambda s, n=n: config_for(
+            "gmm_boss", s, **{"distill.num_student_steps": n,
+                              "distill.teacher": os.path.join(workdir, "flow", f"seed_{s}")}), str(n))
+    if "kd" in _METHODS.value:
+        run("kd", "kd", lambda s: config_for("gmm_kd", s))
+    for m in ("cd", "ct"):
+        if m in _METHODS.value:
+            run(m, m, lambda s, m=m: config_for(f"gmm_{m}", s, _CM_STEPS.value))
+    table = {row: summarise(per_seed) for row, per_seed in rows.items()}
+    meta = {"seeds": _SEEDS.value, "cm_steps": _CM_STEPS.value or configs.load("gmm_cd").train.num_steps,
+            "wall_seconds": time.perf_counter() - t0}
+    with open(os.path.join(workdir, "table.json"), "w") as f:
+        json.dump({"meta": meta, "teacher": teacher, "rows": table, "per_seed": rows}, f, indent=2, sort_keys=True,
+                  default=float)
+    write_markdown(os.path.join(workdir, "table.md"), table, teacher, meta)
+    print(open(os.path.join(workdir, "table.md")).read(), flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
