@@ -8,7 +8,8 @@ A config names the other runs it needs by their workdir (`fdistill.runs.DEPENDEN
     config field       made with (ml_collections_configs/)       sections copied from the config
     po.sft_workdir     synthetic_sft                            task, model
     dpo.reference      gmm_score / digits_score (config.data)   data, model, diffusion
-    distill.teacher    gmm_score / digits_score (config.data)   data
+    distill.teacher    gmm_score / digits_score (config.data)   data, diffusion
+                       (gmm_flow for objective boss on gmm)
 
 For each field the config uses, a finished run there is checked and kept; otherwise the making
 config, with the listed sections of this config (so the run matches it), is trained into the named

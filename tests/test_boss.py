@@ -88,3 +88,18 @@ def test_schedule_search_and_straightening(tmp_path):
     assert res["nfe"] == 3 and res["uniform/nfe"] == 3 and res["schedule/nfe"] == 3
     rows = [json.loads(line) for line in open(tmp_path / "boss" / "metrics.jsonl") if '"loss"' in line]
     assert rows[-1]["loss"] < rows[0]["loss"], (rows[0]["loss"], rows[-1]["loss"])
+
+
+def test_every_schedule_shares_one_compiled_sampler(tmp_path):
+    """Times travel with the parameters: uniform, BOSS and refined rows run one compiled sampler."""
+    t = tiny_flow_config(2)
+    t.data = tiny_distill_config("gmm_boss").data
+    train.train_and_evaluate(t, str(tmp_path / "flow"), num_devices=1)
+    c = tiny_distill_config("gmm_boss", teacher=str(tmp_path / "flow"), num_student_steps=2, boss_fine_steps=10,
+                            boss_cost_samples=64)
+    c.eval.chunk = 512
+    obj = objectives.build(c)
+    state, frozen = obj.init(jax.random.PRNGKey(0))
+    for times in (state.extra["times"], jnp.array([1.0, 0.5, 0.0])):
+        obj.evaluator.samples({"net": frozen["teacher"], "times": times}, jax.random.PRNGKey(1), 1024)
+    assert obj.evaluator._jitted["sample"]._cache_size() == 1

@@ -120,3 +120,14 @@ def test_short_cd_run_learns_and_reports_every_step_count(tmp_path):
     x0, _ = obj.evaluators[1].samples(state0.params, jax.random.PRNGKey(0), 4096)
     before = obj.source.evaluate_samples(x0)["mmd"]
     assert res["mmd"] < 0.5 * before and res["steps2/mmd"] < 0.5 * before, (before, res["mmd"], res["steps2/mmd"])
+
+
+def test_the_one_step_sampler_compiles_once():
+    c = tiny()
+    c.eval.chunk = 512
+    obj = objectives.build(c)
+    state, _ = obj.init(jax.random.PRNGKey(0))
+    ev = obj.evaluators[1]
+    ev.samples(state.params, jax.random.PRNGKey(1), 1536)  # three chunks
+    ev.samples(jax.tree.map(lambda p: p + 0.1, state.params), jax.random.PRNGKey(2), 512)  # other weights
+    assert ev._jitted["sample"]._cache_size() == 1
