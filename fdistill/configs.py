@@ -150,11 +150,16 @@ def mesh() -> ConfigDict:
 
 
 def flow() -> ConfigDict:
-    """`config.flow`: flow-matching training of a velocity network (`fdistill.objectives.flow_matching`)."""
+    """`config.flow`: flow-matching training of a velocity network (`fdistill.objectives.flow_matching`,
+    `fdistill.objectives.meanflow`)."""
     return _section(
         t_distribution="logit_normal",  # logit_normal (t = sigmoid(t_mean + t_std n)) | uniform
         t_mean=0.0,
         t_std=1.0,
+        # MeanFlow (objective meanflow): pairs r <= t both drawn from the t distribution
+        meanflow_ratio=0.25,  # fraction of pairs with r < t (the rest r = t: plain flow matching)
+        meanflow_p=1.0,  # adaptive loss weight 1 / (|delta|^2 + meanflow_c)^p (0 = plain squared error)
+        meanflow_c=1e-3,
     )
 
 

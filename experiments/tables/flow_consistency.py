@@ -1,7 +1,7 @@
 """Flow matching, BOSS, knowledge distillation and consistency models on the mixture, at NFE 1..8.
 
     python -m experiments.tables.flow_consistency --workdir runs/flow_consistency [--seeds 3] \
-        [--methods flow,boss,kd,cd,ct] [--boss_steps 2,4,8] [--cm_steps 20000]
+        [--methods flow,boss,kd,cd,ct,meanflow] [--boss_steps 2,4,8] [--cm_steps 20000]
 
 Every run is on the main job's imbalanced 8-mode ring (`gmm_fdistill.py`'s `config.data`), seeds
 0..N-1, in `WORKDIR/<run>/seed_<s>` (re-running reuses finished runs and resumes stopped ones):
@@ -11,6 +11,7 @@ Every run is on the main job's imbalanced 8-mode ring (`gmm_fdistill.py`'s `conf
   rows: the teacher with N uniform steps, the teacher on the BOSS schedule, and BOSS + refinement.
 * `kd`: `gmm_kd.py` (analytic teacher, NFE 1). `cd`, `ct`: `gmm_cd.py` / `gmm_ct.py`, evaluated with
   1, 2 and 4 steps of the same network (`--cm_steps` updates).
+* `meanflow`: `gmm_meanflow.py` (from data alone), 1, 2 and 4 steps of the same network.
 
 Writes `WORKDIR/table.md` and `WORKDIR/table.json` (mean and std over seeds, per-seed values).
 f-distill, DMD2 and TDM on the same mixture are in `experiments/results/fewstep_gmm_*.md`.
@@ -26,7 +27,7 @@ from absl import app, flags, logging
 from experiments.tables.common import check_choices, run_config, summarise, train_seeds
 from fdistill import configs
 
-METHODS = ("flow", "boss", "kd", "cd", "ct")
+METHODS = ("flow", "boss", "kd", "cd", "ct", "meanflow")
 COLUMNS = [("nfe", "NFE", "{:.0f}"), ("mode_coverage", "coverage", "{:.3f}"), ("mode_weight_tv", "mode-weight TV", "{:.3f}"),
            ("high_quality_frac", "high-quality frac", "{:.3f}"), ("mmd", "MMD", "{:.4f}")]
 
@@ -59,16 +60,16 @@ def rows_of(method: str, per_seed: list[dict], label: str) -> dict[str, list[dic
         return {f"flow teacher, {n} uniform Euler steps": pick("uniform/"),
                 f"flow teacher, BOSS schedule ({n} steps)": pick("schedule/"),
                 f"BOSS + refinement ({n} steps)": pick("")}
-    if method in ("cd", "ct"):
-        return {f"{method.upper()}, {k} step{'s' if k > 1 else ''}": pick("" if k == 1 else f"steps{k}/")
-                for k in (1, 2, 4)}
+    if method in ("cd", "ct", "meanflow"):
+        name = {"cd": "CD", "ct": "CT", "meanflow": "MeanFlow"}[method]
+        return {f"{name}, {k} step{'s' if k > 1 else ''}": pick("" if k == 1 else f"steps{k}/") for k in (1, 2, 4)}
     if method == "flow":
         return {"flow teacher, 18 Heun steps in t": pick("")}
     return {"KD (Luhman & Luhman), 1 step": pick("")}
 
 
 def write_markdown(path: str, table: dict, teacher: dict, meta: dict) -> None:
-    lines = ["# Flow matching, BOSS, KD and consistency models on the imbalanced 8-mode ring", "",
+    lines = ["# Flow matching, BOSS, KD, consistency models and MeanFlow on the imbalanced 8-mode ring", "",
              f"{meta['seeds']} seed(s) per row; mean +- std over seeds. CD/CT: {meta['cm_steps']} updates. "
              f"Wall time {meta['wall_seconds'] / 60:.1f} min.", "",
              "| row | " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
@@ -112,6 +113,8 @@ def main(argv):
     for m in ("cd", "ct"):
         if m in _METHODS.value:
             run(m, m, lambda s, m=m: config_for(f"gmm_{m}", s, _CM_STEPS.value))
+    if "meanflow" in _METHODS.value:
+        run("meanflow", "meanflow", lambda s: config_for("gmm_meanflow", s))
     table = {row: summarise(per_seed) for row, per_seed in rows.items()}
     meta = {"seeds": _SEEDS.value, "cm_steps": _CM_STEPS.value or configs.load("gmm_cd").train.num_steps,
             "wall_seconds": time.perf_counter() - t0}

@@ -12,17 +12,20 @@ OUT_INITS = {"zeros": nn.initializers.zeros, "lecun": nn.initializers.lecun_norm
 
 
 class FourierEmbedding(nn.Module):
-    """Random Fourier features of the scalar noise conditioning c_noise (EDM's 'fourier' embedding)."""
+    """Random Fourier features of the scalar noise conditioning c_noise [B] (EDM's 'fourier'
+    embedding). Several conditionings c_noise [B, m] (MeanFlow's (t, t - r)) each get their own
+    frequencies and their features are summed: the output is [B, dim] either way."""
 
     dim: int = 64
     scale: float = 16.0
 
     @nn.compact
     def __call__(self, c_noise: jax.Array) -> jax.Array:
-        freqs = self.param("freqs", nn.initializers.normal(self.scale), (self.dim // 2,))
-        freqs = jax.lax.stop_gradient(freqs)
-        angles = 2 * jnp.pi * c_noise[:, None] * freqs[None, :]
-        return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+        cols = c_noise[:, None] if c_noise.ndim == 1 else c_noise
+        shape = (self.dim // 2,) if c_noise.ndim == 1 else (cols.shape[1], self.dim // 2)
+        freqs = jax.lax.stop_gradient(self.param("freqs", nn.initializers.normal(self.scale), shape))
+        angles = 2 * jnp.pi * cols[:, :, None] * freqs.reshape((1, cols.shape[1], self.dim // 2))
+        return jnp.sum(jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1), axis=1)
 
 
 class ResidualBlock(nn.Module):
