@@ -51,6 +51,13 @@ class Denoiser:
         d = diffusion.precondition(net, x, sigma, self.sigma_data)
         return d, feats["h"]
 
+    def raw_output(self, params, x: jax.Array, sigma: jax.Array, **kw) -> jax.Array:
+        """F(c_in x; c_noise), the network's output inside EDM's preconditioning (consistency models
+        wrap it in their own c_skip, c_out)."""
+        _, _, c_in, c_noise = diffusion.preconditioning(sigma, self.sigma_data)
+        return self.apply_net(params, diffusion.expand(c_in, x) * x, jnp.broadcast_to(c_noise, x.shape[:1]),
+                              **kw).astype(x.dtype)
+
     def velocity(self, params, x_t: jax.Array, t: jax.Array, rngs=None, **kw) -> jax.Array:
         """The flow-matching velocity v(x_t; t) = (x_t - D(x_t / (1 - t); t / (1 - t))) / t of this
         denoiser (`fdistill.flow`; 0 < t < 1)."""
@@ -83,6 +90,12 @@ class VelocityDenoiser(Denoiser):
     def __call__(self, params, x: jax.Array, sigma: jax.Array, rngs=None, **kw) -> jax.Array:
         x_t, t = self._inputs(x, sigma)
         return flow.denoiser_from_velocity(self.velocity(params, x_t, t, rngs, **kw), x_t, t)
+
+    def raw_output(self, params, x: jax.Array, sigma: jax.Array, **kw) -> jax.Array:
+        """The F with D = c_skip x + c_out F (EDM Table 1) that this network's D implies."""
+        c_skip, c_out, _, _ = diffusion.preconditioning(sigma, self.sigma_data)
+        e = lambda c: diffusion.expand(c, x)  # noqa: E731
+        return (self(params, x, sigma, **kw) - e(c_skip) * x) / e(c_out)
 
     def with_features(self, params, x: jax.Array, sigma: jax.Array, rngs=None, **kw):
         x_t, t = self._inputs(x, sigma)

@@ -31,6 +31,8 @@ def test_boundary_condition_is_exact(parametrisation):
     state, _ = obj.init(jax.random.PRNGKey(0))
     x = jax.random.normal(jax.random.PRNGKey(1), (32, 2))
     np.testing.assert_array_equal(obj.cm(state.params, x, jnp.full((32,), c.diffusion.sigma_min)), x)
+    big = jnp.full((32,), 80.0)  # far from sigma_min, f is the denoiser (c_skip, c_out -> EDM's)
+    np.testing.assert_allclose(obj.cm(state.params, x, big), obj.cm.denoiser(state.params, x, big), rtol=1e-3, atol=1e-4)
     far = obj.cm(state.params, x, jnp.full((32,), 5.0))
     assert float(jnp.max(jnp.abs(far - x))) > 1e-2  # away from sigma_min the network acts
 
@@ -58,11 +60,13 @@ def test_grid_and_level_sampling():
 
 
 def written_out_f(obj, params, x, sigma):
-    """f = a x + (1 - a) D with a = sigma_d^2 / ((sigma - sigma_min)^2 + sigma_d^2), from the denoiser."""
+    """f = c_skip x + c_out F(x / sqrt(sigma^2 + sd^2); ln(sigma) / 4) with the CM paper's c_skip, c_out."""
     sd, smin = obj.cm.sigma_data, obj.cm.sigma_min
-    a = sd**2 / ((np.asarray(sigma) - smin) ** 2 + sd**2)
-    d = np.asarray(obj.cm.denoiser(params, jnp.asarray(x), jnp.asarray(sigma)))
-    return a[:, None] * x + (1 - a[:, None]) * d
+    c_skip = sd**2 / ((sigma - smin) ** 2 + sd**2)
+    c_out = sd * (sigma - smin) / np.sqrt(sd**2 + sigma**2)
+    f = np.asarray(obj.cm.denoiser.net.apply({"params": params}, jnp.asarray(x / np.sqrt(sigma**2 + sd**2)[:, None]),
+                                             jnp.asarray(np.log(sigma) / 4)))
+    return c_skip[:, None] * x + c_out[:, None] * f
 
 
 @pytest.mark.parametrize("loss", ["pseudo_huber", "l2"])
