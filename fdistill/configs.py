@@ -62,6 +62,7 @@ def data(name: str) -> ConfigDict:
             radius=1.0,
             imbalance=1.0,  # largest / smallest mode weight
             seed=0,  # places the modes (random layout), orders the weights and the batches
+            num_train=0,  # 0 = fresh exact samples every step; n > 0 = batches from one fixed set of n points
         )
     if name == "digits":
         return _section(
