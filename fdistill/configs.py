@@ -161,6 +161,7 @@ def flow() -> ConfigDict:
         meanflow_ratio=0.25,  # fraction of pairs with r < t (the rest r = t: plain flow matching)
         meanflow_p=1.0,  # adaptive loss weight 1 / (|delta|^2 + meanflow_c)^p (0 = plain squared error)
         meanflow_c=1e-3,
+        meanflow_time_scale=0.1,  # the network sees (t, t - r) times this (its jvp differentiates the embedding)
     )
 
 
