@@ -225,6 +225,7 @@ def distill() -> ConfigDict:
         # BOSS (objective boss; fdistill.objectives.boss): num_student_steps is the step budget N
         boss_fine_steps=200,  # M: the fine uniform t grid of the reference trajectories and the step-size search
         boss_cost_samples=1024,  # trajectories averaged in the cost of each step
+        boss_pool_size=16384,  # teacher trajectories (at the schedule's times) the straightening trains on
         # optimisers (None = config.train's value)
         lr_gen=optional(float),
         lr_fake=optional(float),

@@ -78,7 +78,7 @@ def test_schedule_search_and_straightening(tmp_path):
     t.train.checkpoint_every, t.train.ema_decay = 300, 0.0
     train.train_and_evaluate(t, str(tmp_path / "flow"), num_devices=1)
     c = tiny_distill_config("gmm_boss", teacher=str(tmp_path / "flow"), num_student_steps=3, boss_fine_steps=30,
-                            boss_cost_samples=256)
+                            boss_cost_samples=256, boss_pool_size=1024)
     c.train.num_steps, c.train.log_every, c.train.checkpoint_every = 100, 10, 100
     c.distill.lr_gen = 1e-3
     res = train.train_and_evaluate(c, str(tmp_path / "boss"), num_devices=1)
@@ -88,6 +88,13 @@ def test_schedule_search_and_straightening(tmp_path):
     assert res["nfe"] == 3 and res["uniform/nfe"] == 3 and res["schedule/nfe"] == 3
     rows = [json.loads(line) for line in open(tmp_path / "boss" / "metrics.jsonl") if '"loss"' in line]
     assert rows[-1]["loss"] < rows[0]["loss"], (rows[0]["loss"], rows[-1]["loss"])
+    # the pool holds the teacher's trajectories at the schedule's times: re-made from the same key
+    obj = objectives.build(c)
+    state, frozen = obj.init(jax.random.PRNGKey(c.train.seed))
+    k_sched, k_pool, _ = jax.random.split(jax.random.PRNGKey(c.train.seed), 3)
+    xs, _, labels = obj.fine_trajectories(frozen["teacher"], jax.random.split(k_pool, 4)[1], 256)
+    np.testing.assert_allclose(state.extra["pool"][:, 256:512], xs[state.extra["indices"]], rtol=1e-5, atol=1e-6)
+    assert state.extra["pool"].shape == (4, 1024, 2)
 
 
 def test_every_schedule_shares_one_compiled_sampler(tmp_path):
@@ -96,7 +103,7 @@ def test_every_schedule_shares_one_compiled_sampler(tmp_path):
     t.data = tiny_distill_config("gmm_boss").data
     train.train_and_evaluate(t, str(tmp_path / "flow"), num_devices=1)
     c = tiny_distill_config("gmm_boss", teacher=str(tmp_path / "flow"), num_student_steps=2, boss_fine_steps=10,
-                            boss_cost_samples=64)
+                            boss_cost_samples=64, boss_pool_size=128)
     c.eval.chunk = 512
     obj = objectives.build(c)
     state, frozen = obj.init(jax.random.PRNGKey(0))

@@ -11,13 +11,16 @@ Given a pretrained velocity field v (a finished `flow` run; any network teacher 
 3. Bellman's dynamic programme: the cheapest path 0 = j_0 < j_1 < ... < j_N = M of exactly N steps,
        C_k(i) = min_{j < i} C_{k-1}(j) + c(j, i),   C_0 = [0, inf, ...],
    with back-pointers (`plan`). Its times t_{j_0} > ... > t_{j_N} are the BOSS schedule.
-4. Straightening (refinement): the student starts as the teacher and regresses, on fresh reference
-   trajectories, each chosen step's secant
+4. Straightening (refinement): the student starts as the teacher and regresses, on a pool of
+   reference trajectories (`distill.boss_pool_size`, kept at the schedule's times only; BOSS too
+   trains on a dataset generated once by the pretrained model), each chosen step's secant
        L = E_z mean_k || v_theta(x_{t_{j_k}}, t_{j_k}) - (x_{t_{j_{k+1}}} - x_{t_{j_k}}) / (t_{j_{k+1}} - t_{j_k}) ||^2,
    so that N Euler steps on the schedule land on the teacher's fine trajectory.
 
-The schedule is computed in `init_state` (a pure, jitted function of the frozen teacher and the
-run's key) and kept in `state.extra['times']`, so a checkpoint carries it. The evaluation reports
+The schedule and the pool are computed in `init_state` (a pure, jitted function of the frozen
+teacher and the run's key) and kept in `state.extra` ('indices', 'times', 'pool', 'pool_labels'),
+so a checkpoint carries them. (Computing the trajectories in every step instead costs 2M teacher
+evaluations per update: 1 update/s on the mixture with M = 200.) The evaluation reports
 the refined student on the BOSS schedule (the run's row), and the teacher with N uniform Euler
 steps (`uniform/...`) and with the BOSS schedule only (`schedule/...`), plus the schedule itself
 (`boss_t<k>`). For an EDM teacher the grid starts at t_max = sigma_max / (1 + sigma_max) < 1
@@ -137,6 +140,9 @@ class BOSS(Objective):
                              f"config.distill.boss_fine_steps={self.fine_steps}")
         if int(dc.boss_cost_samples) < 1:
             raise ValueError(f"config.distill.boss_cost_samples must be >= 1, got {dc.boss_cost_samples}")
+        if int(dc.boss_pool_size) < 1 or int(dc.boss_pool_size) % int(dc.boss_cost_samples):
+            raise ValueError(f"config.distill.boss_pool_size={dc.boss_pool_size} must be a positive multiple of "
+                             f"config.distill.boss_cost_samples={dc.boss_cost_samples} (it is made in chunks of it)")
         den = self.teacher.denoiser
         self.t_max = 1.0 if isinstance(den, VelocityDenoiser) else float(flow.sigma_to_t(config.diffusion.sigma_max))
         self.fine_times = flow.uniform_times(self.fine_steps, self.t_max)
@@ -165,16 +171,31 @@ class BOSS(Objective):
         idx = plan(step_costs(xs, vs, self.fine_times), self.num_steps)
         return idx, self.fine_times[idx]
 
+    def trajectory_pool(self, frozen_teacher, key, indices):
+        """Reference trajectories at the schedule's fine indices [N + 1, P, ...] and their labels [P],
+        made in chunks of `boss_cost_samples`."""
+        dc = self.config.distill
+        chunk = int(dc.boss_cost_samples)
+
+        def one(k):
+            xs, _, labels = self.fine_trajectories(frozen_teacher, k, chunk)
+            return xs[indices], labels
+
+        xs, labels = jax.lax.map(one, jax.random.split(key, int(dc.boss_pool_size) // chunk))  # [C, N+1, chunk, ...]
+        xs = jnp.moveaxis(xs, 1, 0)
+        return xs.reshape((xs.shape[0], -1) + xs.shape[3:]), labels.reshape(-1)
+
     def init_state(self, key, frozen):
-        k_sched, k_rng = jax.random.split(key)
+        k_sched, k_pool, k_rng = jax.random.split(key, 3)
         idx, times = self.schedule(frozen["teacher"], jax.random.fold_in(k_sched, SCHEDULE_SALT))
+        pool, pool_labels = self.trajectory_pool(frozen["teacher"], k_pool, idx)
         params = jax.tree.map(jnp.array, frozen["teacher"])
         state = ts.create_state(params, self.optimizer, k_rng)
-        return state.replace(extra={"indices": idx, "times": times})
+        return state.replace(extra={"indices": idx, "times": times, "pool": pool, "pool_labels": pool_labels})
 
-    def loss(self, params, frozen, key, b: int, indices, times) -> jax.Array:
-        xs, _, labels = self.fine_trajectories(frozen["teacher"], key, b)
-        x_sel = jax.lax.stop_gradient(xs[indices])  # [N + 1, B, ...]
+    def loss(self, params, x_sel, labels, times) -> jax.Array:
+        """The straightening loss on trajectories x_sel [N + 1, B, ...] at `times` (module docstring)."""
+        b = x_sel.shape[1]
         shape = (self.num_steps,) + (1,) * (x_sel.ndim - 1)
         secant = (x_sel[1:] - x_sel[:-1]) / (times[1:] - times[:-1]).reshape(shape)
         v = jax.vmap(lambda x, t: self.student.velocity(params, x, jnp.full((b,), t), labels))(x_sel[:-1], times[:-1])
@@ -183,7 +204,8 @@ class BOSS(Objective):
     def train_step(self, state, frozen, batch):
         b = batch["x"].shape[0]  # only the batch size: the targets are the teacher's trajectories
         ex = state.extra
-        loss, grads = jax.value_and_grad(self.loss)(state.params, frozen, ts.step_key(state), b, ex["indices"],
+        rows = jax.random.randint(ts.step_key(state), (b,), 0, ex["pool"].shape[1])
+        loss, grads = jax.value_and_grad(self.loss)(state.params, ex["pool"][:, rows], ex["pool_labels"][rows],
                                                     ex["times"])
         state, metrics = ts.apply_gradients(state, grads, self.optimizer)
         return state.replace(step=state.step + 1), {"loss": loss, **metrics}
