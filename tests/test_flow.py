@@ -113,7 +113,7 @@ def test_flow_objective_needs_a_velocity_network():
 
 
 def test_a_flow_run_is_a_distillation_teacher(tmp_path):
-    """A short flow run, then f-distill and KD with --config.distill.teacher=<its workdir>: the
+    """A short flow run, then f-distill, KD and CD with --config.distill.teacher=<its workdir>: the
     students adopt the velocity architecture and start from the teacher's weights."""
     c = tiny_flow_config(600)
     c.model.width, c.model.depth = 64, 2
@@ -121,11 +121,12 @@ def test_a_flow_run_is_a_distillation_teacher(tmp_path):
     res = train.train_and_evaluate(c, str(tmp_path / "flow"), num_devices=1)
     rows = [json.loads(line) for line in open(tmp_path / "flow" / "metrics.jsonl") if '"loss"' in line]
     assert rows[-1]["loss"] < rows[0]["loss"] and res["nfe"] == 31 and res["mode_coverage"] >= 0.5, res
-    for name in ("gmm_fdistill", "gmm_kd"):
+    for name in ("gmm_fdistill", "gmm_kd", "gmm_cd"):
         d = tiny_distill_config(name, teacher=str(tmp_path / "flow"))
         d.data = c.data  # the teacher's mixture (gmm_fdistill's is imbalanced)
         obj = objectives.build(d)
-        assert d.model.parametrisation == "velocity" and isinstance(obj.student.denoiser, VelocityDenoiser)
+        student_net = obj.cm.denoiser if name == "gmm_cd" else obj.student.denoiser
+        assert d.model.parametrisation == "velocity" and isinstance(student_net, VelocityDenoiser)
         state, frozen = obj.init(jax.random.PRNGKey(0))
         gen = state.params["gen"] if name == "gmm_fdistill" else state.params
         chex_equal = jax.tree.map(lambda a, b: bool(jnp.all(a == b)), gen, frozen["teacher"])
