@@ -11,7 +11,8 @@ from fdistill import configs
 
 
 def get_config():
-    c = configs.load("digits_score")
-    c.objective = "flow"
-    c.model.parametrisation = "velocity"
+    c = configs.base("flow", data="digits", model="unet")  # model.parametrisation = 'velocity'
+    score = configs.load("digits_score")
+    c.data, c.model.channels, c.model.channel_mult = score.data, score.model.channels, score.model.channel_mult
+    c.train, c.eval = score.train, score.eval  # the score teacher's schedule and evaluation
     return c
