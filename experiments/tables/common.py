@@ -107,7 +107,8 @@ def small_mode_mass(objective, x: np.ndarray, k: int = 2) -> float:
     return float(mode_histogram(x, gmm)[small].sum() / w[small].sum())
 
 
-def plot_panels(path: str, objective, samples: dict, title_extra: dict, ncol: int = 4) -> None:
+def plot_panels(path: str, objective, samples: dict, title_extra: dict, ncol: int = 4,
+                title: str = "1-step students (red) over teacher data (grey)") -> None:
     """One scatter panel per entry of `samples` (name -> (n, 2+) student samples, red) over the
     objective's reference data (grey); `title_extra[name]` is appended to the panel's title."""
     import matplotlib
@@ -134,7 +135,7 @@ def plot_panels(path: str, objective, samples: dict, title_extra: dict, ncol: in
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(f"{name}  {title_extra.get(name, '')}", fontsize=9)
-    fig.suptitle("1-step students (red) over teacher data (grey)", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

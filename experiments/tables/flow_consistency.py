@@ -13,7 +13,8 @@ Every run is on the main job's imbalanced 8-mode ring (`gmm_fdistill.py`'s `conf
   1, 2 and 4 steps of the same network (`--cm_steps` updates).
 * `meanflow`: `gmm_meanflow.py` (from data alone), 1, 2 and 4 steps of the same network.
 
-Writes `WORKDIR/table.md` and `WORKDIR/table.json` (mean and std over seeds, per-seed values).
+Writes `WORKDIR/table.md`, `WORKDIR/table.json` (mean and std over seeds, per-seed values) and
+`WORKDIR/samples.png` (seed 0 of every method present, at its most telling step counts).
 f-distill, DMD2 and TDM on the same mixture are in `experiments/results/fewstep_gmm_*.md`.
 """
 from __future__ import annotations
@@ -24,8 +25,11 @@ import time
 
 from absl import app, flags, logging
 
-from experiments.tables.common import check_choices, run_config, summarise, train_seeds
-from fdistill import configs
+import jax
+
+from experiments.tables.common import check_choices, plot_panels, run_config, summarise, train_seeds
+from fdistill import checkpoint, configs, objectives
+from fdistill.flow import uniform_times
 
 METHODS = ("flow", "boss", "kd", "cd", "ct", "meanflow")
 COLUMNS = [("nfe", "NFE", "{:.0f}"), ("mode_coverage", "coverage", "{:.3f}"), ("mode_weight_tv", "mode-weight TV", "{:.3f}"),
@@ -66,6 +70,30 @@ def rows_of(method: str, per_seed: list[dict], label: str) -> dict[str, list[dic
     if method == "flow":
         return {"flow teacher, 18 Heun steps in t": pick("")}
     return {"KD (Luhman & Luhman), 1 step": pick("")}
+
+
+def run_samples(workdir: str, n: int) -> dict:
+    """name -> samples of the finished run in `workdir` (seed 0), with its evaluation's key."""
+    config = configs.load_json(os.path.join(workdir, "config.json"))
+    obj = objectives.build(config)
+    tree = jax.tree.map(jax.numpy.asarray, checkpoint.restore_tree(workdir))
+    params = tree["ema_params"] or tree["params"]
+    key = jax.random.PRNGKey(0)
+    if config.objective == "flow":
+        return {"flow teacher (35 NFE)": obj.sample(params, key, n)}
+    if config.objective == "meanflow":
+        return {f"MeanFlow, {k} step{'s' * (k > 1)}": obj.sample(params, key, n, k) for k in (1, 4)}
+    if config.objective == "kd":
+        return {"KD, 1 step": obj.evaluator.samples(params, key, n)[0]}
+    if config.objective in ("cd", "ct"):
+        return {f"{config.objective.upper()}, {k} step{'s' * (k > 1)}": obj.evaluators[k].samples(params, key, n)[0]
+                for k in (1, 4)}
+    steps = obj.num_steps  # boss
+    teacher = obj.frozen()["teacher"]
+    return {f"{steps} uniform Euler steps": obj.evaluator.samples({"net": teacher, "times": uniform_times(steps)},
+                                                                key, n)[0],
+            f"BOSS + refinement, {steps} steps": obj.evaluator.samples(
+                {"net": params, "times": tree["extra"]["times"]}, key, n)[0]}
 
 
 def write_markdown(path: str, table: dict, teacher: dict, meta: dict) -> None:
@@ -122,6 +150,15 @@ def main(argv):
         json.dump({"meta": meta, "teacher": teacher, "rows": table, "per_seed": rows}, f, indent=2, sort_keys=True,
                   default=float)
     write_markdown(os.path.join(workdir, "table.md"), table, teacher, meta)
+    samples = {}
+    for run in ["flow", "boss_4", "kd", "cd", "ct", "meanflow"]:
+        if os.path.exists(os.path.join(workdir, run, "seed_0", "results.json")):
+            samples.update(run_samples(os.path.join(workdir, run, "seed_0"), 4096))
+    if samples:
+        objective = objectives.build(config_for("gmm_kd", 0))  # the mixture's reference data and metrics
+        hq = {k: f"hq {objective.source.evaluate_samples(x)['high_quality_frac']:.2f}" for k, x in samples.items()}
+        plot_panels(os.path.join(workdir, "samples.png"), objective, samples, hq,
+                    title="seed 0 samples (red) over the data (grey)")
     print(open(os.path.join(workdir, "table.md")).read(), flush=True)
 
 
