@@ -154,8 +154,15 @@ def sample_chunked(denoiser: Denoiser, params, shape, key, n: int, num_steps: in
                                     sigma_min=dc.sigma_min, sigma_max=dc.sigma_max, rho=dc.rho)
 
         _SAMPLE_FNS[cache_key] = fn
-    fn = _SAMPLE_FNS[cache_key]
-    out = []
+    return sample_in_chunks(_SAMPLE_FNS[cache_key], params, key, n, chunk, shape, num_classes, labels)[0]
+
+
+def sample_in_chunks(fn, params, key, n: int, chunk: int, shape, num_classes: int = 0, labels=None):
+    """(n outputs of a jitted sampler `fn(params, noise [chunk, *shape], labels [chunk])`, the n labels
+    used), run over ceil(n / chunk) chunks of a fixed size (one compile). Chunk i draws its noise and,
+    when `labels` is None, uniform labels in [0, num_classes) from fold_in(key, i); given labels are
+    cycled to fill the last chunk."""
+    out, labs = [], []
     for i, start in enumerate(range(0, n, chunk)):
         k_noise, k_label = jax.random.split(jax.random.fold_in(key, i))
         noise = jax.random.normal(k_noise, (chunk,) + tuple(shape))
@@ -164,7 +171,8 @@ def sample_chunked(denoiser: Denoiser, params, shape, key, n: int, num_steps: in
         else:
             lab = jnp.asarray(np.resize(np.asarray(labels)[start:start + chunk], chunk))
         out.append(np.asarray(fn(params, noise, lab)))
-    return np.concatenate(out)[:n]
+        labs.append(np.asarray(lab))
+    return np.concatenate(out)[:n], np.concatenate(labs)[:n]
 
 
 def denoiser_errors(denoiser: Denoiser, params, source, key, sigmas=(0.02, 0.2, 2.0, 20.0), n=4096

@@ -78,19 +78,27 @@ def sample(
     x0 = noise * sigmas[0]
 
     def body(i, x):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        d = (x - denoiser(x, jnp.full(x.shape[:1], s))) / s
-        x_euler = x + (s_next - s) * d
+        s, s_next = (jnp.full(x.shape[:1], v) for v in (sigmas[i], sigmas[i + 1]))
         if sampler == "euler":
-            return x_euler
-
-        def heun(_):
-            d2 = (x_euler - denoiser(x_euler, jnp.full(x.shape[:1], s_next))) / s_next
-            return x + (s_next - s) * 0.5 * (d + d2)
-
-        return jax.lax.cond(s_next > 0, heun, lambda _: x_euler, None)
+            return euler_step(denoiser, x, s, s_next)[0]
+        return jax.lax.cond(sigmas[i + 1] > 0, lambda _: heun_step(denoiser, x, s, s_next),
+                            lambda _: euler_step(denoiser, x, s, s_next)[0], None)
 
     return jax.lax.fori_loop(0, num_steps, body, x0)
+
+
+def euler_step(denoiser: Denoiser, x: jax.Array, s: jax.Array, s_next: jax.Array):
+    """(x at s_next, dx/dsigma at s) of the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma,
+    per-example levels s, s_next [B]."""
+    d = (x - denoiser(x, s)) / expand(s, x)
+    return x + expand(s_next - s, x) * d, d
+
+
+def heun_step(denoiser: Denoiser, x: jax.Array, s: jax.Array, s_next: jax.Array) -> jax.Array:
+    """Heun's step of the same ODE from s to s_next > 0 (EDM Algorithm 1, lines 5-8)."""
+    x_euler, d = euler_step(denoiser, x, s, s_next)
+    d2 = (x_euler - denoiser(x_euler, s_next)) / expand(s_next, x)
+    return x + expand(s_next - s, x) * 0.5 * (d + d2)
 
 
 def nfe(num_steps: int, sampler: str = "heun") -> int:

@@ -62,14 +62,19 @@ def velocity_from_denoiser(x0_hat: jax.Array, x_t: jax.Array, t: jax.Array) -> j
     return (x_t - x0_hat) / expand(t, x_t)
 
 
+def check_t_distribution(distribution: str) -> None:
+    """A ValueError naming config.flow.t_distribution unless it is one of T_DISTRIBUTIONS."""
+    if distribution not in T_DISTRIBUTIONS:
+        raise ValueError(f"config.flow.t_distribution={distribution!r} is not known; allowed: {list(T_DISTRIBUTIONS)}")
+
+
 def sample_t(key, shape, distribution: str = "logit_normal", mean: float = 0.0, std: float = 1.0) -> jax.Array:
     """Training levels: logit-normal (t = sigmoid(mean + std n), SD3's default, arXiv 2403.03206)
     or uniform on (0, 1)."""
+    check_t_distribution(distribution)
     if distribution == "logit_normal":
         return jax.nn.sigmoid(mean + std * jax.random.normal(key, shape))
-    if distribution == "uniform":
-        return jax.random.uniform(key, shape, minval=1e-5, maxval=1.0 - 1e-5)
-    raise ValueError(f"config.flow.t_distribution={distribution!r} is not known; allowed: {list(T_DISTRIBUTIONS)}")
+    return jax.random.uniform(key, shape, minval=1e-5, maxval=1.0 - 1e-5)
 
 
 def uniform_times(num_steps: int, t_max: float = 1.0) -> jax.Array:
@@ -84,19 +89,20 @@ def sample(velocity: Velocity, noise: jax.Array, times: jax.Array, sampler: str 
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r} is not known; allowed: {list(SAMPLERS)}")
     times = jnp.asarray(times, jnp.float32)
-    b = noise.shape[0]
-
-    def body(i, x):
-        t, t_next = times[i], times[i + 1]
-        v = velocity(x, jnp.full((b,), t))
-        x_euler = x + (t_next - t) * v
-        if sampler == "euler":
-            return x_euler
-
-        def heun(_):
-            v2 = velocity(x_euler, jnp.full((b,), t_next))
-            return x + (t_next - t) * 0.5 * (v + v2)
-
-        return jax.lax.cond(t_next > 0, heun, lambda _: x_euler, None)
-
+    body = lambda i, x: ode_step(velocity, x, times[i], times[i + 1], sampler)[0]  # noqa: E731
     return jax.lax.fori_loop(0, times.shape[0] - 1, body, noise)
+
+
+def ode_step(velocity: Velocity, x: jax.Array, t, t_next, sampler: str = "euler"):
+    """(x at t_next, v(x, t)): one Euler step, or Heun's unless t_next = 0 (scalar times)."""
+    b = x.shape[0]
+    v = velocity(x, jnp.full((b,), t))
+    x_euler = x + (t_next - t) * v
+    if sampler == "euler":
+        return x_euler, v
+
+    def heun(_):
+        v2 = velocity(x_euler, jnp.full((b,), t_next))
+        return x + (t_next - t) * 0.5 * (v + v2)
+
+    return jax.lax.cond(t_next > 0, heun, lambda _: x_euler, None), v

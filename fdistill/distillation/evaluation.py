@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fdistill import diffusion
+from fdistill.denoiser import sample_in_chunks
 from fdistill.distillation import teachers
 from fdistill.evaluation import ratio as ratio_lib
 
@@ -52,15 +53,8 @@ class Evaluator:
             fn = self._jit(f"step{step}", lambda p, z, lab: s.train_point(
                 p, {**s.draws(jax.random.PRNGKey(0), z.shape[0]), "z": z, "labels": lab,
                     "k": jnp.full(z.shape[:1], step, jnp.int32)})["x"])
-        out, labs = [], []
-        for i, start in enumerate(range(0, n, chunk)):
-            k_z, k_l = jax.random.split(jax.random.fold_in(key, i))
-            z = jax.random.normal(k_z, (chunk,) + s.latent_shape)
-            lab = s.draw_labels(k_l, chunk) if labels is None else jnp.asarray(
-                np.resize(np.asarray(labels)[start:start + chunk], chunk))
-            out.append(np.asarray(fn(gen_params, z, lab)))
-            labs.append(np.asarray(lab))
-        return np.concatenate(out)[:n], (np.concatenate(labs)[:n] if s.conditional else None)
+        x, labs = sample_in_chunks(fn, gen_params, key, n, chunk, s.latent_shape, s.num_classes, labels)
+        return x, (labs if s.conditional else None)
 
     def teacher_metrics(self, frozen, key, labels) -> dict[str, float]:
         e = self.config.eval

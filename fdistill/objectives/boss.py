@@ -71,14 +71,8 @@ def plan(cost: jax.Array, num_steps: int) -> jax.Array:
 def reference_trajectories(velocity, z: jax.Array, times: jax.Array):
     """Heun on `times` (decreasing to 0) from x = z: the states x_{t_j} [M + 1, B, ...] and the
     velocities v_j at the first M of them [M, B, ...] (Euler for the last step, as `flow.sample`)."""
-    b = z.shape[0]
-
     def step(x, ts_pair):
-        t, t_next = ts_pair
-        v = velocity(x, jnp.full((b,), t))
-        x_euler = x + (t_next - t) * v
-        v2 = velocity(x_euler, jnp.full((b,), jnp.maximum(t_next, 1e-6)))
-        x_next = jnp.where(t_next > 0, x + (t_next - t) * 0.5 * (v + v2), x_euler)
+        x_next, v = flow.ode_step(velocity, x, ts_pair[0], ts_pair[1], "heun")
         return x_next, (x_next, v)
 
     _, (xs, vs) = jax.lax.scan(step, z, (times[:-1], times[1:]))

@@ -111,15 +111,6 @@ def interval_logits(grid: jax.Array, n: jax.Array, sampling: str, p_mean: float,
     return jnp.where(valid, jnp.log(w), -jnp.inf)
 
 
-def heun_step(denoise, x, s_from, s_to):
-    """One Heun step of the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma (s_to > 0)."""
-    e = lambda s: diffusion.expand(s, x)  # noqa: E731
-    d = (x - denoise(x, s_from)) / e(s_from)
-    x_euler = x + e(s_to - s_from) * d
-    d2 = (x_euler - denoise(x_euler, s_to)) / e(s_to)
-    return x + e(s_to - s_from) * 0.5 * (d + d2)
-
-
 def distance(a, b, kind: str, huber_c: float) -> jax.Array:
     """Per-example pseudo-Huber sqrt(|a - b|^2 + c^2) - c (c = huber_c sqrt(dim), sums over features)
     or the squared L2 mean over features."""
@@ -193,7 +184,7 @@ class ConsistencyObjective(Objective):
         """x at s_i: a Heun step of the teacher ('cd') or x_0 + s_i z ('ct')."""
         if not self.distill_from_teacher:
             return x0 + diffusion.expand(s_lo, x0) * z
-        return heun_step(lambda x, s: self.teacher(frozen_teacher, x, s, **kw), x_hi, s_hi, s_lo)
+        return diffusion.heun_step(lambda x, s: self.teacher(frozen_teacher, x, s, **kw), x_hi, s_hi, s_lo)
 
     def loss(self, params, frozen, x0, z, s_lo, s_hi, labels=None) -> jax.Array:
         dc = self.config.distill

@@ -37,7 +37,7 @@ import numpy as np
 from fdistill import data as data_lib
 from fdistill import diffusion, flow, models
 from fdistill import train_state as ts
-from fdistill.denoiser import label_kwargs
+from fdistill.denoiser import label_kwargs, sample_in_chunks
 from fdistill.objectives.base import Objective, register
 
 EVAL_STEPS = (1, 2, 4)
@@ -76,7 +76,7 @@ class MeanFlow(Objective):
         if f.meanflow_p < 0 or f.meanflow_c <= 0:
             raise ValueError(f"config.flow.meanflow_p={f.meanflow_p} must be >= 0 and config.flow.meanflow_c="
                              f"{f.meanflow_c} > 0")
-        flow.sample_t(jax.random.key(0), (1,), f.t_distribution)  # unknown names fail here
+        flow.check_t_distribution(f.t_distribution)
         if int(config.eval.num_steps) < 1:
             raise ValueError(f"config.eval.num_steps={config.eval.num_steps} must be >= 1")
         self.net = models.build(config.model, self.source.shape, config.train.compute_dtype)
@@ -137,15 +137,8 @@ class MeanFlow(Objective):
         return self._samplers[num_steps]
 
     def sample(self, params, key, n: int, num_steps: int, labels=None) -> np.ndarray:
-        e, fn = self.config.eval, self.sample_fn(num_steps)
-        out = []
-        for i, start in enumerate(range(0, n, e.chunk)):
-            k_z, k_l = jax.random.split(jax.random.fold_in(key, i))
-            z = jax.random.normal(k_z, (e.chunk,) + tuple(self.source.shape))
-            lab = (jax.random.randint(k_l, (e.chunk,), 0, max(self.num_classes, 1)) if labels is None
-                   else jnp.asarray(np.resize(np.asarray(labels)[start:start + e.chunk], e.chunk)))
-            out.append(np.asarray(fn(params, z, lab)))
-        return np.concatenate(out)[:n]
+        return sample_in_chunks(self.sample_fn(num_steps), params, key, n, self.config.eval.chunk, self.source.shape,
+                                self.num_classes, labels)[0]
 
     def evaluate(self, state, frozen, key):
         e = self.config.eval
