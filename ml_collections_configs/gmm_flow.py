@@ -12,13 +12,6 @@ from fdistill import configs
 
 def get_config():
     c = configs.base("flow", data="gmm", model="mlp")  # model.parametrisation = 'velocity'
-    c.train.num_steps = 20000
-    c.train.batch_size = 512
-    c.train.warmup_steps = 200
-    c.train.ema_decay = 0.999
-    c.train.log_every = 500
-    c.train.eval_every = 10000
-    c.train.checkpoint_every = 5000
-    c.eval.num_samples = 8192
-    c.eval.num_steps = 18  # Heun in t: NFE = 2 * 18 - 1 = 35
+    score = configs.load("gmm_score")
+    c.train, c.eval = score.train, score.eval  # 20000 steps, batch 512, EMA; 18 Heun steps (in t: NFE 35)
     return c

@@ -78,3 +78,13 @@ def gmm_sample_metrics(x, gmm: GMM, reference) -> dict[str, float]:
         "high_quality_frac": high_quality_frac(x, gmm),
         "mmd": mmd_rbf(x, reference),
     }
+
+
+def by_step_count(configured: int, metrics_at, counts=(1, 2, 4)) -> dict[str, float]:
+    """Metrics of one network sampled with several step counts: `metrics_at(k)` for k in `counts` and
+    `configured`; the configured count's keys as they are, the others' prefixed `steps<k>/`."""
+    out = {}
+    for k in sorted({*counts, int(configured)}):
+        m = metrics_at(k)
+        out.update(m if k == configured else {f"steps{k}/{name}": v for name, v in m.items()})
+    return out

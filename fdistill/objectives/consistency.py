@@ -52,7 +52,7 @@ from fdistill import data as data_lib
 from fdistill import diffusion
 from fdistill import train_state as ts
 from fdistill.distillation import evaluation, students, teachers
-from fdistill.evaluation.samples import MIN_EVAL_SAMPLES
+from fdistill.evaluation.samples import MIN_EVAL_SAMPLES, by_step_count
 from fdistill.objectives.base import Objective, register
 
 LOSSES = ("pseudo_huber", "l2")
@@ -144,12 +144,12 @@ class ConsistencyObjective(Objective):
         self.conditional = bool(self.source.num_classes and self.teacher.net_config.model.num_classes)
         self.cm = ConsistencyFunction(students.generator_denoiser(self.teacher, config, self.source.shape),
                                       d.sigma_min)
-        self.student = self._student(int(dc.num_student_steps))
+        self.num_steps = int(dc.num_student_steps)
         self.optimizer = ts.Optimizer(ts.OptimizerSettings.from_config(config.train, learning_rate=dc.lr_gen))
         self.trajectory_fields = ("train.num_steps",) if self.s0 != self.s1 else ()  # the curriculum's length
         self.evaluators = {k: evaluation.Evaluator(config, self.source, self.teacher, self._student(k), None,
-                                                   f"{k}-step {self.name}") for k in sorted({*EVAL_STEPS,
-                                                                                            self.student.num_steps})}
+                                                   f"{k}-step {self.name}") for k in {*EVAL_STEPS, self.num_steps}}
+        self.student = self.evaluators[self.num_steps].student
 
     def _student(self, num_steps: int):
         dc = self.config.distill.copy_and_resolve_references()
@@ -202,8 +202,8 @@ class ConsistencyObjective(Objective):
         z = jax.random.normal(k_z, x0.shape, x0.dtype)
         labels = batch.get("label") if self.conditional else None
         loss, grads = jax.value_and_grad(self.loss)(state.params, frozen, x0, z, s_lo, s_hi, labels)
-        state, metrics = ts.apply_gradients(state, grads, self.optimizer)
         n = num_scales(state.step, int(self.config.train.num_steps), self.s0, self.s1)
+        state, metrics = ts.apply_gradients(state, grads, self.optimizer)
         return state.replace(step=state.step + 1), {"loss": loss, "num_scales": n, **metrics}
 
     def batch(self, step, process_index=0, process_count=1):
@@ -213,17 +213,15 @@ class ConsistencyObjective(Objective):
     def evaluate(self, state, frozen, key):
         """The configured sampler's metrics, and `steps<k>/...` of the other step counts."""
         gen = ts.eval_params(state)
-        out = {}
-        for k, ev in self.evaluators.items():
-            m = ev.evaluate(state.params, gen, frozen, key)
-            if k == self.student.num_steps:
-                out.update(m)
-            else:
-                out.update({f"steps{k}/{name}": v for name, v in m.items() if not name.startswith("teacher/")})
-        return out
+
+        def metrics_at(k):
+            m = self.evaluators[k].evaluate(state.params, gen, frozen, key)
+            return m if k == self.num_steps else {n: v for n, v in m.items() if not n.startswith("teacher/")}
+
+        return by_step_count(self.num_steps, metrics_at, EVAL_STEPS)
 
     def plot(self, state, frozen, plot_dir, step):
-        return self.evaluators[self.student.num_steps].plot(ts.eval_params(state), plot_dir, step)
+        return self.evaluators[self.num_steps].plot(ts.eval_params(state), plot_dir, step)
 
 
 @register("cd", family="distill")

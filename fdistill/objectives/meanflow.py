@@ -38,6 +38,7 @@ from fdistill import data as data_lib
 from fdistill import diffusion, flow, models
 from fdistill import train_state as ts
 from fdistill.denoiser import label_kwargs, sample_in_chunks
+from fdistill.evaluation.samples import by_step_count
 from fdistill.objectives.base import Objective, register
 
 EVAL_STEPS = (1, 2, 4)
@@ -143,19 +144,17 @@ class MeanFlow(Objective):
     def evaluate(self, state, frozen, key):
         e = self.config.eval
         params = ts.eval_params(state)
-        out = {}
-        for k in sorted({*EVAL_STEPS, int(e.num_steps)}):
+
+        def metrics_at(k):
             self.sample(params, key, min(e.num_samples, e.chunk), k)  # compile outside the timed region
             t0 = time.perf_counter()
             x = self.sample(params, key, e.num_samples, k)
-            m = {**self.source.evaluate_samples(x), "nfe": float(k), "samples_per_sec": e.num_samples / (
-                time.perf_counter() - t0)}
+            elapsed = time.perf_counter() - t0
             if k == int(e.num_steps):
-                out.update(m)
                 self._last_samples = x
-            else:
-                out.update({f"steps{k}/{name}": v for name, v in m.items()})
-        return out
+            return {**self.source.evaluate_samples(x), "nfe": float(k), "samples_per_sec": e.num_samples / elapsed}
+
+        return by_step_count(int(e.num_steps), metrics_at, EVAL_STEPS)
 
     def plot(self, state, frozen, plot_dir, step):
         e = self.config.eval
