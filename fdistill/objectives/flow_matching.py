@@ -33,16 +33,10 @@ class FlowMatchingObjective(ScoreObjective):
                              "trains a velocity network; set it to 'velocity'")
         flow.check_t_distribution(config.flow.t_distribution)
 
-    def noised_inputs(self, batch, key) -> dict:
-        """Per-example (x0, t, noise, labels), drawn once for the whole batch."""
-        x0 = batch["x"]
-        k_t, k_noise = jax.random.split(key)
+    def noise_level(self, key, b: int) -> dict:
+        """{'t': [b]} from `config.flow`'s distribution (the score objective's noised inputs use it)."""
         f = self.config.flow
-        inputs = {"x0": x0, "t": flow.sample_t(k_t, x0.shape[:1], f.t_distribution, f.t_mean, f.t_std),
-                  "noise": jax.random.normal(k_noise, x0.shape, x0.dtype)}
-        if self.num_classes and "label" in batch:
-            inputs["labels"] = batch["label"]
-        return inputs
+        return {"t": flow.sample_t(key, (b,), f.t_distribution, f.t_mean, f.t_std)}
 
     def loss(self, params, inputs, rngs=None) -> jax.Array:
         x0, eps, t = inputs["x0"], inputs["noise"], inputs["t"]

@@ -46,19 +46,20 @@ class ScoreObjective(Objective):
         return ts.create_state(params, self.optimizer, k_rng)
 
     def noised_inputs(self, batch, key) -> dict:
-        """Per-example (x0, sigma, noise, labels, dropout key) for the whole batch, drawn once so that
+        """Per-example (x0, noise level, noise, labels) for the whole batch, drawn once so that
         gradient accumulation over micro-batches sees exactly the draws of the full batch."""
         x0 = batch["x"]
-        k_sigma, k_noise = jax.random.split(key)
-        d = self.config.diffusion
-        inputs = {
-            "x0": x0,
-            "sigma": diffusion.sample_lognormal_sigma(k_sigma, x0.shape[:1], d.p_mean, d.p_std),
-            "noise": jax.random.normal(k_noise, x0.shape, x0.dtype),
-        }
+        k_level, k_noise = jax.random.split(key)
+        inputs = {"x0": x0, **self.noise_level(k_level, x0.shape[0]),
+                  "noise": jax.random.normal(k_noise, x0.shape, x0.dtype)}
         if self.num_classes and "label" in batch:
             inputs["labels"] = batch["label"]
         return inputs
+
+    def noise_level(self, key, b: int) -> dict:
+        """{'sigma': [b]} drawn from EDM's training distribution ln sigma ~ N(P_mean, P_std^2)."""
+        d = self.config.diffusion
+        return {"sigma": diffusion.sample_lognormal_sigma(key, (b,), d.p_mean, d.p_std)}
 
     def loss(self, params, inputs, rngs=None) -> jax.Array:
         kw = label_kwargs(self.num_classes, inputs.get("labels"))
