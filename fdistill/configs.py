@@ -11,7 +11,7 @@ and states only what differs:
         return c
 
 `base(family, data=..., model=...)` assembles the sections of a family (`score`, `flow`, `distill`, `sft`,
-`po`, `diffusion_po`) with the data section of a data source (`gmm`, `digits`, `tfds`) and the
+`po`, `diffusion_po`, `diffusion_rl`) with the data section of a data source (`gmm`, `digits`, `tfds`) and the
 model section of a network (`mlp`, `unet`, `transformer`). `complete(config)` fills a partial
 config (an old `config.json`, a test's config) from its base and rejects fields the base does not
 have, naming the closest valid ones; `check_overrides` does the same for command-line overrides
@@ -291,15 +291,44 @@ def diffusion_po() -> ConfigDict:
         **preference_loss_params(),  # snr_value, margin_scale (mapo), label_smoothing, gamma, alpha, lambda_
         reference="",  # workdir of a finished 'score' run with this config's data, model and diffusion
     )
-    c.reward = _section(kind="half_plane", angle_deg=22.5, offset=0.0, scale=1.0, modes=(0, 1, 2, 7),
-                        smoothing=0.1, target_class=0)
+    c.reward = reward()
     c.pairs = _section(num_pairs=8192, temperature=0.1, seed=0, num_steps=0, dir="")
     return c
 
 
-DEFAULT_DATA = {"score": "gmm", "flow": "gmm", "distill": "gmm", "diffusion_po": "gmm"}
+def reward() -> ConfigDict:
+    """`config.reward`: a known reward of a diffusion model's samples (`fdistill.data.diffusion_preference`)."""
+    return _section(kind="half_plane", angle_deg=22.5, offset=0.0, scale=1.0, modes=(0, 1, 2, 7),
+                    smoothing=0.1, target_class=0)
+
+
+def diffusion_rl() -> ConfigDict:
+    """`config.rl`, `config.reward`: reward optimisation by policy gradient (`fdistill.objectives.find`,
+    `fdistill.objectives.ddpo`); one train step = one batch of fresh samples and their rewards."""
+    c = ConfigDict()
+    c.rl = _section(
+        sampler="",  # workdir of a finished score/flow run (FIND, DDPO) or distill/kd/dmd2_multistep/tdm run (FIND)
+        sampler_steps=0,  # deterministic sampler of a score/flow run: steps (0 = its eval.num_steps, eval.sampler)
+        clip_eps=0.2,  # PPO ratio clipping: min(rho A, clip(rho, 1 - eps, 1 + eps) A)
+        advantage_norm="batch",  # batch | class (each class's own std) | none: A / (std + 1e-6)
+        # FIND (arXiv 2407.19453): the initial noise z ~ N(mu_c, diag sigma_c^2)
+        replay=4,  # batches (this step's and the last replay - 1) the clipped objective reuses
+        kl_weight=1.0,  # + kl_weight * mean_c KL(N(mu_c, sigma_c^2) || N(0, I)) (summed over latent dimensions)
+        baseline="calibration",  # calibration (a learned expected reward per class) | batch_mean | none
+        lr_calib=optional(float),  # the calibration network's Adam rate (None = train.learning_rate)
+        # DDPO (arXiv 2305.13301, DDPO_IS): the stochastic sampler's network is the policy
+        ddpo_steps=20,  # Karras levels of the stochastic (ancestral) sampler
+        ddpo_eta=1.0,  # 1 = DDPM-like ancestral noise, 0 = deterministic (no policy)
+        inner_updates=4,  # Adam updates on each batch of trajectories (the first at ratio 1)
+    )
+    c.reward = reward()
+    return c
+
+
+DEFAULT_DATA = {"score": "gmm", "flow": "gmm", "distill": "gmm", "diffusion_po": "gmm", "diffusion_rl": "gmm"}
 DEFAULT_MODEL = {"score": "mlp", "flow": "mlp", "distill": "mlp", "sft": "transformer", "po": "transformer",
-                 "diffusion_po": "mlp"}
+                 "diffusion_po": "mlp", "diffusion_rl": "mlp"}
+DIFFUSION_FAMILIES = ("score", "flow", "distill", "diffusion_po", "diffusion_rl")
 
 
 def family_of(objective: str) -> str:
@@ -317,11 +346,11 @@ def base(objective: str, data: str | None = None, model: str | None = None) -> C
     family = family_of(objective)
     c = ConfigDict()
     c.objective = objective
-    if family in ("score", "flow", "distill", "diffusion_po"):
+    if family in DIFFUSION_FAMILIES:
         c.data = globals()["data"](data or DEFAULT_DATA[family])
         c.diffusion = diffusion()
         c.eval = sample_eval()
-        if family == "diffusion_po":
+        if family in ("diffusion_po", "diffusion_rl"):
             c.eval.use_ema = True
     if family in ("sft", "po"):
         c.task = task()
@@ -338,6 +367,8 @@ def base(objective: str, data: str | None = None, model: str | None = None) -> C
         c.po = po()
     elif family == "diffusion_po":
         c.update(diffusion_po())
+    elif family == "diffusion_rl":
+        c.update(diffusion_rl())
     return c
 
 

@@ -95,12 +95,14 @@ class Dependency:
 
 SCORE_CONFIGS = {"gmm": "gmm_score", "digits": "digits_score"}
 DIFFUSION_RUNS = ("score", "flow")  # networks with a denoiser (a flow run's velocity converts exactly)
+STUDENT_RUNS = ("distill", "kd", "dmd2_multistep", "tdm")  # one- or few-step generators of z
 DEPENDENCIES: dict[str, Dependency] = {
     "po.sft_workdir": Dependency(("sft",), {"*": "synthetic_sft"}, ("task", "model"), "sft",
                                  needed=lambda c: c.po.reference == "sft"),
     "po.reward_model": Dependency(("reward_model",), {"*": "synthetic_reward_model"}, ("task",), "reward_model",
                                   needed=lambda c: bool(c.po.reward_model)),
     "dpo.reference": Dependency(DIFFUSION_RUNS, SCORE_CONFIGS, ("data", "model", "diffusion"), "reference"),
+    "rl.sampler": Dependency(DIFFUSION_RUNS + STUDENT_RUNS, SCORE_CONFIGS, ("data", "model", "diffusion"), "sampler"),
     "distill.teacher": Dependency(DIFFUSION_RUNS, {**SCORE_CONFIGS, "boss:gmm": "gmm_flow"}, ("data", "diffusion"),
                                   "teacher",
                                   needed=lambda c: c.distill.teacher != "analytic",

@@ -1,7 +1,9 @@
 """Known rewards and preference pairs of a diffusion model's own samples, stored as a local TFDS dataset.
 
 Rewards (`build_reward(config.reward, source)`, each a callable x [n, ...] -> r [n] with a
-`preferred(x)` set):
+`preferred(x)` set, and a jittable form `value(frozen, x)` whose frozen part (`frozen()`: the mixture,
+the classifier's weights) a train step takes as an argument, as the reward-optimisation objectives
+FIND and DDPO do):
   * 'half_plane' (GMM): r(x) = scale * (n . x[:2] - offset), n = (cos a, sin a) with a = `angle_deg`;
     the preferred set is the half-plane n . x > offset. The default a = 22.5 deg splits the 8-mode
     ring into 4 preferred and 4 dispreferred modes with no mode on the boundary.
@@ -55,6 +57,12 @@ class HalfPlaneReward:
         x = np.asarray(x, np.float32)
         return x[:, :2] @ self.normal - self.offset
 
+    def frozen(self):
+        return {}
+
+    def value(self, frozen, x: jax.Array) -> jax.Array:
+        return self.scale * (x[:, :2] @ jnp.asarray(self.normal) - self.offset)
+
     def __call__(self, x) -> np.ndarray:
         return (self.scale * self._proj(x)).astype(np.float32)
 
@@ -75,9 +83,14 @@ class ModeSubsetReward:
         self.mask[self.modes] = 1.0
         self.smoothing, self.scale = float(smoothing), float(scale)
 
+    def frozen(self):
+        return self.gmm
+
+    def value(self, gmm, x: jax.Array) -> jax.Array:
+        return self.scale * (gmm.responsibilities(x, self.smoothing) @ jnp.asarray(self.mask))
+
     def __call__(self, x) -> np.ndarray:
-        w = np.asarray(self.gmm.responsibilities(jnp.asarray(x, jnp.float32), self.smoothing))
-        return (self.scale * (w @ self.mask)).astype(np.float32)
+        return np.asarray(self.value(self.gmm, jnp.asarray(x, jnp.float32)), np.float32)
 
     def preferred(self, x) -> np.ndarray:
         x = np.asarray(x, np.float64)
@@ -97,6 +110,14 @@ class ClassifierReward:
 
     def _probs(self, x) -> np.ndarray:
         return np.asarray(self.clf.probs(np.asarray(x, np.float32)), np.float64)
+
+    def frozen(self):
+        return self.clf.params
+
+    def value(self, clf_params, x: jax.Array) -> jax.Array:
+        from fdistill.evaluation.digits_classifier import log_probs
+
+        return jnp.maximum(log_probs(clf_params, x)[:, self.target], np.log(self.floor))
 
     def __call__(self, x) -> np.ndarray:
         return np.log(np.maximum(self._probs(x)[:, self.target], self.floor)).astype(np.float32)
@@ -145,6 +166,20 @@ def reward_metrics(reward, x, prefix: str = "", gmm=None) -> dict[str, float]:
         d = np.sqrt(((xs[:, None, :].astype(np.float64) - means[None]) ** 2).sum(-1)) / stds[None]
         out[f"{prefix}preferred_on_data_frac"] = float(np.mean(pref & (d.min(1) <= 3.0)))
     return out
+
+
+def alignment_metrics(source, reward, x, x_ref) -> dict[str, float]:
+    """The metrics of a model aligned to `reward` against its reference (same initial noise): the
+    source's sample metrics (`sample/...`), reward_mean, preferred_frac (and preferred_on_data_frac
+    on the mixture), the same for the reference (`reference/...`), mmd_to_reference and reward_gain."""
+    gmm = getattr(source, "gmm", None)
+    metrics = {f"sample/{k}": v for k, v in source.evaluate_samples(x).items()}
+    metrics.update({f"reference/{k}": v for k, v in source.evaluate_samples(x_ref).items()})
+    metrics.update(reward_metrics(reward, x, "", gmm))
+    metrics.update(reward_metrics(reward, x_ref, "reference/", gmm))
+    metrics["mmd_to_reference"] = mmd_to_reference(x, x_ref)
+    metrics["reward_gain"] = metrics["reward_mean"] - metrics["reference/reward_mean"]
+    return metrics
 
 
 def mmd_to_reference(x, x_ref, max_n: int = 4096) -> float:

@@ -105,6 +105,11 @@ def train_classifier(train, test, seed: int = 0, steps: int = 800, batch_size: i
 _APPLY = jax.jit(lambda params, x: DigitsCNN().apply({"params": params}, x))
 
 
+def log_probs(params, x: jax.Array) -> jax.Array:
+    """log p_clf(y | x) [n, 10], jittable (the classifier's weights are an argument)."""
+    return jax.nn.log_softmax(DigitsCNN().apply({"params": params}, x)[1])
+
+
 class DigitsClassifier:
     """Features, class probabilities and accuracy of a trained `DigitsCNN` (`info` = training record)."""
 

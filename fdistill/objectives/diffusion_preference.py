@@ -225,13 +225,7 @@ class DiffusionPreferenceObjective(Objective):
         if getattr(self, "_ref_cache", None) != cache:
             self._ref_samples, self._ref_cache = self.sample(frozen["ref"], key, n), cache
         x_ref = self._ref_samples
-        metrics = {f"sample/{k}": v for k, v in self.source.evaluate_samples(x).items()}
-        metrics.update({f"reference/{k}": v for k, v in self.source.evaluate_samples(x_ref).items()})
-        gmm = getattr(self.source, "gmm", None)
-        metrics.update(prefdata.reward_metrics(self.reward, x, "", gmm))
-        metrics.update(prefdata.reward_metrics(self.reward, x_ref, "reference/", gmm))
-        metrics["mmd_to_reference"] = prefdata.mmd_to_reference(x, x_ref)
-        metrics["reward_gain"] = metrics["reward_mean"] - metrics["reference/reward_mean"]
+        metrics = prefdata.alignment_metrics(self.source, self.reward, x, x_ref)
         metrics["samples_per_sec"] = n / max(elapsed, 1e-9)
         self._last_samples = x
         return metrics
