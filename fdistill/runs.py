@@ -62,6 +62,18 @@ def restore_params(run: FinishedRun):
     return params
 
 
+def restore_generator(run: FinishedRun):
+    """The generator parameters a finished distillation run samples with (its EMA when it keeps
+    one), as host NumPy arrays: `params['gen']` beside the critics, or the whole tree of a 'kd' run."""
+    from fdistill import checkpoint
+
+    tree = checkpoint.restore_tree(run.workdir)
+    params, ema = tree["params"], tree.get("ema_params")
+    if run.config.objective != "kd":
+        params, ema = params["gen"], (ema or {}).get("gen")
+    return ema if ema else params
+
+
 # ----- config fields that name other runs ---------------------------------------------------------
 
 

@@ -226,3 +226,30 @@ def test_tiny_student_runs_on_8_devices(data_dir, teacher_dir, tmp_path):
     assert any(f.endswith(".png") for f in os.listdir(os.path.join(workdir, "plots")))
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     assert all(np.isfinite(r["loss"]) and "disc/accuracy" in r for r in rows if "loss" in r)
+
+
+def test_tiny_find_runs_on_8_devices(data_dir, teacher_dir, tmp_path):
+    """FIND on a digits score run with the classifier reward, whose jittable form (the classifier's
+    weights an argument of the step) equals the chunked NumPy one."""
+    from fdistill import objectives
+
+    c = load_config("digits_find")
+    c.data.data_dir = data_dir
+    c.rl.sampler = teacher_dir
+    c.rl.sampler_steps = 2
+    c.model = tiny_teacher_config(data_dir, 1).model
+    c.train.num_steps = 3
+    c.train.batch_size = 16
+    c.train.log_every = 1
+    c.train.checkpoint_every = 3
+    c.eval.num_samples = c.eval.chunk = 64
+    obj = objectives.build(c)
+    x = np.asarray(data_lib.build(data_config(data_dir)).batch(0, 32)["x"])
+    np.testing.assert_allclose(jax.jit(obj.reward.value)(obj.reward.frozen(), x), obj.reward(x), rtol=1e-5, atol=1e-5)
+    assert obj.latent_shape == (8, 8, 1) and obj.sampler.nfe == 3
+    results = train.train_and_evaluate(c, str(tmp_path / "find"))
+    assert results["step"] == 3 and results["reward_evals"] == 48
+    for k in ("reward_mean", "preferred_frac", "mmd_to_reference", "kl_to_prior", "sample/fd_digits",
+              "reference/fd_digits", "reference/reward_mean"):
+        assert np.isfinite(results[k]), k
+    assert any(f.startswith("samples_") for f in os.listdir(os.path.join(str(tmp_path / "find"), "plots")))

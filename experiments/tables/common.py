@@ -84,11 +84,10 @@ def summarise(per_seed: list[dict]) -> dict:
 
 def generator_params(workdir: str):
     """The generator parameters a finished distillation run samples with (its EMA when it keeps one)."""
-    from fdistill import checkpoint
+    from fdistill import runs
 
-    tree = checkpoint.restore_tree(workdir)
-    ema = (tree.get("ema_params") or {}).get("gen")
-    return jax.tree.map(jnp.asarray, ema if ema else tree["params"]["gen"])
+    run = runs.open_run(workdir, "workdir", runs.STUDENT_RUNS, "gmm_fdistill", allow_unfinished=True)
+    return jax.tree.map(jnp.asarray, runs.restore_generator(run))
 
 
 def final_samples(objective, workdir: str, n: int, step: int | None = None) -> np.ndarray:

@@ -150,7 +150,7 @@ class DDPO(pg.RewardObjective):
         self.policy = AncestralSampler(sampler.denoiser, int(r.ddpo_steps), config.diffusion, float(r.ddpo_eta),
                                        self.num_classes)
         self.optimizer = ts.Optimizer(ts.OptimizerSettings.from_config(config.train))
-        self.name = f"DDPO ({self.policy.num_steps}-step ancestral sampler, eta {r.ddpo_eta:g})"
+        self.name = f"DDPO ({self.policy.num_steps}-step ancestral, eta {r.ddpo_eta:g})"
 
     def frozen(self):
         return {"ref": self.ref_params, "reward": self.reward_frozen()}

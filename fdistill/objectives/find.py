@@ -132,7 +132,7 @@ class FIND(pg.RewardObjective):
         self.num_rows = max(self.num_classes, 1)
         opt = lambda **kw: ts.Optimizer(ts.OptimizerSettings.from_config(config.train, **kw))
         self.optimizers = {"policy": opt(), "calib": opt(learning_rate=r.lr_calib, ema_decay=0.0)}
-        self.name = f"FIND on a {self.sampler.name}"
+        self.name = f"FIND ({self.sampler.name})"
 
     def frozen(self):
         return {"sampler": self.sampler.frozen(), "reward": self.reward_frozen()}

@@ -96,7 +96,7 @@ class ODESampler:
         self.latent_shape, self.num_classes = tuple(shape), num_classes
         self.steps, self.sampler = int(steps), sampler
         self.nfe = diffusion.nfe(self.steps, sampler)
-        self.name = f"{run.config.objective} run, {self.nfe}-NFE {sampler}"
+        self.name = f"{self.nfe}-NFE {sampler} ODE"
 
     def frozen(self):
         return self.params
@@ -112,7 +112,6 @@ class StudentSampler:
     one-step student is one network call per sample."""
 
     def __init__(self, run: runs.FinishedRun, source):
-        from fdistill import checkpoint
         from fdistill.distillation import students, teachers
 
         cfg = run.config.copy_and_resolve_references()
@@ -121,16 +120,12 @@ class StudentSampler:
         levels = students.NoiseLevels(cfg.distill, cfg.diffusion)
         kind = "distill" if cfg.objective == "kd" else cfg.objective
         self.student = students.build(kind, teacher, levels, source.shape, source.num_classes, conditional, cfg)
-        tree = checkpoint.restore_tree(run.workdir)
-        params, ema = tree["params"], tree.get("ema_params")
-        if cfg.objective != "kd":  # the generator beside its critics
-            params, ema = params["gen"], (ema or {}).get("gen")
-        self.params = ema if ema else params
+        self.params = runs.restore_generator(run)
         self.run, self.config = run, cfg
         self.latent_shape = tuple(self.student.latent_shape)
         self.num_classes = source.num_classes if conditional else 0
         self.nfe = int(self.student.num_steps)
-        self.name = f"{cfg.objective} run, {self.nfe}-step student"
+        self.name = f"{self.nfe}-step {cfg.objective} student"
 
     def frozen(self):
         return self.params
@@ -214,7 +209,7 @@ class RewardObjective(Objective):
         if x is None:
             x = self.eval_samples(state, frozen, jax.random.PRNGKey(0), min(int(self.config.eval.num_samples), 4096))
         paths = [self.source.plot_samples(x, os.path.join(plot_dir, f"samples_{step:07d}.png"),
-                                          f"{self.name} ({self.config.reward.kind} reward), step {step}")]
+                                          f"{self.name}, {self.config.reward.kind}, step {step}")]
         x_ref = getattr(self, "_ref_samples", None)
         if x_ref is not None:
             paths.append(self.source.plot_samples(x_ref, os.path.join(plot_dir, "reference_samples.png"),
