@@ -83,6 +83,9 @@ def test_advantage_normalisation_by_hand():
     np.testing.assert_allclose(pg.normalize_advantages(jnp.asarray(a), jnp.asarray(labels), 4, "class"),
                                per_class, rtol=1e-5)
     np.testing.assert_allclose(pg.normalize_advantages(jnp.asarray(a), jnp.asarray(labels), 4, "none"), a, rtol=1e-6)
+    np.testing.assert_allclose(pg.group_mean(jnp.asarray(a), jnp.asarray(labels), 4),
+                               [a[labels == labels[i]].mean() for i in range(40)], rtol=1e-5)
+    np.testing.assert_allclose(pg.group_mean(jnp.asarray(a), jnp.asarray(labels), 1), np.full(40, a.mean()), rtol=1e-5)
     w = (np.arange(40) < 25).astype(np.float32)  # rows excluded from the statistics
     np.testing.assert_allclose(pg.normalize_advantages(jnp.asarray(a), jnp.asarray(labels), 4, "batch", jnp.asarray(w)),
                                a / (a[:25].std() + 1e-6), rtol=1e-5)
@@ -94,15 +97,16 @@ def test_advantage_normalisation_by_hand():
 A = np.array([0.6, -0.3], np.float32)  # r(x) = A . x
 
 
-def identity_find(batch=512, lr=0.05, **kw):
+def identity_find(batch=512, lr=0.05, sample_fn=lambda p, z, lab: z, **kw):
     settings = dict(clip_eps=0.2, kl_weight=0.5, baseline="calibration", advantage_norm="none", num_rows=1)
     settings.update(kw)
     opt = ts.Optimizer(ts.OptimizerSettings(learning_rate=lr))
     optimizers = {"policy": opt, "calib": opt}
-    state = ts.create_state(find.init_params(1, (2,)), optimizers, jax.random.PRNGKey(0),
+    rows = settings["num_rows"]
+    state = ts.create_state(find.init_params(rows, (2,)), optimizers, jax.random.PRNGKey(0),
                             extra={"replay": find.init_replay(4, batch, (2,))})
     step = jax.jit(chex.assert_max_traces(
-        lambda s, b: find.find_step(s, {"sampler": {}, "reward": {}}, b, sample_fn=lambda p, z, lab: z,
+        lambda s, b: find.find_step(s, {"sampler": {}, "reward": {}}, b, sample_fn=sample_fn,
                                     reward_fn=lambda p, x: x @ jnp.asarray(A), optimizers=optimizers, **settings),
         n=1))
     return state, step
@@ -122,6 +126,28 @@ def test_find_reaches_the_closed_form_optimum_of_a_linear_reward():
     # The calibration tracks the expected reward of the current distribution, A . mu.
     np.testing.assert_allclose(state.params["calib"]["value"][0], float(A @ (A / 0.5)), atol=0.1)
     assert int(state.step) == 600 and float(state.extra["replay"]["valid"].sum()) == 4 * 512
+    chex.clear_trace_counter()
+
+
+def test_find_learns_one_distribution_per_class():
+    """A class-conditional sampler x = (1 - 2c) z: the reward A . x favours +A for class 0 and -A for
+    class 1, so the optima are mu_0 = A / w and mu_1 = -A / w; the calibration learns A . x per class
+    and the per-class advantage normalisation runs."""
+    chex.clear_trace_counter()
+    flip = lambda p, z, lab: z * (1.0 - 2.0 * lab[:, None].astype(z.dtype))
+    state, step = identity_find(sample_fn=flip, num_rows=2, advantage_norm="class", lr=0.03)
+    rng = np.random.default_rng(1)
+    for i in range(800):
+        batch = {"eps": jnp.asarray(rng.standard_normal((512, 2)), jnp.float32),
+                 "labels": jnp.asarray(rng.integers(0, 2, 512), jnp.int32)}
+        state, m = step(state, batch)
+    p = state.params["policy"]
+    # With normalised advantages the fixed point moves (the KL term is weighed against A / std(A));
+    # the direction and the sign per class are what the per-class table must get right.
+    for c, sign in ((0, 1.0), (1, -1.0)):
+        mu = np.asarray(p["mean"][c])
+        cos = float(mu @ (sign * A) / (np.linalg.norm(mu) * np.linalg.norm(A)))
+        assert cos > 0.99 and np.linalg.norm(mu) > 0.5, (c, mu)
     chex.clear_trace_counter()
 
 
@@ -313,6 +339,21 @@ def test_ddpo_step_compiles_once_and_a_short_run_raises_the_reward(teacher_dir, 
     res = train.train_and_evaluate(c, str(tmp_path))
     assert res["reward_mean"] > res["reference/reward_mean"] + 0.1, res
     assert res["reward_evals"] == 30 * 128
+
+
+def test_a_resumed_find_run_follows_the_uninterrupted_one(teacher_dir, tmp_path):
+    """The replay of past batches is train state: it is checkpointed, so stopping at step 6 and
+    resuming gives the uninterrupted run's losses."""
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    train.train_and_evaluate(rl_config(teacher_dir, steps=12), straight)
+    c = rl_config(teacher_dir, steps=6)
+    train.train_and_evaluate(c, resumed)
+    train.train_and_evaluate(rl_config(teacher_dir, steps=12), resumed)
+    rows = lambda wd: {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(wd, "metrics.jsonl")))
+                       if "loss" in r}
+    a, b = rows(straight), rows(resumed)
+    assert sorted(b) == list(range(1, 13))
+    np.testing.assert_allclose([b[s] for s in range(7, 13)], [a[s] for s in range(7, 13)], rtol=1e-5)
 
 
 def test_find_one_and_eight_devices_agree(teacher_dir, tmp_path):

@@ -13,7 +13,8 @@ s_{K-1}) (v = 0: the last step is deterministic and has no log-probability). x_0
 
 Each train step draws a batch of trajectories with the current network (the old policy, its
 transition log-probabilities log p_old(x_{i+1} | x_i) kept), their final rewards, advantages
-normalised over the batch or per class (DDPO's per-prompt statistics; `rl.advantage_norm`), then
+A = (r - mean r) / std r over the batch, or over each class's rows (DDPO's per-prompt statistics;
+`rl.advantage_norm='class'`), then
 makes `rl.inner_updates` Adam updates of the clipped surrogate summed over the K - 1 stochastic
 transitions (averaged over them):
 
@@ -108,7 +109,8 @@ def ddpo_step(state, frozen, batch, *, policy: AncestralSampler, reward_fn, opti
     states = jax.lax.stop_gradient(states)
     reward = reward_fn(frozen["reward"], jax.lax.stop_gradient(x))
     logp_old = jax.lax.stop_gradient(policy.log_probs(old, states, labels))
-    adv = jax.lax.stop_gradient(pg.normalize_advantages(reward - jnp.mean(reward), labels, num_rows, advantage_norm))
+    centred = reward - pg.group_mean(reward, labels, num_rows if advantage_norm == "class" else 1)
+    adv = jax.lax.stop_gradient(pg.normalize_advantages(centred, labels, num_rows, advantage_norm))
 
     def loss_fn(params):
         logp = policy.log_probs(params, states, labels)

@@ -62,6 +62,15 @@ def normalize_advantages(adv: jax.Array, labels: jax.Array, num_classes: int, mo
     return adv / (jnp.sqrt(var)[labels] + 1e-6)
 
 
+def group_mean(values: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
+    """Each row's class mean of `values` [B] (the batch mean when there are no classes)."""
+    if num_classes <= 1:
+        return jnp.broadcast_to(jnp.mean(values), values.shape)
+    onehot = jax.nn.one_hot(labels, num_classes)
+    means = (onehot * values[:, None]).sum(0) / jnp.maximum(onehot.sum(0), 1.0)
+    return means[labels]
+
+
 def gaussian_log_prob(x: jax.Array, mean: jax.Array, log_std: jax.Array) -> jax.Array:
     """log N(x; mean, diag exp(2 log_std)), summed over the trailing axes of x [B, ...]."""
     axes = tuple(range(1, x.ndim))
