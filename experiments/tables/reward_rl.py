@@ -1,27 +1,30 @@
-"""Table: reward optimisation of a GMM diffusion sampler - FIND and DDPO beside Diffusion-DPO and MaPO.
+"""Table: reward optimisation of a diffusion sampler - FIND and DDPO beside Diffusion-DPO and MaPO.
 
-    python -m experiments.tables.reward_rl --workdir runs/table_reward_rl
+    python -m experiments.tables.reward_rl --workdir runs/table_reward_rl                 # the ring, 3 seeds, ~20 min
+    python -m experiments.tables.reward_rl --data=digits --workdir runs/table_reward_rl_digits   # 1 seed
 
-1. Trains the reference score run (ml_collections_configs/gmm_score.py) into DIR/reference and a
-   one-step f-distill student of the same (balanced 8-mode) ring into DIR/student (reused when finished).
-2. For each reward (`--rewards`: the half-plane r = n . x, and the posterior mass of modes {0, 1}) and
-   seed, trains into DIR/<reward>/<row>/seed_<s>:
+1. Trains the reference score run (gmm_score.py or digits_score.py) into DIR/reference and, on the
+   ring, a one-step f-distill student of the same balanced ring into DIR/student (reused when finished).
+2. For each reward (ring: the half-plane r = n . x and the posterior mass of modes {0, 1}; digits:
+   log p_clf(3 | x)) and seed, trains into DIR/<reward>/<row>/seed_<s>:
    * find_ode: FIND (arXiv 2407.19453) on the reference's 35-NFE Heun ODE sampler;
-   * find_1step: FIND on the one-step student (one network call per reward evaluation);
-   * ddpo: DDPO_IS (arXiv 2305.13301) on the reference's 20-level ancestral sampler;
-   * dpo, mapo: Diffusion-DPO (beta 50) and MaPO (beta 0.01) on Bradley-Terry pairs of the
-     reference's samples (the rows of experiments/tables/diffusion_preference.py).
+   * find_1step (ring): FIND on the one-step student (one network call per reward evaluation);
+   * ddpo: DDPO_IS (arXiv 2305.13301) on the reference's ancestral sampler (20 levels; digits 10);
+   * dpo, mapo: Diffusion-DPO and MaPO on Bradley-Terry pairs of the reference's samples (ring:
+     beta 50 and 0.01, rows of experiments/tables/diffusion_preference.py; digits: their configs).
+   Each row's length is its config's (`--rl_steps`, `--po_steps` change them).
 3. Prints and writes DIR/table.md, DIR/table.json, DIR/reward_curves.png (training reward against
-   reward evaluations and seconds, seed 0) and DIR/samples.png (seed 0, half-plane reward).
+   reward evaluations and seconds, seed 0) and DIR/samples.png (seed 0's sample plots or grids).
 
-Columns: reward (mean r of 8192 samples; FIND: z from the trained distribution; DDPO: the trained
-stochastic sampler), its reference's (the same sampler untrained, same noise), pref = preferred
-fraction, pref&data = preferred and within 3 mode stds of a mode, hq, modes kept (of 8), MMD to the
-reference's samples, KL(policy || N(0, I)) for FIND, and reward evaluations used (FIND, DDPO: steps x
-batch; DPO/MaPO: the 2 x num_pairs labelled samples). Speed at equal alignment: the reward evaluations
-and training seconds (same machine, same run) until the training batch's mean reward first reaches
-the level L = reference + 0.5 x (the smaller final gain of find_ode and ddpo), per seed.
-About 40 minutes on 2 CPU cores (`--quick` for a few-minute smoke run).
+Columns: reward (mean r of the evaluation samples; FIND: z from the trained distribution; DDPO: the
+trained stochastic sampler), its reference's (the same sampler untrained, same noise), pref =
+preferred fraction; ring: pref&data = preferred and within 3 mode stds of a mode, hq, modes kept (of
+8); digits: fd_digits (and the reference's), precision, recall; MMD to the reference's samples,
+KL(policy || N(0, I)) for FIND, and reward evaluations used (FIND, DDPO: steps x batch;
+DPO/MaPO: the 2 x num_pairs labelled samples). Speed at equal alignment: the reward evaluations and
+training seconds (same machine, same run) until the training batch's mean reward first reaches the
+level L = reference + 0.5 x (the smaller final gain of find_ode and ddpo), per seed.
+`--quick` for a few-minute smoke run.
 """
 from __future__ import annotations
 
@@ -36,35 +39,53 @@ from experiments.tables.common import check_choices, run_config, summarise, trai
 from fdistill import configs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the reference, the student, the runs and the table.")
-_SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per row.")
-_REWARDS = flags.DEFINE_list("rewards", ["half_plane", "mode_subset"], "Rewards (config.reward.kind) to optimise.")
-_RL_STEPS = flags.DEFINE_integer("rl_steps", 300, "FIND and DDPO steps (each: one batch of 256 reward evaluations).")
-_PO_STEPS = flags.DEFINE_integer("po_steps", 1000, "Diffusion-DPO and MaPO steps.")
-_TEACHER_STEPS = flags.DEFINE_integer("teacher_steps", 20000, "Score-matching steps of the reference.")
-_STUDENT_STEPS = flags.DEFINE_integer("student_steps", 4000, "Generator updates of the one-step student.")
+_DATA = flags.DEFINE_enum("data", "gmm", ["gmm", "digits"], "The 8-mode ring (3 seeds) or 8x8 digits (1 seed).")
+_SEEDS = flags.DEFINE_integer("seeds", 0, "Seeds per row (0 = 3 on the ring, 1 on digits).")
+_REWARDS = flags.DEFINE_list("rewards", None, "Rewards (config.reward.kind); default: the data's (see REWARDS).")
+_RL_STEPS = flags.DEFINE_integer("rl_steps", 0, "FIND and DDPO steps (0 = their configs' num_steps).")
+_PO_STEPS = flags.DEFINE_integer("po_steps", 0, "Diffusion-DPO and MaPO steps (0 = their configs' num_steps).")
+_TEACHER_STEPS = flags.DEFINE_integer("teacher_steps", 0, "Score-matching steps of the reference (0 = its config's).")
+_STUDENT_STEPS = flags.DEFINE_integer("student_steps", 4000, "Generator updates of the one-step student (ring only).")
 _QUICK = flags.DEFINE_bool("quick", False, "Smoke run: short reference, student and rows, one seed.")
 flags.mark_flag_as_required("workdir")
 
-REWARDS = {"half_plane": {}, "mode_subset": {"reward.modes": (0, 1)}}
-ROWS = [  # (row, label, config, overrides)
-    ("find_ode", "FIND, 35-NFE ODE", "gmm_find", {}),
-    ("find_1step", "FIND, 1-step student", "gmm_find", {}),
-    ("ddpo", "DDPO_IS, 20-step ancestral", "gmm_ddpo", {"train.learning_rate": 1e-5}),
-    ("dpo", "Diffusion-DPO, beta 50", "gmm_diffusion_dpo", {"dpo.beta": 50.0, "train.learning_rate": 3e-4}),
-    ("mapo", "MaPO, beta 0.01", "gmm_mapo", {"dpo.beta": 0.01, "train.learning_rate": 3e-4}),
-]
+REWARDS = {"half_plane": {}, "mode_subset": {"reward.modes": (0, 1)}, "classifier": {}}
+DATA = {  # the reference's config, the rewards, and the rows: (row, label, config, overrides)
+    "gmm": {"score": "gmm_score", "rewards": ["half_plane", "mode_subset"], "rows": [
+        ("find_ode", "FIND, 35-NFE ODE", "gmm_find", {}),
+        ("find_1step", "FIND, 1-step student", "gmm_find", {}),
+        ("ddpo", "DDPO_IS, 20-step ancestral", "gmm_ddpo", {"train.learning_rate": 1e-5}),
+        ("dpo", "Diffusion-DPO, beta 50", "gmm_diffusion_dpo", {"dpo.beta": 50.0, "train.learning_rate": 3e-4}),
+        ("mapo", "MaPO, beta 0.01", "gmm_mapo", {"dpo.beta": 0.01, "train.learning_rate": 3e-4}),
+    ]},
+    "digits": {"score": "digits_score", "rewards": ["classifier"], "rows": [
+        ("find_ode", "FIND, 35-NFE ODE", "digits_find", {}),
+        ("ddpo", "DDPO_IS, 10-step ancestral", "digits_ddpo", {}),
+        ("dpo", "Diffusion-DPO, beta 100", "digits_diffusion_dpo", {}),
+        ("mapo", "MaPO, beta 0.1", "digits_mapo", {}),
+    ]},
+}
 RL_ROWS = ("find_ode", "find_1step", "ddpo")
-COLUMNS = [  # (header, results key, format)
+COLUMNS = [  # (header, results key, format); the sample metrics differ per data source
     ("reward", "reward_mean", "{:.3f}"),
     ("ref reward", "reference/reward_mean", "{:.3f}"),
     ("pref", "preferred_frac", "{:.3f}"),
-    ("pref&data", "preferred_on_data_frac", "{:.3f}"),
-    ("hq", "sample/high_quality_frac", "{:.3f}"),
-    ("modes", "sample/mode_coverage", "modes"),
+]
+SAMPLE_COLUMNS = {
+    "gmm": [("pref&data", "preferred_on_data_frac", "{:.3f}"), ("hq", "sample/high_quality_frac", "{:.3f}"),
+            ("modes", "sample/mode_coverage", "modes")],
+    "digits": [("fd_digits", "sample/fd_digits", "{:.2f}"), ("ref fd", "reference/fd_digits", "{:.2f}"),
+               ("precision", "sample/precision", "{:.3f}"), ("recall", "sample/recall", "{:.3f}")],
+}
+TAIL_COLUMNS = [
     ("MMD ref", "mmd_to_reference", "{:.4f}"),
     ("KL prior", "kl_to_prior", "{:.2f}"),
     ("reward evals", "reward_evals", "{:.0f}"),
 ]
+
+
+def columns(data: str) -> list:
+    return COLUMNS + SAMPLE_COLUMNS[data] + TAIL_COLUMNS
 
 
 def _fmt(summary: dict, key: str, fmt: str) -> str:
@@ -101,11 +122,15 @@ def time_to_level(curve, level: float) -> tuple[float, float]:
 
 
 def row_config(row: str, cfg_name: str, overrides: dict, reward: str, root: str, seed: int, quick: bool):
+    """A row's config: its experiment file with the reward, the table's sampler/reference, the seed
+    and length (`--rl_steps`, `--po_steps`; 0 = the file's own), evaluation every 5 steps' log."""
     base = configs.load(cfg_name)
-    steps = (60 if quick else _RL_STEPS.value) if row in RL_ROWS else (150 if quick else _PO_STEPS.value)
-    over = {"reward.kind": reward, **REWARDS[reward], **overrides}
-    c = run_config(base, seed, steps, over)
-    if row in RL_ROWS:
+    rl = row in RL_ROWS
+    steps = (_RL_STEPS.value if rl else _PO_STEPS.value) or base.train.num_steps
+    if quick:
+        steps = 60 if rl else 150
+    c = run_config(base, seed, steps, {"reward.kind": reward, **REWARDS[reward], **overrides})
+    if rl:
         c.rl.sampler = os.path.join(root, "student" if row == "find_1step" else "reference")
         c.train.log_every = 5
     else:
@@ -113,28 +138,33 @@ def row_config(row: str, cfg_name: str, overrides: dict, reward: str, root: str,
         if quick:
             c.pairs.num_pairs = 2048
     if quick:
-        c.eval.num_samples = 2048
+        c.eval.num_samples = min(c.eval.num_samples, 2048)
     return c
 
 
-def make_dependencies(root: str, quick: bool) -> None:
-    """The reference score run and the one-step student (the balanced ring of the reward configs)."""
-    teacher = configs.load("gmm_score")
-    teacher.train.num_steps = 2000 if quick else _TEACHER_STEPS.value
+def make_dependencies(root: str, spec: dict, quick: bool) -> dict:
+    """The reference score run and, when a row needs it, the one-step student of the same data
+    (f-distill, JS); returns their step counts."""
+    teacher = configs.load(spec["score"])
+    teacher.train.num_steps = 2000 if quick else (_TEACHER_STEPS.value or teacher.train.num_steps)
     teacher.train.eval_every, teacher.train.log_every = 0, 500
     t0 = time.perf_counter()
     train_row(teacher, os.path.join(root, "reference"), "reference")
     print(f"[reward_rl] reference ready in {time.perf_counter() - t0:.0f}s", flush=True)
-    student = configs.load("gmm_fdistill")
-    student.data = configs.load("gmm_find").data
-    student.model = teacher.model
-    student.train.num_steps = 300 if quick else _STUDENT_STEPS.value
-    student.train.checkpoint_every = student.train.num_steps
-    student.train.log_every = 100 if quick else 500
-    t0 = time.perf_counter()
-    r = train_row(student, os.path.join(root, "student"), "student")
-    print(f"[reward_rl] one-step student ready in {time.perf_counter() - t0:.0f}s: hq {r['high_quality_frac']:.3f}, "
-          f"modes {r['mode_coverage']:.3f}, TV {r['mode_weight_tv']:.3f}", flush=True)
+    made = {"reference": teacher.train.num_steps}
+    if any(row == "find_1step" for row, *_ in spec["rows"]):
+        student = configs.load("gmm_fdistill")
+        student.data = configs.load("gmm_find").data
+        student.model = teacher.model
+        student.train.num_steps = 300 if quick else _STUDENT_STEPS.value
+        student.train.checkpoint_every = student.train.num_steps
+        student.train.log_every = 100 if quick else 500
+        t0 = time.perf_counter()
+        r = train_row(student, os.path.join(root, "student"), "student")
+        print(f"[reward_rl] one-step student ready in {time.perf_counter() - t0:.0f}s: hq {r['high_quality_frac']:.3f}, "
+              f"modes {r['mode_coverage']:.3f}, TV {r['mode_weight_tv']:.3f}", flush=True)
+        made["student"] = student.train.num_steps
+    return made
 
 
 def plot_curves(path: str, curves: dict) -> None:
@@ -162,100 +192,105 @@ def plot_curves(path: str, curves: dict) -> None:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    check_choices("rewards", _REWARDS.value, list(REWARDS))
+    spec = DATA[_DATA.value]
+    rewards = _REWARDS.value or spec["rewards"]
+    check_choices("rewards", rewards, spec["rewards"])
+    rows = spec["rows"]
     root = os.path.abspath(_WORKDIR.value)
     quick = _QUICK.value
-    seeds = 1 if quick else _SEEDS.value
+    seeds = 1 if quick else (_SEEDS.value or (3 if _DATA.value == "gmm" else 1))
     t_start = time.perf_counter()
-    make_dependencies(root, quick)
+    made = make_dependencies(root, spec, quick)
 
-    results, speed, curves = {}, {}, {}
-    for reward in _REWARDS.value:
+    results, speed, curves, lengths = {}, {}, {}, {}
+    for reward in rewards:
         results[reward], speed[reward], curves[reward] = {}, {}, {}
-        per_row = {row: [] for row, *_ in ROWS}
+        per_row = {row: [] for row, *_ in rows}
         for seed in range(seeds):
-            for row, label, cfg_name, overrides in ROWS:
+            for row, label, cfg_name, overrides in rows:
                 c = row_config(row, cfg_name, overrides, reward, root, seed, quick)
+                lengths[row] = (int(c.train.num_steps), int(c.train.batch_size))
                 sub = os.path.join(root, reward, row, f"seed_{seed}")
                 t0 = time.perf_counter()
                 r = train_row(c, sub, f"{reward}/{row} seed {seed}")
-                per_row[row].append(r)
+                if row not in RL_ROWS:  # reward evaluations: the labelled pairs' samples
+                    r = {**r, "reward_evals": 2.0 * c.pairs.num_pairs}
                 print(f"[reward_rl] {reward}/{row} seed {seed}: reward {r['reward_mean']:.3f} (reference "
-                      f"{r['reference/reward_mean']:.3f}), pref&data {r['preferred_on_data_frac']:.3f}, "
-                      f"hq {r['sample/high_quality_frac']:.3f}, {time.perf_counter() - t0:.0f}s", flush=True)
+                      f"{r['reference/reward_mean']:.3f}), pref {r['preferred_frac']:.3f}, "
+                      f"{time.perf_counter() - t0:.0f}s", flush=True)
                 if row in RL_ROWS:
                     curve = training_curve(sub, int(c.train.batch_size))
                     if seed == 0:
                         curves[reward][row] = curve
-                    per_row[row][-1] = {**r, "_curve": curve}
+                    r = {**r, "_curve": curve}
+                per_row[row].append(r)
             # Speed at equal alignment, this seed.
             find, ddpo = per_row["find_ode"][seed], per_row["ddpo"][seed]
             ref = 0.5 * (find["reference/reward_mean"] + ddpo["reference/reward_mean"])
             level = ref + 0.5 * min(find["reward_gain"], ddpo["reward_gain"])
             for row in RL_ROWS:
-                evals, secs = time_to_level(per_row[row][seed].pop("_curve"), level)
-                speed[reward].setdefault(row, []).append({"level": level, "evals": evals, "seconds": secs})
-        for row, *_ in ROWS:
+                if row in per_row:
+                    evals, secs = time_to_level(per_row[row][seed].pop("_curve"), level)
+                    speed[reward].setdefault(row, []).append({"level": level, "evals": evals, "seconds": secs})
+        for row, *_ in rows:
             results[reward][row] = summarise(per_row[row])
 
-    # The table.
     lines = []
-    for reward in _REWARDS.value:
-        lines += [f"### reward: {reward}" + (" (modes 0, 1)" if reward == "mode_subset" else " (n . x)"), "",
-                  "| method | " + " | ".join(h for h, *_ in COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
-        for row, label, *_ in ROWS:
+    for reward in rewards:
+        title = {"half_plane": " (n . x)", "mode_subset": " (modes 0, 1)", "classifier": " (log p_clf(3 | x))"}
+        lines += [f"### reward: {reward}{title[reward]}", "",
+                  "| method | steps x batch | " + " | ".join(h for h, *_ in columns(_DATA.value)) + " |",
+                  "|---|---|" + "---|" * len(columns(_DATA.value))]
+        for row, label, *_ in rows:
             s = results[reward][row]
-            if row in ("dpo", "mapo") and "reward_evals" not in s:
-                n_pairs = configs.load("gmm_diffusion_dpo").pairs.num_pairs if not quick else 2048
-                s["reward_evals"] = {"mean": 2.0 * n_pairs, "std": 0.0, "n": 1}
-            lines.append(f"| {label} | " + " | ".join(_fmt(s, k, f) for _, k, f in COLUMNS) + " |")
-        lines += ["", "Speed to the reward level L (mean over seeds; the training batch's reward):", "",
+            n, b = lengths[row]
+            lines.append(f"| {label} | {n} x {b} | " + " | ".join(_fmt(s, k, f) for _, k, f in columns(_DATA.value))
+                         + " |")
+        lines += ["", "Speed to the reward level L (the training batch's mean reward; mean over seeds):", "",
                   "| method | L | reward evals to L | seconds to L |", "|---|---|---|---|"]
-        for row in RL_ROWS:
-            sp = speed[reward][row]
+        for row, sp in speed[reward].items():
             mean = lambda k: float(np.nanmean([p[k] for p in sp])) if any(np.isfinite(p[k]) for p in sp) else float("nan")
             reached = sum(np.isfinite(p["evals"]) for p in sp)
             lines.append(f"| {row} | {mean('level'):.3f} | {mean('evals'):.0f} ({reached}/{len(sp)} seeds) | "
                          f"{mean('seconds'):.1f} |")
-        ratio_e = np.nanmean([p["evals"] for p in speed[reward]["ddpo"]]) / np.nanmean(
-            [p["evals"] for p in speed[reward]["find_ode"]])
-        ratio_t = np.nanmean([p["seconds"] for p in speed[reward]["ddpo"]]) / np.nanmean(
-            [p["seconds"] for p in speed[reward]["find_ode"]])
-        lines += ["", f"DDPO / FIND (ODE sampler) to reach L: {ratio_e:.1f}x the reward evaluations, "
-                      f"{ratio_t:.1f}x the seconds.", ""]
+        ratio = lambda k: (np.nanmean([p[k] for p in speed[reward]["ddpo"]])
+                           / np.nanmean([p[k] for p in speed[reward]["find_ode"]]))
+        lines += ["", f"DDPO / FIND (ODE sampler) to reach L: {ratio('evals'):.1f}x the reward evaluations, "
+                      f"{ratio('seconds'):.1f}x the seconds.", ""]
     table = "\n".join(lines)
-    note = (f"{seeds} seed(s); FIND/DDPO {60 if quick else _RL_STEPS.value} steps of 256 samples, "
-            f"Diffusion-DPO/MaPO {150 if quick else _PO_STEPS.value} steps of 256 pairs; reference: "
-            f"{2000 if quick else _TEACHER_STEPS.value} score-matching steps; one-step student: "
-            f"{300 if quick else _STUDENT_STEPS.value} f-distill (JS) updates; total {time.perf_counter() - t_start:.0f}s")
+    made_text = ", ".join(f"{k}: {v} steps" for k, v in made.items())
+    note = f"{_DATA.value}, {seeds} seed(s); {made_text}; total {time.perf_counter() - t_start:.0f}s"
     print("\n" + table + "\n" + note)
     with open(os.path.join(root, "table.md"), "w") as f:
         f.write(table + "\n" + note + "\n")
     with open(os.path.join(root, "table.json"), "w") as f:
         json.dump({"rows": results, "speed": speed, "note": note}, f, indent=2, sort_keys=True, default=float)
     plot_curves(os.path.join(root, "reward_curves.png"), curves)
-    plot_samples(root)
+    plot_samples(root, rewards[0], rows)
 
 
-def plot_samples(root: str) -> None:
-    """DIR/samples.png: the final sample plot of every row's seed 0 on the first reward, beside the
+def plot_samples(root: str, reward: str, rows) -> None:
+    """DIR/samples.png: the final sample plot of every row's seed 0 on `reward`, beside the
     reference's (each run's own plots/, put side by side)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    reward = _REWARDS.value[0]
-    paths = [("reference (35-NFE ODE)", os.path.join(root, reward, "find_ode", "seed_0", "plots", "reference_samples.png"))]
-    for row, label, *_ in ROWS:
+    first = os.path.join(root, reward, rows[0][0], "seed_0", "plots")
+    paths = [("reference (35-NFE ODE)", os.path.join(first, "reference_samples.png"))]
+    for row, label, *_ in rows:
         plots = os.path.join(root, reward, row, "seed_0", "plots")
         finals = sorted(f for f in os.listdir(plots) if f.startswith("samples_"))
         paths.append((label, os.path.join(plots, finals[-1])))
-    fig, axes = plt.subplots(2, 3, figsize=(13, 8.5))
+    ncol = 3
+    nrow = int(np.ceil(len(paths) / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(13, 4.3 * nrow), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
     for ax, (label, path) in zip(axes.ravel(), paths):
         ax.imshow(plt.imread(path))
         ax.set_title(label, fontsize=10)
-        ax.axis("off")
     fig.suptitle(f"seed 0, {reward} reward", fontsize=11)
     fig.tight_layout()
     fig.savefig(os.path.join(root, "samples.png"), dpi=100)
