@@ -365,3 +365,21 @@ def test_find_one_and_eight_devices_agree(teacher_dir, tmp_path):
             rows[n] = [(r["reward"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
     assert len(rows[1]) == 5
     np.testing.assert_allclose(rows[1], rows[8], rtol=1e-4, atol=1e-6)
+
+
+def test_table_speed_to_a_reward_level_by_hand(tmp_path):
+    """The table's speed measure: reward evaluations = step x batch and seconds summed over the logged
+    intervals (steps / steps_per_sec), at the first logged step whose batch reward reaches the level."""
+    from experiments.tables.reward_rl import time_to_level, training_curve
+
+    rows = [{"step": 5, "reward": 0.1, "loss": 1.0, "steps_per_sec": 10.0},
+            {"step": 10, "reward": 0.4, "loss": 1.0, "steps_per_sec": 5.0},
+            {"step": 10, "sample/mmd": 0.3},  # an evaluation row: not part of the curve
+            {"step": 15, "reward": 0.7, "loss": 1.0, "steps_per_sec": 2.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    curve = training_curve(str(tmp_path), batch=256)
+    np.testing.assert_allclose(curve[0], [1280, 2560, 3840])
+    np.testing.assert_allclose(curve[1], [0.5, 1.5, 3.5])
+    assert time_to_level(curve, 0.4) == (2560.0, 1.5)
+    assert time_to_level(curve, 0.5) == (3840.0, 3.5)
+    assert all(np.isnan(time_to_level(curve, 0.9)))
