@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +21,7 @@ from fdistill import diffusion
 from fdistill.denoiser import sample_in_chunks
 from fdistill.distillation import teachers
 from fdistill.evaluation import ratio as ratio_lib
+from fdistill.evaluation.timing import timed_sampling
 
 _TEACHER_METRICS: dict = {}  # computed once per process (the teacher is frozen)
 
@@ -68,13 +68,10 @@ class Evaluator:
             return teachers.sample(self.teacher, frozen["teacher"], self.student.shape, key, n, e,
                                    self.config.diffusion, num_classes, labels)
 
-        run(min(e.num_samples, 256))  # compile outside the timed region
-        t0 = time.perf_counter()
-        x = run(e.num_samples)
-        elapsed = time.perf_counter() - t0
+        x, per_sec = timed_sampling(run, e.num_samples)
         m = {f"teacher/{k}": float(v) for k, v in self.source.evaluate_samples(x, labels).items()}
         m["teacher/nfe"] = float(diffusion.nfe(e.num_steps, e.sampler))
-        m["teacher/samples_per_sec"] = e.num_samples / elapsed
+        m["teacher/samples_per_sec"] = per_sec
         _TEACHER_METRICS[cache_key] = m
         return m
 
@@ -100,13 +97,10 @@ class Evaluator:
         generator's EMA when it keeps one)."""
         e = self.config.eval
         k_s, k_t, k_r = jax.random.split(key, 3)
-        self.samples(gen_params, k_s, min(e.num_samples, 256))  # compile outside the timed region
-        t0 = time.perf_counter()
-        x, labels = self.samples(gen_params, k_s, e.num_samples)
-        elapsed = time.perf_counter() - t0
+        (x, labels), per_sec = timed_sampling(lambda n: self.samples(gen_params, k_s, n), e.num_samples)
         metrics = dict(self.source.evaluate_samples(x, labels))
         metrics["nfe"] = float(self.student.num_steps)
-        metrics["samples_per_sec"] = e.num_samples / elapsed
+        metrics["samples_per_sec"] = per_sec
         metrics.update(self.teacher_metrics(frozen, k_t, labels))
         metrics["speedup"] = metrics["samples_per_sec"] / metrics["teacher/samples_per_sec"]
         if hasattr(self.source, "gmm") and getattr(self.critic, "learned", False) and self.critic.use_disc:

@@ -53,7 +53,6 @@ gradient accumulation (`config.train.grad_accum_steps`) sees exactly the full ba
 from __future__ import annotations
 
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +63,7 @@ from fdistill import diffusion, runs
 from fdistill import train_state as ts
 from fdistill.data import diffusion_preference as prefdata
 from fdistill.denoiser import build_denoiser, edm_dsm_loss, label_kwargs, sample_chunked
+from fdistill.evaluation.timing import timed_sampling
 from fdistill.objectives import preference as prefloss
 from fdistill.objectives.base import Objective, register
 
@@ -217,16 +217,14 @@ class DiffusionPreferenceObjective(Objective):
         samples (same initial noise for both models), plus the reference's own numbers."""
         params = ts.eval_params(state, use_ema=self.config.eval.use_ema)
         n = int(self.config.eval.num_samples)
-        t0 = time.perf_counter()
-        x = self.sample(params, key, n)
-        elapsed = time.perf_counter() - t0
+        x, per_sec = timed_sampling(lambda m: self.sample(params, key, m), n)
         cache = (n, np.asarray(jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
                                 else key).tobytes())
         if getattr(self, "_ref_cache", None) != cache:
             self._ref_samples, self._ref_cache = self.sample(frozen["ref"], key, n), cache
         x_ref = self._ref_samples
         metrics = prefdata.alignment_metrics(self.source, self.reward, x, x_ref)
-        metrics["samples_per_sec"] = n / max(elapsed, 1e-9)
+        metrics["samples_per_sec"] = per_sec
         self._last_samples = x
         return metrics
 

@@ -28,7 +28,6 @@ The evaluation reports `config.eval.num_steps` (default 1) and `steps<k>/...` fo
 from __future__ import annotations
 
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -146,13 +145,10 @@ class MeanFlow(Objective):
         params = ts.eval_params(state)
 
         def metrics_at(k):
-            self.sample(params, key, min(e.num_samples, e.chunk), k)  # compile outside the timed region
-            t0 = time.perf_counter()
-            x = self.sample(params, key, e.num_samples, k)
-            elapsed = time.perf_counter() - t0
+            x, per_sec = timed_sampling(lambda n: self.sample(params, key, n, k), e.num_samples)
             if k == int(e.num_steps):
                 self._last_samples = x
-            return {**self.source.evaluate_samples(x), "nfe": float(k), "samples_per_sec": e.num_samples / elapsed}
+            return {**self.source.evaluate_samples(x), "nfe": float(k), "samples_per_sec": per_sec}
 
         return by_step_count(int(e.num_steps), metrics_at, EVAL_STEPS)
 

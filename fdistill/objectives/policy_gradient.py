@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +27,7 @@ from fdistill import data as data_lib
 from fdistill import diffusion, runs
 from fdistill.data import diffusion_preference as prefdata
 from fdistill.denoiser import build_denoiser, label_kwargs, sample_in_chunks
+from fdistill.evaluation.timing import timed_sampling
 from fdistill.objectives.base import Objective
 from fdistill.sharding import process_slice
 
@@ -201,15 +201,13 @@ class RewardObjective(Objective):
         """The alignment metrics of `prefdata.alignment_metrics` (the reference: the same sampler
         before training, from the same initial noise), reward evaluations used, samples/s."""
         n = int(self.config.eval.num_samples)
-        t0 = time.perf_counter()
-        x = self.eval_samples(state, frozen, key, n)
-        elapsed = time.perf_counter() - t0
+        x, per_sec = timed_sampling(lambda m: self.eval_samples(state, frozen, key, m), n)
         cache = (n, np.asarray(jax.random.key_data(key)).tobytes())
         if self._ref_cache != cache:
             self._ref_samples, self._ref_cache = self.eval_samples(None, frozen, key, n), cache
         metrics = prefdata.alignment_metrics(self.source, self.reward, x, self._ref_samples)
         metrics["reward_evals"] = float(int(state.step) * int(self.config.train.batch_size))
-        metrics["samples_per_sec"] = n / max(elapsed, 1e-9)
+        metrics["samples_per_sec"] = per_sec
         self._last_samples = x
         return metrics
 

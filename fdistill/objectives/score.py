@@ -10,7 +10,6 @@ with D_theta the EDM-preconditioned network. The minimiser is E[x0 | x_sigma], s
 from __future__ import annotations
 
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -87,13 +86,10 @@ class ScoreObjective(Objective):
     def evaluate(self, state, frozen, key):
         e = self.config.eval
         params = ts.eval_params(state)
-        self.sample(params, key, min(e.num_samples, 256))  # compile outside the timed region
-        t0 = time.perf_counter()
-        x = self.sample(params, key, e.num_samples)
-        elapsed = time.perf_counter() - t0
+        x, per_sec = timed_sampling(lambda n: self.sample(params, key, n), e.num_samples)
         metrics = dict(self.source.evaluate_samples(x))
         metrics["nfe"] = float(diffusion.nfe(e.num_steps, e.sampler))
-        metrics["samples_per_sec"] = e.num_samples / elapsed
+        metrics["samples_per_sec"] = per_sec
         if hasattr(self.source, "gmm"):
             metrics.update(denoiser_errors(self.denoiser, params, self.source, key))
         self._last_samples = x
