@@ -38,6 +38,7 @@ from fdistill import diffusion, flow, models
 from fdistill import train_state as ts
 from fdistill.denoiser import label_kwargs, sample_in_chunks
 from fdistill.evaluation.samples import by_step_count
+from fdistill.evaluation.timing import timed_sampling
 from fdistill.objectives.base import Objective, register
 
 EVAL_STEPS = (1, 2, 4)

@@ -19,6 +19,7 @@ from fdistill import data as data_lib
 from fdistill import diffusion, runs
 from fdistill import train_state as ts
 from fdistill.denoiser import Denoiser, build_denoiser, denoiser_errors, edm_dsm_loss, label_kwargs, sample_chunked
+from fdistill.evaluation.timing import timed_sampling
 from fdistill.objectives.base import Objective, register
 
 
