@@ -380,6 +380,6 @@ def test_table_speed_to_a_reward_level_by_hand(tmp_path):
     curve = training_curve(str(tmp_path), batch=256)
     np.testing.assert_allclose(curve[0], [1280, 2560, 3840])
     np.testing.assert_allclose(curve[1], [0.5, 1.5, 3.5])
-    assert time_to_level(curve, 0.4) == (2560.0, 1.5)
+    assert time_to_level(curve, 0.4) == (2560.0, 1.5)  # the level: reference + gain
     assert time_to_level(curve, 0.5) == (3840.0, 3.5)
     assert all(np.isnan(time_to_level(curve, 0.9)))

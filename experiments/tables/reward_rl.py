@@ -9,6 +9,7 @@
    log p_clf(3 | x)) and seed, trains into DIR/<reward>/<row>/seed_<s>:
    * find_ode: FIND (arXiv 2407.19453) on the reference's 35-NFE Heun ODE sampler;
    * find_1step (ring): FIND on the one-step student (one network call per reward evaluation);
+   * find_kl0.1 (digits): FIND with a weaker KL to N(0, I) (the KL sums over the 64 noise pixels);
    * ddpo: DDPO_IS (arXiv 2305.13301) on the reference's ancestral sampler (20 levels; digits 10);
    * dpo, mapo: Diffusion-DPO and MaPO on Bradley-Terry pairs of the reference's samples (ring:
      beta 50 and 0.01, rows of experiments/tables/diffusion_preference.py; digits: their configs).
@@ -22,8 +23,8 @@ preferred fraction; ring: pref&data = preferred and within 3 mode stds of a mode
 8); digits: fd_digits (and the reference's), precision, recall; MMD to the reference's samples,
 KL(policy || N(0, I)) for FIND, and reward evaluations used (FIND, DDPO: steps x batch;
 DPO/MaPO: the 2 x num_pairs labelled samples). Speed at equal alignment: the reward evaluations and
-training seconds (same machine, same run) until the training batch's mean reward first reaches the
-level L = reference + 0.5 x (the smaller final gain of find_ode and ddpo), per seed.
+training seconds (same machine, same run) until the training batch's mean reward first exceeds the
+sampler's own reference reward by G = 0.5 x (the smaller final gain of find_ode and ddpo), per seed.
 `--quick` for a few-minute smoke run.
 """
 from __future__ import annotations
@@ -60,12 +61,17 @@ DATA = {  # the reference's config, the rewards, and the rows: (row, label, conf
     ]},
     "digits": {"score": "digits_score", "rewards": ["classifier"], "rows": [
         ("find_ode", "FIND, 35-NFE ODE", "digits_find", {}),
+        ("find_kl0.1", "FIND, 35-NFE ODE, kl_weight 0.1", "digits_find", {"rl.kl_weight": 0.1}),
         ("ddpo", "DDPO_IS, 10-step ancestral", "digits_ddpo", {}),
         ("dpo", "Diffusion-DPO, beta 100", "digits_diffusion_dpo", {}),
         ("mapo", "MaPO, beta 0.1", "digits_mapo", {}),
     ]},
 }
-RL_ROWS = ("find_ode", "find_1step", "ddpo")
+
+
+def is_rl(cfg_name: str) -> bool:
+    """Whether a row's config is a policy-gradient one (FIND, DDPO) rather than a pair-based one."""
+    return "rl" in configs.load(cfg_name)
 COLUMNS = [  # (header, results key, format); the sample metrics differ per data source
     ("reward", "reward_mean", "{:.3f}"),
     ("ref reward", "reference/reward_mean", "{:.3f}"),
@@ -125,7 +131,7 @@ def row_config(row: str, cfg_name: str, overrides: dict, reward: str, root: str,
     """A row's config: its experiment file with the reward, the table's sampler/reference, the seed
     and length (`--rl_steps`, `--po_steps`; 0 = the file's own), evaluation every 5 steps' log."""
     base = configs.load(cfg_name)
-    rl = row in RL_ROWS
+    rl = "rl" in base
     steps = (_RL_STEPS.value if rl else _PO_STEPS.value) or base.train.num_steps
     if quick:
         steps = 60 if rl else 150
@@ -213,25 +219,24 @@ def main(argv):
                 sub = os.path.join(root, reward, row, f"seed_{seed}")
                 t0 = time.perf_counter()
                 r = train_row(c, sub, f"{reward}/{row} seed {seed}")
-                if row not in RL_ROWS:  # reward evaluations: the labelled pairs' samples
-                    r = {**r, "reward_evals": 2.0 * c.pairs.num_pairs}
                 print(f"[reward_rl] {reward}/{row} seed {seed}: reward {r['reward_mean']:.3f} (reference "
                       f"{r['reference/reward_mean']:.3f}), pref {r['preferred_frac']:.3f}, "
                       f"{time.perf_counter() - t0:.0f}s", flush=True)
-                if row in RL_ROWS:
+                if not is_rl(cfg_name):  # reward evaluations: the labelled pairs' samples
+                    r = {**r, "reward_evals": 2.0 * c.pairs.num_pairs}
+                else:
                     curve = training_curve(sub, int(c.train.batch_size))
                     if seed == 0:
                         curves[reward][row] = curve
                     r = {**r, "_curve": curve}
                 per_row[row].append(r)
-            # Speed at equal alignment, this seed.
-            find, ddpo = per_row["find_ode"][seed], per_row["ddpo"][seed]
-            ref = 0.5 * (find["reference/reward_mean"] + ddpo["reference/reward_mean"])
-            level = ref + 0.5 * min(find["reward_gain"], ddpo["reward_gain"])
-            for row in RL_ROWS:
-                if row in per_row:
-                    evals, secs = time_to_level(per_row[row][seed].pop("_curve"), level)
-                    speed[reward].setdefault(row, []).append({"level": level, "evals": evals, "seconds": secs})
+            # Speed at equal alignment, this seed: each sampler's own reference reward plus a common gain.
+            gain = 0.5 * min(per_row["find_ode"][seed]["reward_gain"], per_row["ddpo"][seed]["reward_gain"])
+            for row, _, cfg_name, _ in rows:
+                if is_rl(cfg_name):
+                    r = per_row[row][seed]
+                    evals, secs = time_to_level(r.pop("_curve"), r["reference/reward_mean"] + gain)
+                    speed[reward].setdefault(row, []).append({"gain": gain, "evals": evals, "seconds": secs})
         for row, *_ in rows:
             results[reward][row] = summarise(per_row[row])
 
@@ -246,16 +251,17 @@ def main(argv):
             n, b = lengths[row]
             lines.append(f"| {label} | {n} x {b} | " + " | ".join(_fmt(s, k, f) for _, k, f in columns(_DATA.value))
                          + " |")
-        lines += ["", "Speed to the reward level L (the training batch's mean reward; mean over seeds):", "",
-                  "| method | L | reward evals to L | seconds to L |", "|---|---|---|---|"]
+        lines += ["", "Speed to a reward gain G over the sampler's own reference (the training batch's mean reward; "
+                      "mean over seeds):", "",
+                  "| method | G | reward evals to G | seconds to G |", "|---|---|---|---|"]
         for row, sp in speed[reward].items():
             mean = lambda k: float(np.nanmean([p[k] for p in sp])) if any(np.isfinite(p[k]) for p in sp) else float("nan")
             reached = sum(np.isfinite(p["evals"]) for p in sp)
-            lines.append(f"| {row} | {mean('level'):.3f} | {mean('evals'):.0f} ({reached}/{len(sp)} seeds) | "
+            lines.append(f"| {row} | {mean('gain'):.3f} | {mean('evals'):.0f} ({reached}/{len(sp)} seeds) | "
                          f"{mean('seconds'):.1f} |")
         ratio = lambda k: (np.nanmean([p[k] for p in speed[reward]["ddpo"]])
                            / np.nanmean([p[k] for p in speed[reward]["find_ode"]]))
-        lines += ["", f"DDPO / FIND (ODE sampler) to reach L: {ratio('evals'):.1f}x the reward evaluations, "
+        lines += ["", f"DDPO / FIND (ODE sampler) to reach G: {ratio('evals'):.1f}x the reward evaluations, "
                       f"{ratio('seconds'):.1f}x the seconds.", ""]
     table = "\n".join(lines)
     made_text = ", ".join(f"{k}: {v} steps" for k, v in made.items())
