@@ -9,7 +9,8 @@
    log p_clf(3 | x)) and seed, trains into DIR/<reward>/<row>/seed_<s>:
    * find_ode: FIND (arXiv 2407.19453) on the reference's 35-NFE Heun ODE sampler;
    * find_1step (ring): FIND on the one-step student (one network call per reward evaluation);
-   * find_kl0.1 (digits): FIND with a weaker KL to N(0, I) (the KL sums over the 64 noise pixels);
+   * find_kl1 (digits): FIND with the ring's KL weight 1 instead of digits_find.py's 0.1 (the KL
+     sums over the 64 noise pixels);
    * ddpo: DDPO_IS (arXiv 2305.13301) on the reference's ancestral sampler (20 levels; digits 10);
    * dpo, mapo: Diffusion-DPO and MaPO on Bradley-Terry pairs of the reference's samples (ring:
      beta 50 and 0.01, rows of experiments/tables/diffusion_preference.py; digits: their configs).
@@ -60,11 +61,11 @@ DATA = {  # the reference's config, the rewards, and the rows: (row, label, conf
         ("mapo", "MaPO, beta 0.01", "gmm_mapo", {"dpo.beta": 0.01, "train.learning_rate": 3e-4}),
     ]},
     "digits": {"score": "digits_score", "rewards": ["classifier"], "rows": [
-        ("find_ode", "FIND, 35-NFE ODE", "digits_find", {}),
-        ("find_kl0.1", "FIND, 35-NFE ODE, kl_weight 0.1", "digits_find", {"rl.kl_weight": 0.1}),
+        ("find_ode", "FIND, 35-NFE ODE, kl_weight 0.1", "digits_find", {}),
+        ("find_kl1", "FIND, 35-NFE ODE, kl_weight 1", "digits_find", {"rl.kl_weight": 1.0}),
         ("ddpo", "DDPO_IS, 10-step ancestral", "digits_ddpo", {}),
         ("dpo", "Diffusion-DPO, beta 100", "digits_diffusion_dpo", {}),
-        ("mapo", "MaPO, beta 0.1", "digits_mapo", {}),
+        ("mapo", "MaPO, beta 0.01", "digits_mapo", {}),
     ]},
 }
 
