@@ -5,8 +5,8 @@
 
 The sampler is the finished score run named by `rl.sampler` (default runs/gmm_score, its 35-NFE
 Heun ODE; `experiments.prepare` trains it when missing), or any finished distillation run of the
-same data (`--config.rl.sampler=runs/gmm_fdistill`: each reward evaluation is then one network
-call). The reward is gmm_diffusion_dpo.py's: r(x) = n . x, n = (cos 22.5 deg, sin 22.5 deg), or
+same data and network (the main job's student: `--config.rl.sampler=runs/gmm_fdistill
+--config.data.imbalance=20 --config.model.width=64`; each reward evaluation is then one network call). The reward is gmm_diffusion_dpo.py's: r(x) = n . x, n = (cos 22.5 deg, sin 22.5 deg), or
 `--config.reward.kind=mode_subset --config.reward.modes=(0,1)`. Each step draws 256 z ~ N(mu, sigma^2),
 evaluates their rewards and makes one update of the reward calibration and of (mu, log sigma) with the
 ratio-clipped objective on the last `rl.replay` batches, plus `rl.kl_weight` * KL to N(0, I).

@@ -370,7 +370,7 @@ def test_find_one_and_eight_devices_agree(teacher_dir, tmp_path):
 def test_table_speed_to_a_reward_level_by_hand(tmp_path):
     """The table's speed measure: reward evaluations = step x batch and seconds summed over the logged
     intervals (steps / steps_per_sec), at the first logged step whose batch reward reaches the level."""
-    from experiments.tables.reward_rl import time_to_level, training_curve
+    from experiments.tables.common import time_to_level, training_curve
 
     rows = [{"step": 5, "reward": 0.1, "loss": 1.0, "steps_per_sec": 10.0},
             {"step": 10, "reward": 0.4, "loss": 1.0, "steps_per_sec": 5.0},

@@ -1,6 +1,7 @@
 """Helpers shared by the table scripts (no flags here, so every table module can import it)."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -138,3 +139,27 @@ def plot_panels(path: str, objective, samples: dict, title_extra: dict, ncol: in
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def training_curve(workdir: str, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(reward evaluations, training seconds, batch mean reward) at each logged step of a FIND/DDPO
+    run (seconds from the logged steps/s of each interval: compile time excluded)."""
+    steps, rewards, seconds, t, prev = [], [], [], 0.0, 0
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for row in map(json.loads, f):
+            if "reward" not in row or "steps_per_sec" not in row:
+                continue
+            t += (row["step"] - prev) / max(row["steps_per_sec"], 1e-9)
+            prev = row["step"]
+            steps.append(row["step"])
+            rewards.append(row["reward"])
+            seconds.append(t)
+    return np.asarray(steps) * batch, np.asarray(seconds), np.asarray(rewards)
+
+
+def time_to_level(curve, level: float) -> tuple[float, float]:
+    """(reward evaluations, seconds) at the first logged step whose batch reward reaches `level`
+    (nan when it never does)."""
+    evals, seconds, rewards = curve
+    hit = np.nonzero(rewards >= level)[0]
+    return (float(evals[hit[0]]), float(seconds[hit[0]])) if len(hit) else (float("nan"), float("nan"))

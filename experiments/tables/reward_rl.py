@@ -37,7 +37,7 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-from experiments.tables.common import check_choices, run_config, summarise, train_row
+from experiments.tables.common import check_choices, run_config, summarise, time_to_level, train_row, training_curve
 from fdistill import configs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the reference, the student, the runs and the table.")
@@ -102,30 +102,6 @@ def _fmt(summary: dict, key: str, fmt: str) -> str:
     if fmt == "modes":
         return f"{8 * m:.1f}/8"
     return fmt.format(m) + (f" ± {fmt.format(s)}" if summary[key]["n"] > 1 and fmt != "{:.0f}" else "")
-
-
-def training_curve(workdir: str, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(reward evaluations, training seconds, batch mean reward) at each logged step of a FIND/DDPO
-    run (seconds from the logged steps/s of each interval: compile time excluded)."""
-    steps, rewards, seconds, t, prev = [], [], [], 0.0, 0
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for row in map(json.loads, f):
-            if "reward" not in row or "steps_per_sec" not in row:
-                continue
-            t += (row["step"] - prev) / max(row["steps_per_sec"], 1e-9)
-            prev = row["step"]
-            steps.append(row["step"])
-            rewards.append(row["reward"])
-            seconds.append(t)
-    return np.asarray(steps) * batch, np.asarray(seconds), np.asarray(rewards)
-
-
-def time_to_level(curve, level: float) -> tuple[float, float]:
-    """(reward evaluations, seconds) at the first logged step whose batch reward reaches `level`
-    (nan when it never does)."""
-    evals, seconds, rewards = curve
-    hit = np.nonzero(rewards >= level)[0]
-    return (float(evals[hit[0]]), float(seconds[hit[0]])) if len(hit) else (float("nan"), float("nan"))
 
 
 def row_config(row: str, cfg_name: str, overrides: dict, reward: str, root: str, seed: int, quick: bool):
