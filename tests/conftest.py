@@ -17,3 +17,18 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running experiment checks (deselect with -m 'not slow')")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def score_run_dir(tmp_path_factory):
+    """A tiny finished GMM score run (`tests.helpers.tiny_reference_config`), trained once per session:
+    the reference of the diffusion-preference tests, FIND's sampler and DDPO's initial policy."""
+    from fdistill import train
+    from tests.helpers import tiny_reference_config
+
+    wd = str(tmp_path_factory.mktemp("score_run"))
+    train.train_and_evaluate(tiny_reference_config(), wd)
+    return wd

@@ -27,6 +27,13 @@ def tiny_score_config(num_steps: int = 20, **train):
     return c
 
 
+def tiny_reference_config(num_steps: int = 300):
+    """A tiny score run good enough to be a reference or a frozen sampler (the `score_run_dir` fixture)."""
+    c = tiny_score_config(num_steps, learning_rate=3e-3, checkpoint_every=num_steps, log_every=100)
+    c.model.width, c.model.depth = 64, 2
+    return c
+
+
 def tiny_distill_config(name: str = "gmm_fdistill", **distill):
     """A distillation config with a small network and batch (a step in milliseconds); `distill`
     overrides fields of `config.distill`. The generator's z has the data's shape (`latent_dim=0`) so

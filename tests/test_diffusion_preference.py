@@ -17,7 +17,7 @@ from fdistill.data import gmm as gmm_lib
 from fdistill.objectives import diffusion_preference as dp
 from fdistill.objectives import preference as prefloss
 from fdistill.objectives import score
-from tests.helpers import load_config, tiny_score_config
+from tests.helpers import load_config, tiny_reference_config, tiny_score_config
 from tests.named_runs import check_named_run_errors
 
 
@@ -175,25 +175,11 @@ def test_pairs_roundtrip_through_tfds_and_bad_records_are_named(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # The objective on a tiny trained teacher
 # ----------------------------------------------------------------------------------------------
-def tiny_teacher_config(num_steps=300):
-    cfg = tiny_score_config(num_steps, learning_rate=3e-3, checkpoint_every=num_steps, log_every=100)
-    cfg.model.width, cfg.model.depth = 64, 2
-    return cfg
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    """A tiny finished score run: the reference of every objective test (named by its workdir)."""
-    wd = str(tmp_path_factory.mktemp("teacher"))
-    train.train_and_evaluate(tiny_teacher_config(), wd)
-    return wd
-
-
 def po_config(reference, method="diffusion_dpo", steps=10, lr=1e-4, **dpo):
     c = load_config("gmm_mapo" if method == "mapo" else "gmm_diffusion_dpo")
     c.dpo.reference = reference
     c.dpo.method = method
-    c.model = tiny_teacher_config().model  # the reference's network
+    c.model = tiny_reference_config().model  # the reference's network
     for k, v in dpo.items():
         c.dpo[k] = v
     c.pairs.num_pairs = 1024
@@ -208,27 +194,27 @@ def po_config(reference, method="diffusion_dpo", steps=10, lr=1e-4, **dpo):
     return c
 
 
-def test_bad_config_values_name_the_field(teacher_dir):
+def test_bad_config_values_name_the_field(score_run_dir):
     names = str(list(prefloss.LOSSES) + ["diffusion_dpo"]).replace("[", r"\[").replace("]", r"\]")
     for field, value, match in (("method", "ppo", r"config.dpo.method='ppo' is not a known preference loss; allowed: "
                                  + names),
                                 ("space", "clip", r"config.dpo.space='clip' is not known; allowed: \['pixel'"),
                                 ("beta", -1.0, r"config.dpo.beta must be > 0"),
                                 ("label_smoothing", 0.5, r"config.dpo.label_smoothing must be in \[0, 0.5\)")):
-        c = po_config(teacher_dir, method="cdpo")
+        c = po_config(score_run_dir, method="cdpo")
         c.dpo[field] = value
         with pytest.raises(ValueError, match=match):
             objectives.build(c)
-    c = po_config(teacher_dir)
+    c = po_config(score_run_dir)
     c.reward.kind = "aesthetic"
     with pytest.raises(ValueError, match=r"config.reward.kind='aesthetic' is not known"):
         objectives.build(c)
 
 
-def test_reference_is_a_named_finished_run(teacher_dir, tmp_path):
+def test_reference_is_a_named_finished_run(score_run_dir, tmp_path):
     check_named_run_errors(lambda wd: objectives.build(po_config(wd)), "dpo.reference", "gmm_score",
-                           tiny_teacher_config(), tmp_path)
-    c = po_config(teacher_dir)
+                           tiny_reference_config(), tmp_path)
+    c = po_config(score_run_dir)
     c.model.width = 32
     with pytest.raises(ValueError, match=r"config.dpo.reference='.*' was made with other data/model/diffusion "
                                          r"settings: config.model.width=32 \(run: 64\)"):
@@ -282,11 +268,11 @@ def test_prepare_trains_the_missing_reference_once_into_the_named_workdir(tmp_pa
 
 @pytest.mark.parametrize("method,space", [("diffusion_dpo", "perceptual"), ("ipo", "pixel"), ("aot", "pixel"),
                                           ("cpo", "pixel")])
-def test_step_compiles_once_and_only_the_policy_moves(teacher_dir, method, space):
+def test_step_compiles_once_and_only_the_policy_moves(score_run_dir, method, space):
     """Any registry loss is a `config.dpo.method` (on -err/2, lengths 1), here ones named after
     language losses (ipo; aot, which sorts over the batch; cpo, reference-free with an NLL term);
     MaPO, reference-free, runs in test_short_mapo_run_*."""
-    obj = objectives.build(po_config(teacher_dir, method, space=space))
+    obj = objectives.build(po_config(score_run_dir, method, space=space))
     state, frozen = obj.init(jax.random.PRNGKey(0))
     ref_before = jax.tree.map(np.asarray, frozen["ref"])
     step = jax.jit(chex.assert_max_traces(obj.train_step, n=1))
@@ -308,8 +294,8 @@ def test_step_compiles_once_and_only_the_policy_moves(teacher_dir, method, space
     chex.clear_trace_counter()
 
 
-def test_short_dpo_run_raises_the_mean_reward(teacher_dir, tmp_path):
-    res = train.train_and_evaluate(po_config(teacher_dir, steps=150, lr=1e-3, beta=20.0), str(tmp_path))
+def test_short_dpo_run_raises_the_mean_reward(score_run_dir, tmp_path):
+    res = train.train_and_evaluate(po_config(score_run_dir, steps=150, lr=1e-3, beta=20.0), str(tmp_path))
     for k in ("reward_mean", "preferred_frac", "mmd_to_reference", "reference/reward_mean", "sample/mode_coverage",
               "reference/preferred_frac", "sample/mmd", "preferred_on_data_frac"):
         assert k in res, k
@@ -318,21 +304,21 @@ def test_short_dpo_run_raises_the_mean_reward(teacher_dir, tmp_path):
     assert res["mmd_to_reference"] > 0
     assert os.listdir(os.path.join(str(tmp_path), "plots"))
     # The pairs dataset was written next to the reference and is reused.
-    assert os.path.isdir(os.path.join(teacher_dir, "preference_pairs", "diffusion_preference_pairs"))
+    assert os.path.isdir(os.path.join(score_run_dir, "preference_pairs", "diffusion_preference_pairs"))
 
 
-def test_short_mapo_run_raises_the_mean_reward(teacher_dir, tmp_path):
-    res = train.train_and_evaluate(po_config(teacher_dir, "mapo", steps=150, lr=3e-4), str(tmp_path))
+def test_short_mapo_run_raises_the_mean_reward(score_run_dir, tmp_path):
+    res = train.train_and_evaluate(po_config(score_run_dir, "mapo", steps=150, lr=3e-4), str(tmp_path))
     assert res["reward_mean"] > res["reference/reward_mean"] + 0.05, res
 
 
-def test_one_and_eight_devices_agree(teacher_dir, tmp_path):
+def test_one_and_eight_devices_agree(score_run_dir, tmp_path):
     """Also gradient accumulation: 8 devices with 2 micro-batches of 32 pairs follow the 1-device run,
     as sigma and the noise are drawn once for the whole batch."""
     losses = {}
     for n in (1, 8):
         wd = str(tmp_path / str(n))
-        c = po_config(teacher_dir, steps=6)
+        c = po_config(score_run_dir, steps=6)
         c.train.grad_accum_steps = 1 if n == 1 else 2
         c.eval.num_samples = c.eval.chunk = 256
         train.train_and_evaluate(c, wd, num_devices=n)

@@ -18,7 +18,7 @@ from fdistill import train_state as ts
 from fdistill.data import gmm as gmm_lib
 from fdistill.objectives import ddpo, find
 from fdistill.objectives import policy_gradient as pg
-from tests.helpers import load_config, tiny_distill_config, tiny_score_config
+from tests.helpers import load_config, tiny_distill_config, tiny_reference_config, tiny_score_config
 from tests.named_runs import check_named_run_errors
 
 
@@ -231,26 +231,12 @@ def test_ancestral_sampler_with_the_exact_denoiser_samples_the_mixture():
 # ----------------------------------------------------------------------------------------------
 # The objectives on a tiny trained score run and a tiny distilled student
 # ----------------------------------------------------------------------------------------------
-def tiny_teacher_config(num_steps=300):
-    cfg = tiny_score_config(num_steps, learning_rate=3e-3, checkpoint_every=num_steps, log_every=100)
-    cfg.model.width, cfg.model.depth = 64, 2
-    return cfg
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    """A tiny finished score run: FIND's sampler and DDPO's initial policy."""
-    wd = str(tmp_path_factory.mktemp("teacher"))
-    train.train_and_evaluate(tiny_teacher_config(), wd)
-    return wd
-
-
 @pytest.fixture(scope="module")
 def student_dir(tmp_path_factory):
     """A tiny finished one-step f-distill run (exact mixture teacher, wide latent)."""
     wd = str(tmp_path_factory.mktemp("student"))
     c = tiny_distill_config()
-    c.model = tiny_teacher_config().model
+    c.model = tiny_reference_config().model
     c.data = load_config("gmm_find").data  # the balanced ring of the reward configs
     c.distill.latent_dim = 4
     c.train.num_steps = 40
@@ -262,7 +248,7 @@ def student_dir(tmp_path_factory):
 def rl_config(sampler, method="find", steps=10, lr=None, **rl):
     c = load_config(f"gmm_{method}")
     c.rl.sampler = sampler
-    c.model = tiny_teacher_config().model
+    c.model = tiny_reference_config().model
     c.rl.sampler_steps = 4
     c.rl.ddpo_steps = 8
     for k, v in rl.items():
@@ -277,7 +263,7 @@ def rl_config(sampler, method="find", steps=10, lr=None, **rl):
     return c
 
 
-def test_bad_config_values_name_the_field(teacher_dir, student_dir):
+def test_bad_config_values_name_the_field(score_run_dir, student_dir):
     for method, field, value, match in (
             ("find", "baseline", "critic", r"config.rl.baseline='critic' is not known; allowed: \['calibration'"),
             ("find", "advantage_norm", "rank", r"config.rl.advantage_norm='rank' is not known; allowed: \['batch'"),
@@ -287,7 +273,7 @@ def test_bad_config_values_name_the_field(teacher_dir, student_dir):
             ("ddpo", "ddpo_eta", 0.0, r"config.rl.ddpo_eta must be > 0"),
             ("ddpo", "ddpo_steps", 1, r"config.rl.ddpo_steps must be >= 2"),
             ("ddpo", "inner_updates", 0, r"config.rl.inner_updates must be >= 1")):
-        c = rl_config(teacher_dir, method)
+        c = rl_config(score_run_dir, method)
         c.rl[field] = value
         with pytest.raises(ValueError, match=match):
             objectives.build(c)
@@ -297,11 +283,11 @@ def test_bad_config_values_name_the_field(teacher_dir, student_dir):
 
 def test_sampler_is_a_named_finished_run(tmp_path):
     check_named_run_errors(lambda wd: objectives.build(rl_config(wd)), "rl.sampler", "gmm_score",
-                           tiny_teacher_config(), tmp_path)
+                           tiny_reference_config(), tmp_path)
 
 
-def test_find_run_raises_the_reward_and_reports_the_alignment_metrics(teacher_dir, tmp_path):
-    res = train.train_and_evaluate(rl_config(teacher_dir, steps=60), str(tmp_path))
+def test_find_run_raises_the_reward_and_reports_the_alignment_metrics(score_run_dir, tmp_path):
+    res = train.train_and_evaluate(rl_config(score_run_dir, steps=60), str(tmp_path))
     for k in ("reward_mean", "preferred_frac", "preferred_on_data_frac", "mmd_to_reference", "kl_to_prior",
               "reward_evals", "sample/mode_coverage", "sample/high_quality_frac", "reference/reward_mean",
               "reference/preferred_frac", "reference/preferred_on_data_frac"):
@@ -325,8 +311,8 @@ def test_find_on_a_one_step_student(student_dir, tmp_path):
     assert res["reward_mean"] > res["reference/reward_mean"] + 0.03, res
 
 
-def test_ddpo_step_compiles_once_and_a_short_run_raises_the_reward(teacher_dir, tmp_path):
-    c = rl_config(teacher_dir, "ddpo", steps=30, lr=1e-4)
+def test_ddpo_step_compiles_once_and_a_short_run_raises_the_reward(score_run_dir, tmp_path):
+    c = rl_config(score_run_dir, "ddpo", steps=30, lr=1e-4)
     obj = objectives.build(c)
     state, frozen = obj.init(jax.random.PRNGKey(0))
     chex.clear_trace_counter()
@@ -341,14 +327,14 @@ def test_ddpo_step_compiles_once_and_a_short_run_raises_the_reward(teacher_dir, 
     assert res["reward_evals"] == 30 * 128
 
 
-def test_a_resumed_find_run_follows_the_uninterrupted_one(teacher_dir, tmp_path):
+def test_a_resumed_find_run_follows_the_uninterrupted_one(score_run_dir, tmp_path):
     """The replay of past batches is train state: it is checkpointed, so stopping at step 6 and
     resuming gives the uninterrupted run's losses."""
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    train.train_and_evaluate(rl_config(teacher_dir, steps=12), straight)
-    c = rl_config(teacher_dir, steps=6)
+    train.train_and_evaluate(rl_config(score_run_dir, steps=12), straight)
+    c = rl_config(score_run_dir, steps=6)
     train.train_and_evaluate(c, resumed)
-    train.train_and_evaluate(rl_config(teacher_dir, steps=12), resumed)
+    train.train_and_evaluate(rl_config(score_run_dir, steps=12), resumed)
     rows = lambda wd: {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(wd, "metrics.jsonl")))
                        if "loss" in r}
     a, b = rows(straight), rows(resumed)
@@ -356,11 +342,11 @@ def test_a_resumed_find_run_follows_the_uninterrupted_one(teacher_dir, tmp_path)
     np.testing.assert_allclose([b[s] for s in range(7, 13)], [a[s] for s in range(7, 13)], rtol=1e-5)
 
 
-def test_find_one_and_eight_devices_agree(teacher_dir, tmp_path):
+def test_find_one_and_eight_devices_agree(score_run_dir, tmp_path):
     rows = {}
     for n in (1, 8):
         wd = str(tmp_path / str(n))
-        train.train_and_evaluate(rl_config(teacher_dir, steps=5), wd, num_devices=n)
+        train.train_and_evaluate(rl_config(score_run_dir, steps=5), wd, num_devices=n)
         with open(os.path.join(wd, "metrics.jsonl")) as f:
             rows[n] = [(r["reward"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
     assert len(rows[1]) == 5
