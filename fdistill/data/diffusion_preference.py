@@ -182,6 +182,41 @@ def alignment_metrics(source, reward, x, x_ref) -> dict[str, float]:
     return metrics
 
 
+class AlignmentEvaluator:
+    """Scores a model aligned to `reward` against its reference, both sampled from the same key
+    (`alignment_metrics`). The reference is frozen: its samples are drawn once per (n, key) and kept.
+    The latest samples of both are kept for the plots."""
+
+    def __init__(self, source, reward):
+        self.source, self.reward = source, reward
+        self.samples = self.reference_samples = None
+        self._reference_key = None
+
+    def evaluate(self, sample, sample_reference, key, n: int) -> dict[str, float]:
+        """`sample(m)` and `sample_reference(m)` draw m samples from `key`; returns the alignment
+        metrics and `samples_per_sec` of `sample` (compilation excluded)."""
+        from fdistill.evaluation.timing import timed_sampling
+
+        self.samples, per_sec = timed_sampling(sample, n)
+        key_bytes = np.asarray(jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+                               else key).tobytes()
+        if self._reference_key != (n, key_bytes):
+            self.reference_samples, self._reference_key = sample_reference(n), (n, key_bytes)
+        metrics = alignment_metrics(self.source, self.reward, self.samples, self.reference_samples)
+        metrics["samples_per_sec"] = per_sec
+        return metrics
+
+    def plot(self, plot_dir: str, step: int, title: str, reference_title: str, sample, n: int) -> list[str]:
+        """The latest samples (or `sample(min(n, 4096))` before any evaluation) as
+        `samples_<step>.png`, and the reference's as `reference_samples.png` once drawn."""
+        x = self.samples if self.samples is not None else sample(min(n, 4096))
+        paths = [self.source.plot_samples(x, os.path.join(plot_dir, f"samples_{step:07d}.png"), title)]
+        if self.reference_samples is not None:
+            paths.append(self.source.plot_samples(self.reference_samples,
+                                                  os.path.join(plot_dir, "reference_samples.png"), reference_title))
+        return paths
+
+
 def mmd_to_reference(x, x_ref, max_n: int = 4096) -> float:
     """RBF-MMD^2 between model and reference samples (flattened); bandwidths grow with sqrt(dim / 2)
     so the 2-D defaults of `evaluation.samples.mmd_rbf` carry over to images."""

@@ -52,7 +52,6 @@ gradient accumulation (`config.train.grad_accum_steps`) sees exactly the full ba
 """
 from __future__ import annotations
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +62,6 @@ from fdistill import diffusion, runs
 from fdistill import train_state as ts
 from fdistill.data import diffusion_preference as prefdata
 from fdistill.denoiser import build_denoiser, edm_dsm_loss, label_kwargs, sample_chunked
-from fdistill.evaluation.timing import timed_sampling
 from fdistill.objectives import preference as prefloss
 from fdistill.objectives.base import Objective, register
 
@@ -159,6 +157,7 @@ class DiffusionPreferenceObjective(Objective):
         self.num_classes = config.model.num_classes if self.source.num_classes else 0
         self.dropout = config.model.dropout > 0
         self.reward = prefdata.build_reward(config.reward, self.source)
+        self.alignment = prefdata.AlignmentEvaluator(self.source, self.reward)
         pair_steps = config.pairs.num_steps or self.ref_config.eval.num_steps
         sample_fn = lambda k, n, labels: self.sample(self.ref_params, k, n, pair_steps, labels)
         self.pairs = prefdata.ensure_pairs(config, self.reference_dir, self.ref_config, sample_fn, self.shape,
@@ -216,27 +215,12 @@ class DiffusionPreferenceObjective(Objective):
         """Reward, preferred fraction, the data source's sample metrics and MMD to the reference's
         samples (same initial noise for both models), plus the reference's own numbers."""
         params = ts.eval_params(state, use_ema=self.config.eval.use_ema)
-        n = int(self.config.eval.num_samples)
-        x, per_sec = timed_sampling(lambda m: self.sample(params, key, m), n)
-        cache = (n, np.asarray(jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-                                else key).tobytes())
-        if getattr(self, "_ref_cache", None) != cache:
-            self._ref_samples, self._ref_cache = self.sample(frozen["ref"], key, n), cache
-        x_ref = self._ref_samples
-        metrics = prefdata.alignment_metrics(self.source, self.reward, x, x_ref)
-        metrics["samples_per_sec"] = per_sec
-        self._last_samples = x
-        return metrics
+        return self.alignment.evaluate(lambda m: self.sample(params, key, m), lambda m: self.sample(frozen["ref"], key, m),
+                                       key, int(self.config.eval.num_samples))
 
     def plot(self, state, frozen, plot_dir, step):
-        x = getattr(self, "_last_samples", None)
-        if x is None:
-            x = self.sample(ts.eval_params(state, use_ema=self.config.eval.use_ema), jax.random.PRNGKey(0),
-                            min(int(self.config.eval.num_samples), 4096))
-        title = f"{self.method} ({self.space}), beta={self.beta:g}, step {step}"
-        paths = [self.source.plot_samples(x, os.path.join(plot_dir, f"samples_{step:07d}.png"), title)]
-        x_ref = getattr(self, "_ref_samples", None)
-        if x_ref is not None:
-            paths.append(self.source.plot_samples(x_ref, os.path.join(plot_dir, "reference_samples.png"),
-                                                  "reference (before preference optimisation)"))
-        return paths
+        params = ts.eval_params(state, use_ema=self.config.eval.use_ema)
+        return self.alignment.plot(plot_dir, step, f"{self.method} ({self.space}), beta={self.beta:g}, step {step}",
+                                   "reference (before preference optimisation)",
+                                   lambda m: self.sample(params, jax.random.PRNGKey(0), m),
+                                   int(self.config.eval.num_samples))

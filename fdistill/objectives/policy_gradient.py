@@ -17,7 +17,6 @@
 """
 from __future__ import annotations
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +26,6 @@ from fdistill import data as data_lib
 from fdistill import diffusion, runs
 from fdistill.data import diffusion_preference as prefdata
 from fdistill.denoiser import build_denoiser, label_kwargs, sample_in_chunks
-from fdistill.evaluation.timing import timed_sampling
 from fdistill.objectives.base import Objective
 from fdistill.sharding import process_slice
 
@@ -168,7 +166,7 @@ class RewardObjective(Objective):
         check_rl_config(config)
         self.source = data_lib.build(config.data)
         self.reward = prefdata.build_reward(config.reward, self.source)
-        self._ref_cache = None
+        self.alignment = prefdata.AlignmentEvaluator(self.source, self.reward)
 
     def reward_frozen(self):
         return self.reward.frozen()
@@ -198,27 +196,16 @@ class RewardObjective(Objective):
                                 self.num_classes)[0]
 
     def evaluate(self, state, frozen, key):
-        """The alignment metrics of `prefdata.alignment_metrics` (the reference: the same sampler
-        before training, from the same initial noise), reward evaluations used, samples/s."""
+        """The alignment metrics (`prefdata.AlignmentEvaluator`; the reference: the same sampler before
+        training, from the same initial noise) and the reward evaluations used."""
         n = int(self.config.eval.num_samples)
-        x, per_sec = timed_sampling(lambda m: self.eval_samples(state, frozen, key, m), n)
-        cache = (n, np.asarray(jax.random.key_data(key)).tobytes())
-        if self._ref_cache != cache:
-            self._ref_samples, self._ref_cache = self.eval_samples(None, frozen, key, n), cache
-        metrics = prefdata.alignment_metrics(self.source, self.reward, x, self._ref_samples)
+        metrics = self.alignment.evaluate(lambda m: self.eval_samples(state, frozen, key, m),
+                                          lambda m: self.eval_samples(None, frozen, key, m), key, n)
         metrics["reward_evals"] = float(int(state.step) * int(self.config.train.batch_size))
-        metrics["samples_per_sec"] = per_sec
-        self._last_samples = x
         return metrics
 
     def plot(self, state, frozen, plot_dir, step):
-        x = getattr(self, "_last_samples", None)
-        if x is None:
-            x = self.eval_samples(state, frozen, jax.random.PRNGKey(0), min(int(self.config.eval.num_samples), 4096))
-        paths = [self.source.plot_samples(x, os.path.join(plot_dir, f"samples_{step:07d}.png"),
-                                          f"{self.name}, {self.config.reward.kind}, step {step}")]
-        x_ref = getattr(self, "_ref_samples", None)
-        if x_ref is not None:
-            paths.append(self.source.plot_samples(x_ref, os.path.join(plot_dir, "reference_samples.png"),
-                                                  "reference (before reward optimisation)"))
-        return paths
+        return self.alignment.plot(plot_dir, step, f"{self.name}, {self.config.reward.kind}, step {step}",
+                                   "reference (before reward optimisation)",
+                                   lambda m: self.eval_samples(state, frozen, jax.random.PRNGKey(0), m),
+                                   int(self.config.eval.num_samples))
