@@ -74,27 +74,25 @@ class AncestralSampler:
         s = jnp.full(x.shape[:1], self.sigmas[i])
         return self.denoiser(params, x, s, **label_kwargs(self.num_classes, labels))
 
+    def _mean(self, params, x, i: int, labels):
+        """The mean of x_{i+1} given x_i = x under the network at `params`."""
+        return transition_mean(self._denoise(params, x, i, labels), x, float(self.sigmas[i]),
+                               float(self.sigmas[i + 1]), float(self.variances[i]))
+
     def rollout(self, params, z, noise, labels):
         """(states [K, B, ...] = x_0 .. x_{K-1}, final sample x_K) from x_0 = sigma_max z with the
         transition noise `noise` [B, K - 1, ...]."""
         x = self.sigmas[0] * z
         xs = [x]
         for i in range(self.num_steps - 1):
-            d = self._denoise(params, x, i, labels)
-            mean = transition_mean(d, x, float(self.sigmas[i]), float(self.sigmas[i + 1]), float(self.variances[i]))
-            x = mean + np.sqrt(self.variances[i]) * noise[:, i]
+            x = self._mean(params, x, i, labels) + np.sqrt(self.variances[i]) * noise[:, i]
             xs.append(x)
         return jnp.stack(xs), self._denoise(params, x, self.num_steps - 1, labels)
 
     def log_probs(self, params, states, labels):
         """log p_theta(x_{i+1} | x_i) for i = 0 .. K - 2: [K - 1, B]."""
-        out = []
-        for i in range(self.num_steps - 1):
-            d = self._denoise(params, states[i], i, labels)
-            mean = transition_mean(d, states[i], float(self.sigmas[i]), float(self.sigmas[i + 1]),
-                                   float(self.variances[i]))
-            out.append(transition_log_prob(states[i + 1], mean, float(self.variances[i])))
-        return jnp.stack(out)
+        return jnp.stack([transition_log_prob(states[i + 1], self._mean(params, states[i], i, labels),
+                                              float(self.variances[i])) for i in range(self.num_steps - 1)])
 
     def sample(self, params, z, noise, labels):
         return self.rollout(params, z, noise, labels)[1]
@@ -138,14 +136,10 @@ class DDPO(pg.RewardObjective):
         r = config.rl
         if r.inner_updates < 1:
             raise ValueError(f"config.rl.inner_updates must be >= 1, got {r.inner_updates}")
-        run = runs.open_dependency(config, "rl.sampler")
-        if run.config.objective not in runs.DIFFUSION_RUNS:
-            raise ValueError(f"config.rl.sampler={r.sampler!r} holds a {run.config.objective!r} run; DDPO fine-tunes "
+        sampler = pg.open_sampler(config, self.source)
+        if not isinstance(sampler, pg.ODESampler):
+            raise ValueError(f"config.rl.sampler={r.sampler!r} holds a {sampler.config.objective!r} run; DDPO fine-tunes "
                              f"a diffusion network: name a {' or '.join(runs.DIFFUSION_RUNS)} run")
-        self.run = run
-        sampler = pg.ODESampler(run, self.source.shape, run.config.eval.num_steps, run.config.eval.sampler,
-                                self.source.num_classes if (self.source.num_classes and run.config.model.num_classes)
-                                else 0)
         self.ref_params = sampler.params
         self.latent_shape, self.num_classes = sampler.latent_shape, sampler.num_classes
         self.num_rows = max(self.num_classes, 1)
@@ -155,7 +149,7 @@ class DDPO(pg.RewardObjective):
         self.name = f"DDPO ({self.policy.num_steps}-step ancestral, eta {r.ddpo_eta:g})"
 
     def frozen(self):
-        return {"ref": self.ref_params, "reward": self.reward_frozen()}
+        return {"ref": self.ref_params, "reward": self.reward.frozen()}
 
     def init_state(self, key, frozen):
         return ts.create_state(jax.tree.map(jnp.array, frozen["ref"]), self.optimizer, key)

@@ -135,7 +135,7 @@ class FIND(pg.RewardObjective):
         self.name = f"FIND ({self.sampler.name})"
 
     def frozen(self):
-        return {"sampler": self.sampler.frozen(), "reward": self.reward_frozen()}
+        return {"sampler": self.sampler.frozen(), "reward": self.reward.frozen()}
 
     def init_state(self, key, frozen):
         params = init_params(self.num_rows, self.latent_shape)

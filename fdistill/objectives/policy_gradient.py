@@ -97,7 +97,7 @@ class ODESampler:
     a finished score or flow run's denoiser (a flow run's velocity converts exactly)."""
 
     def __init__(self, run: runs.FinishedRun, shape, steps: int, sampler: str, num_classes: int):
-        self.run, self.config = run, run.config
+        self.config = run.config
         self.denoiser = build_denoiser(run.config, shape)
         self.params = runs.restore_params(run)
         self.latent_shape, self.num_classes = tuple(shape), num_classes
@@ -128,7 +128,7 @@ class StudentSampler:
         kind = "distill" if cfg.objective == "kd" else cfg.objective
         self.student = students.build(kind, teacher, levels, source.shape, source.num_classes, conditional, cfg)
         self.params = runs.restore_generator(run)
-        self.run, self.config = run, cfg
+        self.config = cfg
         self.latent_shape = tuple(self.student.latent_shape)
         self.num_classes = source.num_classes if conditional else 0
         self.nfe = int(self.student.num_steps)
@@ -167,9 +167,6 @@ class RewardObjective(Objective):
         self.source = data_lib.build(config.data)
         self.reward = prefdata.build_reward(config.reward, self.source)
         self.alignment = prefdata.AlignmentEvaluator(self.source, self.reward)
-
-    def reward_frozen(self):
-        return self.reward.frozen()
 
     def batch(self, step, process_index=0, process_count=1):
         """This process's rows of step `step`'s initial noise and labels (a function of the seed and
