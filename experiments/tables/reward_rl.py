@@ -68,11 +68,6 @@ DATA = {  # the reference's config, the rewards, and the rows: (row, label, conf
         ("mapo", "MaPO, beta 0.01", "digits_mapo", {}),
     ]},
 }
-
-
-def is_rl(cfg_name: str) -> bool:
-    """Whether a row's config is a policy-gradient one (FIND, DDPO) rather than a pair-based one."""
-    return "rl" in configs.load(cfg_name)
 COLUMNS = [  # (header, results key, format); the sample metrics differ per data source
     ("reward", "reward_mean", "{:.3f}"),
     ("ref reward", "reference/reward_mean", "{:.3f}"),
@@ -199,7 +194,7 @@ def main(argv):
                 print(f"[reward_rl] {reward}/{row} seed {seed}: reward {r['reward_mean']:.3f} (reference "
                       f"{r['reference/reward_mean']:.3f}), pref {r['preferred_frac']:.3f}, "
                       f"{time.perf_counter() - t0:.0f}s", flush=True)
-                if not is_rl(cfg_name):  # reward evaluations: the labelled pairs' samples
+                if "rl" not in c:  # a pair-based row; reward evaluations: the labelled pairs' samples
                     r = {**r, "reward_evals": 2.0 * c.pairs.num_pairs}
                 else:
                     curve = training_curve(sub, int(c.train.batch_size))
@@ -209,9 +204,9 @@ def main(argv):
                 per_row[row].append(r)
             # Speed at equal alignment, this seed: each sampler's own reference reward plus a common gain.
             gain = 0.5 * min(per_row["find_ode"][seed]["reward_gain"], per_row["ddpo"][seed]["reward_gain"])
-            for row, _, cfg_name, _ in rows:
-                if is_rl(cfg_name):
-                    r = per_row[row][seed]
+            for row, *_ in rows:
+                r = per_row[row][seed]
+                if "_curve" in r:  # FIND and DDPO rows
                     evals, secs = time_to_level(r.pop("_curve"), r["reference/reward_mean"] + gain)
                     speed[reward].setdefault(row, []).append({"gain": gain, "evals": evals, "seconds": secs})
         for row, *_ in rows:
