@@ -23,9 +23,14 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.8",
         "tensorboardX>=2.6",
+        "safetensors>=0.4",  # Hugging Face checkpoints (fdistill.models.llama)
+        "tokenizers>=0.20",  # tokenizer.json (fdistill.data.hf_tokenizer)
+        "jinja2>=3.1.6",  # chat templates, rendered as transformers does
     ],
     extras_require={
         "test": ["pytest>=8"],
         "bench": ["torch"],
+        # the fixture scripts under tests/fixtures/ and benchmarks/trl_dpo_reference.py (never the tests)
+        "hf": ["torch", "transformers>=5", "trl>=1.16"],
     },
 )

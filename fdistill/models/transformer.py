@@ -130,11 +130,13 @@ class TransformerLM(nn.Module):
         return [(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in range(self.depth)]
 
 
-def generate(model: TransformerLM, params, prompts: jax.Array, key: jax.Array, total_len: int,
+def generate(model, params, prompts: jax.Array, key: jax.Array, total_len: int,
              temperature: float = 1.0, logit_bias: jax.Array | None = None, eos_id: int | None = None,
              pad_id: int = 0, greedy: bool = False, prefix_len: jax.Array | int | None = None
              ) -> tuple[jax.Array, jax.Array]:
     """Continues `prompts` [B, P] to `total_len` tokens; jit-compatible (call it inside `jax.jit`).
+    `model` is any LM with `max_len`, `vocab_size`, `init_cache(B)` and `decode(token, pos, cache)`
+    (`TransformerLM`, `fdistill.models.llama.LlamaLM`).
 
     One `lax.fori_loop` over positions with a key/value cache: position t's token is fed, and for
     t + 1 >= P the next token is drawn from softmax((logits + bias[t]) / temperature) (its argmax
@@ -168,7 +170,7 @@ def generate(model: TransformerLM, params, prompts: jax.Array, key: jax.Array, t
     def body(pos, carry):
         tokens, logp, done, cache = carry
         token = jax.lax.dynamic_index_in_dim(tokens, pos, axis=1, keepdims=False)
-        logits, cache = model.apply({"params": params}, token, pos, cache, method=TransformerLM.decode)
+        logits, cache = model.apply({"params": params}, token, pos, cache, method="decode")
         logits = logits + jax.lax.dynamic_index_in_dim(bias, pos, axis=0, keepdims=False)
         if greedy:
             nxt = jnp.argmax(logits, axis=-1)
