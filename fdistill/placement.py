@@ -55,6 +55,11 @@ class Placement:
         return jax.jit(objective.train_step, in_shardings=(self.state, self.frozen, self.batch),
                        out_shardings=(self.state, sharding.replicated(self.mesh)), donate_argnums=(0,))
 
+    def without_frozen(self, keys: tuple[str, ...]) -> "Placement":
+        """This placement with the frozen entries `keys` removed (`Objective.init_only`)."""
+        kept = {k: v for k, v in self.abstract_frozen.items() if k not in keys}
+        return dataclasses.replace(self, abstract_frozen=kept)
+
     def describe(self) -> str:
         """'mesh data=2 x fsdp=4; 0.33M trained parameters; state 1.2 MiB/device of 4.8 MiB (31 of 40
         leaves sharded); frozen ...'."""

@@ -266,6 +266,9 @@ def _train_and_evaluate(config, wd: workdir_lib.Workdir, mesh, rules, stop: _Sto
             _log(is_main, f"resumed from {wd.checkpoints} at step {start}")
         else:
             state = placement.init_state(objective, init_key, frozen)
+        if objective.init_only:  # needed to create the state only: free their device memory
+            placement = placement.without_frozen(objective.init_only)
+            frozen = {k: v for k, v in frozen.items() if k not in objective.init_only}
         wd.record(config, changes, start, trajectory)
 
         results = wd.read_results()

@@ -106,6 +106,10 @@ class Objective(abc.ABC):
     # `fdistill.workdir`'s dotted names ('eval.num_steps'): a resumed run must keep them (by default
     # `eval.*` fields only change the evaluation and may change on resume).
     trajectory_fields: tuple[str, ...] = ()
+    # Keys of `frozen()` that only `init_state` reads (the starting parameters of a fine-tuning run):
+    # the loop places them to create the state, then drops them, so they hold no device memory
+    # while training (and are never passed to `train_step`).
+    init_only: tuple[str, ...] = ()
 
     def __init__(self, config):
         self.config = config

@@ -23,10 +23,12 @@ returns (objective, state, frozen, batch) ready for `objective.train_step`.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -137,6 +139,55 @@ class LMPolicy:
     def logps(self, params, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """Raw (unconstrained) summed response log-probabilities, as the training losses see them."""
         return self._scored(params, tokens, mask, False)
+
+
+@dataclasses.dataclass(frozen=True)
+class PairLoss:
+    """A preference loss of the registry (`fdistill.objectives.preference`) on a batch of pairs of an
+    LM `model`: chosen/rejected `*_tokens`, `*_mask` (1 on the scored response tokens), `*_lengths`,
+    and optionally the precomputed `ref_chosen_logps` / `ref_rejected_logps`.
+
+    `loss(params, ref_params, batch) -> (mean loss, metrics)` (TRL's metric names); the reference
+    log-probabilities come from the batch when precomputed, else from `ref_params` (no gradient)."""
+
+    model: Any
+    name: str
+    beta: float
+    params: dict
+
+    @classmethod
+    def from_section(cls, model, section) -> "PairLoss":
+        """From a config section with `loss`, `beta` and the loss parameters (`config.po`)."""
+        return cls(model, section.loss, float(section.beta), prefloss.params_from(section))
+
+    @property
+    def reference_free(self) -> bool:
+        return prefloss.is_reference_free(self.name)
+
+    def pair_logps(self, params, batch):
+        """(chosen logps, rejected logps) with one forward pass over both responses."""
+        tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]])
+        mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
+        logps = prefloss.sequence_logps(self.model.apply({"params": params}, tokens), tokens, mask)
+        n = batch["chosen_tokens"].shape[0]
+        return logps[:n], logps[n:]
+
+    def reference_logps(self, ref_params, batch):
+        if self.reference_free:
+            return None, None
+        if "ref_chosen_logps" in batch:
+            return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        return jax.lax.stop_gradient(self.pair_logps(ref_params, batch))
+
+    def __call__(self, params, ref_params, batch):
+        pi_w, pi_l = self.pair_logps(params, batch)
+        ref_w, ref_l = self.reference_logps(ref_params, batch)
+        per_pair, metrics = prefloss.preference_loss(
+            self.name, pi_w, pi_l, ref_w, ref_l, batch["chosen_lengths"], batch["rejected_lengths"],
+            beta=self.beta, **self.params)
+        loss = jnp.mean(per_pair)
+        metrics["loss"] = loss
+        return loss, metrics
 
 
 def init_params(model: TransformerLM, key) -> dict:
@@ -356,11 +407,12 @@ class PreferenceObjective(Objective):
         super().__init__(config)
         validate_po_config(config)
         po = config.po
-        self.loss_name, self.beta, self.params = po.loss, float(po.beta), prefloss.params_from(po)
-        self.reference_free = prefloss.is_reference_free(po.loss)
+        self.loss_name, self.beta = po.loss, float(po.beta)
         self.precompute_ref = bool(po.precompute_ref)
         self.task = prefdata.SyntheticLanguage(config.task)
         self.model = build_model(config.model, self.task, config.train.compute_dtype)
+        self.pair_loss = PairLoss.from_section(self.model, po)
+        self.reference_free = self.pair_loss.reference_free
         self.policy = LMPolicy(self.model, self.task, config.eval.chunk)
         if po.reference == "sft":
             self.sft = runs.open_dependency(config, "po.sft_workdir")
@@ -398,31 +450,8 @@ class PreferenceObjective(Objective):
         return (self.policy.logps(params, x["chosen_tokens"], x["chosen_mask"]),
                 self.policy.logps(params, x["rejected_tokens"], x["rejected_mask"]))
 
-    def pair_logps(self, params, batch):
-        """(policy chosen logps, rejected logps) with one forward pass over both responses."""
-        tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]])
-        mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
-        logits = self.model.apply({"params": params}, tokens)
-        logps = prefloss.sequence_logps(logits, tokens, mask)
-        n = batch["chosen_tokens"].shape[0]
-        return logps[:n], logps[n:]
-
-    def reference_logps(self, ref_params, batch):
-        if self.reference_free:
-            return None, None
-        if "ref_chosen_logps" in batch:
-            return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-        return jax.lax.stop_gradient(self.pair_logps(ref_params, batch))
-
     def loss(self, params, ref_params, batch):
-        pi_w, pi_l = self.pair_logps(params, batch)
-        ref_w, ref_l = self.reference_logps(ref_params, batch)
-        per_pair, metrics = prefloss.preference_loss(
-            self.loss_name, pi_w, pi_l, ref_w, ref_l, batch["chosen_lengths"], batch["rejected_lengths"],
-            beta=self.beta, **self.params)
-        loss = jnp.mean(per_pair)
-        metrics["loss"] = loss
-        return loss, metrics
+        return self.pair_loss(params, ref_params, batch)
 
     def _metrics_on_rows(self, params, ref_params, rows):
         return self.loss(params, ref_params, rows)[1]
@@ -522,8 +551,8 @@ class KTOObjective(PreferenceObjective):
         return loss, metrics
 
     def _metrics_on_rows(self, params, ref_params, rows):
-        pi_w, pi_l = self.pair_logps(params, rows)
-        ref_w, ref_l = jax.lax.stop_gradient(self.pair_logps(ref_params, rows))
+        pi_w, pi_l = self.pair_loss.pair_logps(params, rows)
+        ref_w, ref_l = jax.lax.stop_gradient(self.pair_loss.pair_logps(ref_params, rows))
         return prefloss.trl_metrics(self.beta * (pi_w - ref_w), self.beta * (pi_l - ref_l), pi_w, pi_l)
 
     def batch(self, step, process_index=0, process_count=1):

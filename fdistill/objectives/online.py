@@ -195,7 +195,7 @@ class OnlineDPOObjective(OnPolicyObjective):
         rejected = lambda x: jnp.where(first_wins, x[:, 1], x[:, 0])
         per_pair, m = prefloss.preference_loss(
             self.loss_name, chosen(seq), rejected(seq), chosen(ref_seq), rejected(ref_seq), chosen(lengths),
-            rejected(lengths), beta=self.beta, **self.params)
+            rejected(lengths), beta=self.beta, **self.pair_loss.params)
         loss = jnp.mean(per_pair)
         m = {**m, "reward_gap": jnp.mean(chosen(r) - rejected(r))}
         return loss, {"loss": loss, **m, **self.rollout_metrics(tokens, mask, rewards, logp, ref_logp)}
