@@ -11,8 +11,8 @@ and states only what differs:
         return c
 
 `base(family, data=..., model=...)` assembles the sections of a family (`score`, `flow`, `distill`, `sft`,
-`po`, `diffusion_po`, `diffusion_rl`) with the data section of a data source (`gmm`, `digits`, `tfds`) and the
-model section of a network (`mlp`, `unet`, `transformer`). `complete(config)` fills a partial
+`po`, `hf`, `diffusion_po`, `diffusion_rl`) with the data section of a data source (`gmm`, `digits`,
+`tfds`, `trl`) and the model section of a network (`mlp`, `unet`, `transformer`, `hf`). `complete(config)` fills a partial
 config (an old `config.json`, a test's config) from its base and rejects fields the base does not
 have, naming the closest valid ones; `check_overrides` does the same for command-line overrides
 (`--config.a.b=v`), including the expected type. Objectives read fields directly
@@ -83,7 +83,20 @@ def data(name: str) -> ConfigDict:
             feature_fn="",  # 'package.module:function' (e.g. an Inception port for FID); '' = 8x8 pixels
             num_reference=5000,  # data images whose features are the metric's reference
         )
-    raise ConfigError(f"config.data.name={name!r} has no base; known: ['gmm', 'digits', 'tfds:<name>']")
+    if name == "trl":
+        return _section(
+            name="trl",
+            path="",  # local .jsonl or .parquet in a TRL format (standard or conversational)
+            test_path="",  # held-out rows; '' = a seeded test_fraction of `path`'s rows
+            test_fraction=0.05,
+            max_prompt_length=optional(int),  # prompt tokens kept (their end; TRL 0.x's rule); None = all
+            max_completion_length=optional(int),  # response tokens kept (their start); None = all
+            max_length=1024,  # prompt + response tokens (TRL's default): the sequence length of every batch
+            truncation_mode="keep_start",  # keep_start | keep_end: how TRL cuts a sequence over max_length
+            data_dir="",  # the tokenized dataset (TFDS ArrayRecord); '' = <path without suffix>_tfds
+            seed=0,  # epoch shuffling
+        )
+    raise ConfigError(f"config.data.name={name!r} has no base; known: ['gmm', 'digits', 'tfds:<name>', 'trl']")
 
 
 def _data_kind(name: str) -> str:
@@ -105,7 +118,14 @@ def model(name: str) -> ConfigDict:
                         num_heads=1, emb_dim=128, num_classes=0, dropout=0.0, parametrisation="edm")
     if name == "transformer":
         return _section(name="transformer", width=64, depth=2, num_heads=4, mlp_ratio=4)
-    raise ConfigError(f"config.model.name={name!r} has no base; known: ['mlp', 'unet', 'transformer']")
+    if name == "hf":
+        return _section(
+            name="hf",
+            hf_path="",  # a Hugging Face checkpoint directory: config.json, *.safetensors, tokenizer files
+            param_dtype="float32",  # float32 | bfloat16: the loaded weights (the trained ones and the reference)
+            remat=False,  # recompute each layer's activations in the backward pass
+        )
+    raise ConfigError(f"config.model.name={name!r} has no base; known: ['mlp', 'unet', 'transformer', 'hf']")
 
 
 # ----- shared sections -----------------------------------------------------------------------------
@@ -281,6 +301,22 @@ def lm_eval() -> ConfigDict:
                     chunk=1024)
 
 
+def hf_po() -> ConfigDict:
+    """`config.po` of the Hugging Face objectives (`fdistill.objectives.hf_language`)."""
+    return _section(
+        loss="dpo",  # any loss of fdistill.objectives.preference
+        beta=0.1,
+        **preference_loss_params(),
+        precompute_ref=False,  # True: the reference log-probs of every pair once, before training (one device)
+        sft_workdir="",  # start (and take the reference) from a finished 'hf_sft' run instead of model.hf_path
+    )
+
+
+def hf_eval() -> ConfigDict:
+    """`config.eval` of the Hugging Face objectives: held-out pairs and sampled responses."""
+    return _section(num_pairs=256, num_samples=4, max_new_tokens=64, temperature=0.0, use_ema=False)
+
+
 def diffusion_po() -> ConfigDict:
     """`config.dpo`, `config.reward`, `config.pairs`: diffusion preference optimisation."""
     c = ConfigDict()
@@ -325,8 +361,9 @@ def diffusion_rl() -> ConfigDict:
     return c
 
 
-DEFAULT_DATA = {"score": "gmm", "flow": "gmm", "distill": "gmm", "diffusion_po": "gmm", "diffusion_rl": "gmm"}
-DEFAULT_MODEL = {"score": "mlp", "flow": "mlp", "distill": "mlp", "sft": "transformer", "po": "transformer",
+DEFAULT_DATA = {"score": "gmm", "flow": "gmm", "distill": "gmm", "diffusion_po": "gmm", "diffusion_rl": "gmm",
+                "hf": "trl"}
+DEFAULT_MODEL = {"score": "mlp", "flow": "mlp", "distill": "mlp", "sft": "transformer", "po": "transformer", "hf": "hf",
                  "diffusion_po": "mlp", "diffusion_rl": "mlp"}
 DIFFUSION_FAMILIES = ("score", "flow", "distill", "diffusion_po", "diffusion_rl")
 
@@ -355,6 +392,9 @@ def base(objective: str, data: str | None = None, model: str | None = None) -> C
     if family in ("sft", "po"):
         c.task = task()
         c.eval = lm_eval()
+    if family == "hf":
+        c.data = globals()["data"](data or DEFAULT_DATA[family])
+        c.eval = hf_eval()
     c.model = globals()["model"](model or DEFAULT_MODEL[family])
     if family == "flow":
         c.model.parametrisation = "velocity"
@@ -365,6 +405,8 @@ def base(objective: str, data: str | None = None, model: str | None = None) -> C
         c.distill = distill()
     elif family == "po":
         c.po = po()
+    elif family == "hf":
+        c.po = hf_po()
     elif family == "diffusion_po":
         c.update(diffusion_po())
     elif family == "diffusion_rl":

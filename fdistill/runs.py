@@ -110,7 +110,7 @@ DIFFUSION_RUNS = ("score", "flow")  # networks with a denoiser (a flow run's vel
 STUDENT_RUNS = ("distill", "kd", "dmd2_multistep", "tdm")  # one- or few-step generators of z
 DEPENDENCIES: dict[str, Dependency] = {
     "po.sft_workdir": Dependency(("sft",), {"*": "synthetic_sft"}, ("task", "model"), "sft",
-                                 needed=lambda c: c.po.reference == "sft"),
+                                 needed=lambda c: configs.family_of(c.objective) == "po" and c.po.reference == "sft"),
     "po.reward_model": Dependency(("reward_model",), {"*": "synthetic_reward_model"}, ("task",), "reward_model",
                                   needed=lambda c: bool(c.po.reward_model)),
     "dpo.reference": Dependency(DIFFUSION_RUNS, SCORE_CONFIGS, ("data", "model", "diffusion"), "reference"),
