@@ -2,7 +2,6 @@
 (`fdistill.objectives.hf_language`), on a tiny random Llama and data the tests write."""
 import glob
 import json
-import os
 import types
 
 import chex

@@ -172,6 +172,11 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**hf, "intermediate_size": 40}))
     with pytest.raises(ValueError, match="has shape"):
         llama.from_pretrained(str(tmp_path))
+    weights = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(weights[: len(weights) // 2])  # an interrupted download
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
+        llama.from_pretrained(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({**hf, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
     with pytest.raises(ValueError, match="rope_scaling type 'yarn' is not supported"):
         llama.from_pretrained(str(tmp_path))

@@ -285,26 +285,11 @@ def _builder_module():
                                       {"shape": (), "conditional": False, "spec": ""}, _features)
 
 
-class _QuietTFDS:
-    """Silences TFDS's absl warnings ('Using custom data configuration ...') for one block."""
-
-    def __enter__(self):
-        from absl import logging as absl_logging
-
-        self._verbosity = absl_logging.get_verbosity()
-        absl_logging.set_verbosity(absl_logging.ERROR)
-
-    def __exit__(self, *exc):
-        from absl import logging as absl_logging
-
-        absl_logging.set_verbosity(self._verbosity)
-
-
 def _builder(data_dir: str, name: str, shape, conditional: bool, spec: str = "", pairs=None):
     tfds, PairsConfig, Builder = _builder_module()
     cfg = PairsConfig(name=name, version="1.0.0", description="preference pairs " + spec[:200],
                       shape=tuple(int(s) for s in shape), conditional=bool(conditional), spec=spec)
-    with _QuietTFDS():
+    with tfds_build.quiet():
         rows = None if pairs is None else [{k: v[i] for k, v in pairs.items()} for i in range(len(pairs["index"]))]
         splits = None if rows is None else {"train": rows}
         return Builder(data_dir=data_dir, config=cfg, file_format="array_record", splits=splits)
@@ -314,7 +299,7 @@ def write_pairs(data_dir: str, name: str, pairs: dict, spec: str = "") -> str:
     """Writes `pairs` (from `make_pairs`) as the TFDS dataset `diffusion_preference_pairs/<name>`."""
     tfds = _builder_module()[0]
     b = _builder(data_dir, name, pairs["x_w"].shape[1:], "label" in pairs, spec, pairs)
-    with _QuietTFDS():
+    with tfds_build.quiet():
         b.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     return str(b.data_dir)
 
@@ -326,12 +311,12 @@ def read_pairs(data_dir: str, name: str, shape, conditional: bool = False, num_p
     field and path when a record is malformed.
     """
     b = _builder(data_dir, name, shape, conditional)
-    with _QuietTFDS():
+    with tfds_build.quiet():
         prepared = b.is_prepared()
     if not prepared:
         raise FileNotFoundError(f"no prepared preference-pair dataset {name!r} under {data_dir}")
     where = str(b.data_dir)
-    with _QuietTFDS():
+    with tfds_build.quiet():
         src = b.as_data_source()["train"]
     n = len(src)
     if num_pairs is not None and n != num_pairs:

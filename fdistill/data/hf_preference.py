@@ -54,76 +54,26 @@ row reading, message/tool checks, fingerprint, split and write helpers.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from fdistill.data import tfds_build
 from fdistill.data.hf_tokenizer import HFTokenizer
+from fdistill.data.trl_files import (TRL_VERSION, TRUNCATION_MODES, check_split, check_truncation,  # noqa: F401
+                                     common_prefix_length, fingerprint, padding_id, parse_messages, parse_tools,
+                                     read_rows, split_records, write_once)
 from fdistill.data.preference import epoch_indices
 from fdistill.sharding import process_slice
 
-TRL_VERSION = "1.16.0"
-FORMAT_VERSION = 1  # bump when the records or the tokenization rules change
-TRUNCATION_MODES = ("keep_start", "keep_end")
 SIDES = ("chosen", "rejected")
 
 
 # ----------------------------------------------------------------------------------------------
 # Reading rows
 # ----------------------------------------------------------------------------------------------
-def read_rows(path: str) -> list[tuple[str, dict]]:
-    """[(where, row)] of a `.jsonl` or `.parquet` file; `where` names the file and row (and line)."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: data file not found")
-    if path.endswith(".jsonl"):
-        out = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}: row {len(out)} (line {lineno})"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: not valid JSON ({e})") from e
-                if not isinstance(row, dict):
-                    raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-                out.append((where, row))
-        return out
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        try:
-            rows = pq.read_table(path).to_pylist()
-        except Exception as e:  # noqa: BLE001 - pyarrow's error, with the file named
-            raise ValueError(f"{path}: not a readable parquet file ({e})") from e
-        return [(f"{path}: row {i}", row) for i, row in enumerate(rows)]
-    raise ValueError(f"{path}: unsupported data file type; expected .jsonl or .parquet")
-
-
-def parse_messages(value: Any, where: str, field: str) -> list[dict]:
-    """The validated list of {"role": str, "content": str, ...} messages of a row's field (None-valued
-    keys dropped, as transformers does); ValueError naming `where`, the field and the message."""
-    if not isinstance(value, (list, tuple)):
-        raise ValueError(f"{where}: field {field!r} must be a list of messages, got {type(value).__name__}")
-    out = []
-    for j, m in enumerate(value):
-        if not isinstance(m, dict):
-            raise ValueError(f"{where}: field {field!r} message {j} must be an object with 'role' and 'content', "
-                             f"got {type(m).__name__}")
-        for key in ("role", "content"):
-            if not isinstance(m.get(key), str):
-                got = "missing" if m.get(key) is None else type(m[key]).__name__
-                raise ValueError(f"{where}: field {field!r} message {j} needs a string {key!r} ({got})")
-        out.append({k: v for k, v in m.items() if v is not None})
-    return out
-
-
 def row_format(row: dict) -> tuple[bool, bool]:
     """(conversational, explicit prompt) of a row, judged by its `chosen` field and `prompt` key."""
     return isinstance(row.get("chosen"), (list, tuple)), row.get("prompt") is not None
@@ -167,19 +117,6 @@ def parse_preference_row(row: dict, where: str, expected: tuple[bool, bool] | No
     return {**vals, "conversational": conv, "tools": parse_tools(row, where)}
 
 
-def parse_tools(row: dict, where: str) -> list | None:
-    """A row's `tools` column (a list of JSON schemas, or that list as a JSON string, as TRL accepts)."""
-    tools = row.get("tools")
-    if isinstance(tools, str):
-        try:
-            tools = json.loads(tools)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: field 'tools' is a string but not JSON ({e})") from e
-    if tools is not None and not isinstance(tools, list):
-        raise ValueError(f"{where}: field 'tools' must be a list of tool schemas, got {type(tools).__name__}")
-    return tools or None
-
-
 def extract_prompt(chosen: Sequence, rejected: Sequence) -> dict:
     """TRL `extract_prompt`: the longest common prefix of chosen and rejected is the prompt (for
     strings a space just before the split goes back to the responses). As in TRL, when one is a
@@ -197,15 +134,6 @@ def extract_prompt(chosen: Sequence, rejected: Sequence) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Tokenization (TRL 1.16 DPOTrainer)
 # ----------------------------------------------------------------------------------------------
-def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def tokenize_pair(tok: HFTokenizer, ex: dict, where: str = "") -> dict[str, list[int]]:
     """{prompt_ids, chosen_ids, rejected_ids} of a parsed row, steps 2-3 of the module docstring."""
     if ex["conversational"]:
@@ -264,15 +192,6 @@ def pad_pair(tr: dict, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
     return out
 
 
-def check_truncation(max_length, truncation_mode) -> None:
-    """ValueError unless `max_length` is an int >= 2 and `truncation_mode` one of TRUNCATION_MODES."""
-    if not isinstance(max_length, (int, np.integer)) or isinstance(max_length, bool) or max_length < 2:
-        raise ValueError(f"max_length={max_length!r} must be an int >= 2 (TRL's default is 1024): sequences are "
-                         "truncated and padded to it")
-    if truncation_mode not in TRUNCATION_MODES:
-        raise ValueError(f"truncation_mode={truncation_mode!r}; allowed: {list(TRUNCATION_MODES)}")
-
-
 def _check_settings(max_length, truncation_mode, max_prompt_length, max_completion_length):
     check_truncation(max_length, truncation_mode)
     for name, v in (("max_prompt_length", max_prompt_length), ("max_completion_length", max_completion_length)):
@@ -328,25 +247,6 @@ def _builder(data_dir: str, name: str, spec: str = "", records: dict | None = No
     return Builder(data_dir=data_dir, config=cfg, file_format="array_record", splits=records)
 
 
-def file_hash(path: str) -> str:
-    """sha256 hex digest of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def fingerprint(data_path: str, tok: HFTokenizer, settings: dict, test_path: str | None = None) -> str:
-    """The dataset name: a hash of the data file(s)' contents, the tokenizer files and the settings."""
-    h = hashlib.sha256()
-    parts = {"format": FORMAT_VERSION, "trl": TRL_VERSION, "data": file_hash(data_path),
-             "test": file_hash(test_path) if test_path else None, "settings": settings,
-             "tokenizer": {os.path.relpath(f, tok.path): file_hash(f) for f in tok.files}}
-    h.update(json.dumps(parts, sort_keys=True).encode())
-    return "h" + h.hexdigest()[:20]
-
-
 def prepare(data_path: str, tokenizer: str | HFTokenizer, data_dir: str, *, max_length: int = 1024,
             truncation_mode: str = "keep_start", max_prompt_length: int | None = None,
             max_completion_length: int | None = None, test_path: str | None = None, test_fraction: float = 0.0,
@@ -376,60 +276,6 @@ def prepare(data_path: str, tokenizer: str | HFTokenizer, data_dir: str, *, max_
         write_once(lambda: _builder(data_dir, name, spec, splits), data_dir, "hf_preference_pairs", name)
     return (HFPreferencePairs(data_dir, name, "train", max_length, pad_id, seed=seed, vocab_size=tok.vocab_size),
             HFPreferencePairs(data_dir, name, "test", max_length, pad_id, seed=seed, vocab_size=tok.vocab_size))
-
-
-def padding_id(tok: HFTokenizer) -> int:
-    """The id TRL pads with: `pad_token`, else `eos_token` (ValueError when the tokenizer has neither)."""
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    if pad_id is None:
-        raise ValueError(f"{tok.path}: the tokenizer has neither pad_token nor eos_token to pad with")
-    return int(pad_id)
-
-
-def check_split(test_path: str | None, test_fraction: float) -> None:
-    """ValueError unless the held-out split is given one way: `test_path`, or `test_fraction` in [0, 1)."""
-    if test_path is not None and test_fraction:
-        raise ValueError(f"give either test_path ({test_path}) or test_fraction ({test_fraction}), not both")
-    if not 0.0 <= float(test_fraction) < 1.0:
-        raise ValueError(f"test_fraction={test_fraction} must be in [0, 1)")
-
-
-def split_records(records: list[dict], n_rows: int, test_records: list[dict] | None, test_fraction: float,
-                  split_seed: int, data_path: str, what: str = "examples") -> dict[str, list[dict]]:
-    """{"train", "test"} records, each renumbered 0.. in its `index`, empty splits left out (TFDS
-    writes none; they read as empty): `test_records` (from `test_path`) when given, else a seeded
-    `round(test_fraction * n_rows)` of the data file's rows (at least one when test_fraction > 0),
-    chosen by each record's `source_row`. ValueError when no training record is left."""
-    if test_records is not None:
-        splits = {"train": records, "test": test_records}
-    else:
-        n_test = 0 if not test_fraction else max(1, int(round(test_fraction * n_rows)))
-        held = set(np.random.default_rng([int(split_seed), 13]).permutation(n_rows)[:n_test].tolist())
-        splits = {"train": [r for r in records if r["source_row"] not in held],
-                  "test": [r for r in records if r["source_row"] in held]}
-    for recs in splits.values():
-        for i, r in enumerate(recs):
-            r["index"] = i
-    if not splits["train"]:
-        raise ValueError(f"{data_path}: no training {what} left (rows {sum(len(v) for v in splits.values())} "
-                         f"kept after truncation, test_fraction={test_fraction})")
-    return {k: v for k, v in splits.items() if v}
-
-
-def write_once(make_builder, data_dir: str, dataset: str, name: str) -> None:
-    """`tfds_build.prepare_once` of TFDS dataset `<dataset>/<name>` under `data_dir`; on failure its
-    directories are removed when empty (TFDS removes its temporary `incomplete.*` directory; never one
-    another process is writing into), so an error leaves nothing behind."""
-    try:
-        tfds_build.prepare_once(make_builder, data_dir, name)
-    except BaseException:
-        root = os.path.join(data_dir, dataset)
-        for d in (os.path.join(root, name), root):
-            try:
-                os.rmdir(d)
-            except OSError:
-                pass
-        raise
 
 
 class HFPreferencePairs:

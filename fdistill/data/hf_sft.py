@@ -1,7 +1,7 @@
 """TRL-format supervised fine-tuning (SFT) data from local `.jsonl` / `.parquet` files, tokenized as
 TRL's `SFTTrainer` does, written once as a local TFDS ArrayRecord dataset and read back by random
-access. The SFT counterpart of `fdistill.data.hf_preference` (whose row reading, message checks,
-fingerprint, split and write helpers it uses).
+access. The SFT counterpart of `fdistill.data.hf_preference`; both read rows, check messages,
+split and write through `fdistill.data.trl_files`.
 
 Input rows (TRL's SFT dataset formats, https://huggingface.co/docs/trl/dataset_formats):
   * language modeling:                 {"text": str}
@@ -62,13 +62,12 @@ import os
 
 import numpy as np
 
-from fdistill.data import hf_preference as hp
-from fdistill.data import tfds_build
+from fdistill.data import tfds_build, trl_files
 from fdistill.data.hf_tokenizer import HFTokenizer
 from fdistill.data.preference import epoch_indices
 from fdistill.sharding import process_slice
 
-TRL_VERSION = hp.TRL_VERSION
+TRL_VERSION = trl_files.TRL_VERSION
 FORMAT_VERSION = 1  # bump when the records or the tokenization rules change
 FORMATS = ("language_modeling", "prompt_completion", "conversational", "conversational_prompt_completion")
 DATASET = "hf_sft_examples"  # the TFDS dataset name of `HfSftExamples`
@@ -103,13 +102,13 @@ def parse_sft_row(row: dict, where: str, expected: str | None = None) -> dict:
     if row.get("chat_template_kwargs"):
         raise ValueError(f"{where}: field 'chat_template_kwargs' is not supported (only 'tools' is passed to the "
                          "chat template)")
-    out = {"format": fmt, "tools": hp.parse_tools(row, where)}
+    out = {"format": fmt, "tools": trl_files.parse_tools(row, where)}
     if fmt == "language_modeling":
         if not isinstance(row["text"], str):
             raise ValueError(f"{where}: field 'text' must be a string, got {type(row['text']).__name__}")
         out["text"] = row["text"]
     elif fmt == "conversational":
-        out["messages"] = hp.parse_messages(row["messages"], where, "messages")
+        out["messages"] = trl_files.parse_messages(row["messages"], where, "messages")
         if not out["messages"]:
             raise ValueError(f"{where}: field 'messages' is an empty list of messages")
     else:
@@ -127,7 +126,7 @@ def parse_sft_row(row: dict, where: str, expected: str | None = None) -> dict:
                 out[f] = row[f]
         else:
             for f in ("prompt", "completion"):
-                out[f] = hp.parse_messages(row[f], where, f)
+                out[f] = trl_files.parse_messages(row[f], where, f)
                 if not out[f]:
                     raise ValueError(f"{where}: field {f!r} is an empty list of messages")
     return out
@@ -167,7 +166,7 @@ def tokenize_example(tok: HFTokenizer, ex: dict, where: str = "") -> tuple[list[
     else:
         p = _template(tok, ex["prompt"], where, add_generation_prompt=True, tools=tools)
         pc = _template(tok, ex["prompt"] + ex["completion"], where, tools=tools)
-    n = hp.common_prefix_length(p, pc)
+    n = trl_files.common_prefix_length(p, pc)
     return pc, [0] * n + [1] * (len(pc) - n)
 
 
@@ -200,9 +199,9 @@ def tokenize_file(path: str, tok: HFTokenizer, *, max_length: int = 1024, trunca
                   completion_only_loss: bool | None = None, assistant_only_loss: bool = False) -> list[dict]:
     """One record per kept example of a data file: {index, source_row, tokens, loss_mask} (unpadded
     int32; loss_mask is TRL's labels != -100), every row validated first."""
-    hp.check_truncation(max_length, truncation_mode)
+    trl_files.check_truncation(max_length, truncation_mode)
     _check_options(assistant_only_loss, completion_only_loss)
-    rows = hp.read_rows(path)
+    rows = trl_files.read_rows(path)
     if not rows:
         raise ValueError(f"{path}: no rows")
     expected = row_format(rows[0][1])
@@ -262,15 +261,15 @@ def prepare_sft(data_path: str, tokenizer: str | HFTokenizer, data_dir: str, *, 
     `round(test_fraction * rows)` of the data file's rows (at least one when test_fraction > 0),
     else empty. `split_seed` draws that split; `seed` orders the training batches."""
     tok = tokenizer if isinstance(tokenizer, HFTokenizer) else HFTokenizer.from_dir(tokenizer)
-    hp.check_truncation(max_length, truncation_mode)
+    trl_files.check_truncation(max_length, truncation_mode)
     _check_options(assistant_only_loss, completion_only_loss)
-    hp.check_split(test_path, test_fraction)
-    pad_id = hp.padding_id(tok)
+    trl_files.check_split(test_path, test_fraction)
+    pad_id = trl_files.padding_id(tok)
     settings = {"kind": "sft", "sft_format": FORMAT_VERSION, "max_length": int(max_length),
                 "truncation_mode": truncation_mode, "completion_only_loss": completion_only_loss,
                 "assistant_only_loss": bool(assistant_only_loss), "test_fraction": float(test_fraction),
                 "split_seed": int(split_seed), "pad_id": pad_id}
-    name = hp.fingerprint(data_path, tok, settings, test_path)
+    name = trl_files.fingerprint(data_path, tok, settings, test_path)
     spec = json.dumps({"data": os.path.abspath(data_path), "test": test_path and os.path.abspath(test_path),
                        "tokenizer": os.path.abspath(tok.path), **settings}, sort_keys=True)
     if not _builder(data_dir, name).is_prepared():
@@ -278,8 +277,8 @@ def prepare_sft(data_path: str, tokenizer: str | HFTokenizer, data_dir: str, *, 
                   assistant_only_loss=assistant_only_loss)
         records = tokenize_file(data_path, tok, **kw)  # raises before anything is written
         test = tokenize_file(test_path, tok, **kw) if test_path is not None else None
-        splits = hp.split_records(records, len(hp.read_rows(data_path)), test, test_fraction, split_seed, data_path)
-        hp.write_once(lambda: _builder(data_dir, name, spec, splits), data_dir, DATASET, name)
+        splits = trl_files.split_records(records, len(trl_files.read_rows(data_path)), test, test_fraction, split_seed, data_path)
+        trl_files.write_once(lambda: _builder(data_dir, name, spec, splits), data_dir, DATASET, name)
     return tuple(HFSFTExamples(data_dir, name, split, max_length, pad_id, seed=seed, vocab_size=tok.vocab_size)
                  for split in ("train", "test"))
 

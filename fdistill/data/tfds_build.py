@@ -34,19 +34,35 @@ def exclusive(data_dir: str, name: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silences TFDS's absl warnings ('Using custom data configuration ...', 'Variant folder ...
+    has no dataset_info.json') for one block: expected for the datasets written here."""
+    from absl import logging as absl_logging
+
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(verbosity)
+
+
 def prepare_once(make_builder: Callable, data_dir: str, name: str):
     """The prepared builder `make_builder()`, built offline (no GCS, no download) under the lock by
     whichever process gets there first; the builder is re-created after waiting so that it sees the
     dataset another process wrote."""
     import tensorflow_datasets as tfds
 
-    builder = make_builder()
-    if builder.is_prepared():
-        return builder
-    with exclusive(data_dir, name):
+    with quiet():
         builder = make_builder()
-        if not builder.is_prepared():
-            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        if builder.is_prepared():
+            return builder
+        with exclusive(data_dir, name):
+            builder = make_builder()
+            if not builder.is_prepared():
+                tfds.disable_progress_bar()  # per-record progress bars of small local datasets
+                builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     return builder
 
 
@@ -122,7 +138,12 @@ def records_builder(class_name: str, code_file: str, config_fields: dict, featur
 
     def __init__(self, *, splits: dict | None = None, **kwargs):
         self._splits = splits
-        tfds.core.GeneratorBasedBuilder.__init__(self, **kwargs)
+        with quiet():
+            tfds.core.GeneratorBasedBuilder.__init__(self, **kwargs)
+
+    def is_prepared(self):
+        with quiet():
+            return tfds.core.GeneratorBasedBuilder.is_prepared(self)
 
     def code_path(cls):
         # TFDS derives it from the top-level package, which for an editable install needs the
@@ -143,7 +164,8 @@ def records_builder(class_name: str, code_file: str, config_fields: dict, featur
     builder_cls = type(class_name, (tfds.core.GeneratorBasedBuilder,), {
         "__module__": __name__, "__doc__": f"In-memory records written as a TFDS dataset ({class_name}).",
         "VERSION": tfds.core.Version("1.0.0"), "RELEASE_NOTES": {"1.0.0": "Initial release."},
-        "__init__": __init__, "code_path": tfds.core.utils.classproperty(classmethod(code_path)),
+        "__init__": __init__, "is_prepared": is_prepared,
+        "code_path": tfds.core.utils.classproperty(classmethod(code_path)),
         "_info": _info, "_split_generators": _split_generators,
         "_generate_examples": lambda self, records: records,
     })

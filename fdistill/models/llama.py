@@ -389,13 +389,21 @@ def _tensor_files(path: str) -> dict[str, str]:
     if not files:
         raise FileNotFoundError(f"{path!r} holds no *.safetensors weights (PyTorch .bin checkpoints are not read: "
                                 f"convert them with transformers' save_pretrained(safe_serialization=True))")
-    from safetensors import safe_open
-
     out = {}
     for file in files:
-        with safe_open(file, framework="numpy") as f:
+        with open_safetensors(file) as f:
             out.update({k: file for k in f.keys()})
     return out
+
+
+def open_safetensors(file: str):
+    """`safetensors.safe_open(file)` (NumPy); an unreadable file is a ValueError naming it."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(file, framework="numpy")
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: the file is not usable
+        raise ValueError(f"{file} is not a readable safetensors file ({e}); download or convert it again") from None
 
 
 def build(cfg: LlamaConfig, max_len: int | None = None, dtype=jnp.float32, remat: bool = False) -> LlamaLM:
@@ -417,7 +425,6 @@ def load_params(path: str, module: LlamaLM, dtype=jnp.float32, shardings: Any = 
     own shard (`jax.make_array_from_callback`), so no device holds a full copy of a sharded leaf.
     Missing, unexpected or wrongly shaped tensors are a ValueError listing them."""
     import ml_dtypes  # noqa: F401  (NumPy bfloat16, used by safetensors for BF16 tensors)
-    from safetensors import safe_open
 
     files = _tensor_files(path)
     abstract = abstract_params(module)
@@ -439,8 +446,11 @@ def load_params(path: str, module: LlamaLM, dtype=jnp.float32, shardings: Any = 
         for (_, spec), (name, transposed), sharding in zip(flat, names, sharding_leaves):
             file = files[name]
             if file not in handles:
-                handles[file] = safe_open(file, framework="numpy").__enter__()
-            x = handles[file].get_tensor(name)
+                handles[file] = open_safetensors(file).__enter__()
+            try:
+                x = handles[file].get_tensor(name)
+            except Exception as e:  # noqa: BLE001 - a header that points past the end of the file
+                raise ValueError(f"{file}: tensor {name} is unreadable ({e}); download or convert it again") from None
             x = x.T if transposed else x
             if tuple(x.shape) != tuple(spec.shape):
                 raise ValueError(f"{file}: tensor {name} has shape {tuple(x.shape)}{' (transposed)' if transposed else ''}, "

@@ -25,7 +25,6 @@ greedy) and `plot` writes them to `plots/samples_<step>.txt`.
 """
 from __future__ import annotations
 
-import json
 import os
 
 import jax
