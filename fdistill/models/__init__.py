@@ -5,19 +5,35 @@ import importlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # name -> (module, class); imported lazily so that optional models cost nothing.
 MODELS = {
     "mlp": ("fdistill.models.mlp", "MLPDenoiserNet"),
     "unet": ("fdistill.models.unet", "UNet"),
+    "edm_ddpmpp": ("fdistill.models.edm_song", "SongUNet"),  # EDM's networks (arXiv 2206.00364)
+    "edm_ncsnpp": ("fdistill.models.edm_song", "SongUNet"),
+    "edm_adm": ("fdistill.models.edm_adm", "DhariwalUNet"),
 }
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def param_count(params) -> int:
-    """Elements of every leaf of `params` (arrays or ShapeDtypeStructs)."""
-    return int(sum(x.size for x in jax.tree.leaves(params)))
+def param_count(params, buffers: tuple[tuple[str, ...], ...] = ()) -> int:
+    """Elements of every leaf of `params` (arrays or ShapeDtypeStructs) but those at the key paths
+    `buffers` (constants kept among the parameters, e.g. NCSN++'s Fourier frequencies)."""
+    total = 0
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if tuple(str(getattr(k, "key", k)) for k in path) not in buffers:
+            total += int(np.prod(np.shape(x)))
+    return total
+
+
+def network_param_count(name: str, params) -> int:
+    """The parameter count of a `config.model.name` network as its authors count it: without the
+    constants its module lists in `BUFFERS` (EDM counts its networks' parameters, not buffers)."""
+    module = importlib.import_module(MODELS[name][0]) if name in MODELS else None
+    return param_count(params, getattr(module, "BUFFERS", ()))
 
 
 def compute_dtype(name: str):
