@@ -140,10 +140,11 @@ def open_dependency(config, field: str) -> FinishedRun:
 
 
 def check_shared(config, run: FinishedRun, field: str, sections: tuple[str, ...]) -> None:
-    """Every field of `sections` equal in `config` and the run's config, except paths (`data_dir`)
+    """Every field of `sections` equal in `config` and the run's config, except paths (`data_dir`),
+    the sample metrics' features and references (`feature_fn`, `num_reference`, `fid_reference`)
     and, for stored datasets, the shuffling `data.seed` (for the mixture the seed places the modes);
     otherwise a ValueError listing the differences."""
-    skip = {"data_dir"}
+    skip = {"data_dir", "feature_fn", "num_reference", "fid_reference"}  # paths and evaluation-only fields
     diffs = []
     for section in sections:
         ours, theirs = config[section].to_dict(), run.config[section].to_dict()

@@ -15,7 +15,10 @@ images for metrics), `feature_fn` ('' = `pixels`, or 'package.module:function' m
 
 Metrics: `fd_<features>` (Frechet distance to `num_reference` train images) and k-NN
 `precision`/`recall` (k = 3) in the chosen features. The default `pixels` features are the images
-average-pooled to at most 8x8 per channel: a cheap sanity metric, not FID.
+average-pooled to at most 8x8 per channel: a cheap sanity metric, not FID. With
+`feature_fn='fdistill.evaluation.fid:inception'` (weights: `config.eval.inception_weights`)
+`fd_inception` is FID against `num_reference` train images, and `fid_reference` (an `.npz` of
+`mu`, `sigma`, e.g. EDM's `cifar10-32x32.npz`) adds `fid` against those statistics, the papers' number.
 """
 from __future__ import annotations
 
@@ -115,6 +118,22 @@ class TFDSImageSource:
         self.shuffler = image_lib.EpochShuffler(len(self.records), self.seed)
         self.feature_name, self.feature_fn = resolve_feature_fn(data_config.get("feature_fn", ""))
         self._reference_features = None
+        self.fid_reference = self._fid_reference(data_config)
+
+    def _fid_reference(self, data_config):
+        """(mu, sigma) of `data.fid_reference`, or None; with FID's Inception features the weights
+        must be available now, not at the first evaluation."""
+        from fdistill.evaluation import fid
+
+        if self.feature_fn is fid.inception:
+            fid.inception_weights_path()  # a clear error naming config.eval.inception_weights
+        path = data_config.get("fid_reference", "")
+        if not path:
+            return None
+        if self.feature_fn is not fid.inception:
+            raise ValueError(f"config.data.fid_reference={path!r} holds Inception statistics; it needs "
+                             "config.data.feature_fn='fdistill.evaluation.fid:inception'")
+        return fid.load_statistics(path)
 
     def read(self, indices) -> dict:
         records = tfds_build.read_records(self.records, indices, self.dataset_dir, self.regenerate)
@@ -141,8 +160,13 @@ class TFDSImageSource:
         x = np.asarray(x, np.float32)
         finite = np.all(np.isfinite(x.reshape(len(x), -1)), axis=1)
         x = np.clip(np.nan_to_num(x, nan=0.0), -1.0, 1.0)
-        metrics = feature_metrics.feature_sample_metrics(
-            self.reference_features(), np.asarray(self.feature_fn(x)), prefix=f"fd_{self.feature_name}")
+        features = np.asarray(self.feature_fn(x))
+        metrics = feature_metrics.feature_sample_metrics(self.reference_features(), features,
+                                                         prefix=f"fd_{self.feature_name}")
+        if self.fid_reference is not None:  # FID against published statistics (e.g. EDM's cifar10-32x32.npz)
+            from fdistill.evaluation import fid
+
+            metrics["fid"] = fid.fid(*fid.statistics(features), *self.fid_reference)
         metrics["nonfinite_frac"] = float(1.0 - finite.mean())
         return metrics
 

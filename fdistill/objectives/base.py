@@ -88,13 +88,18 @@ def available() -> list[str]:
 
 
 def build(config) -> "Objective":
-    """Builds the objective named by `config.objective`; unknown names list the allowed ones."""
+    """Builds the objective named by `config.objective`; unknown names list the allowed ones. The
+    FID Inception weights named by `config.eval.inception_weights` are set up first (checked to exist)."""
     _discover()
     name = config.get("objective", None)
     if name not in _REGISTRY:
         raise ValueError(
             f"config.objective={name!r} is not a known objective; allowed: {sorted(_REGISTRY)}"
         )
+    if "eval" in config and config.eval.get("inception_weights"):
+        from fdistill.evaluation import fid
+
+        fid.configure_inception(config.eval.inception_weights)
     return _REGISTRY[name](config)
 
 
