@@ -80,8 +80,9 @@ def data(name: str) -> ConfigDict:
             image_key="image",
             label_key="label",  # '' = unconditional
             allow_download=False,
-            feature_fn="",  # 'package.module:function' (e.g. an Inception port for FID); '' = 8x8 pixels
+            feature_fn="",  # 'package.module:function' ('fdistill.evaluation.fid:inception': FID's); '' = 8x8 pixels
             num_reference=5000,  # data images whose features are the metric's reference
+            fid_reference="",  # '' or reference statistics (.npz with mu, sigma; EDM's fid-refs) for the 'fid' metric
         )
     if name == "trl":
         return _section(
@@ -118,6 +119,17 @@ def model(name: str) -> ConfigDict:
                         num_heads=1, emb_dim=128, num_classes=0, dropout=0.0, parametrisation="edm")
     if name == "transformer":
         return _section(name="transformer", width=64, depth=2, num_heads=4, mlp_ratio=4)
+    if name in ("edm_ddpmpp", "edm_ncsnpp"):  # EDM's SongUNet (fdistill.models.edm_song), its CIFAR-10 configs
+        ncsn = name == "edm_ncsnpp"
+        return _section(name=name, model_channels=128, channel_mult=(2, 2, 2), channel_mult_emb=4, num_blocks=4,
+                        attn_resolutions=(16,), dropout=0.13, label_dropout=0.0, num_classes=0, augment_dim=9,
+                        embedding_type="fourier" if ncsn else "positional", channel_mult_noise=2 if ncsn else 1,
+                        encoder_type="residual" if ncsn else "standard", decoder_type="standard",
+                        resample_filter=(1, 3, 3, 1) if ncsn else (1, 1), parametrisation="edm")
+    if name == "edm_adm":  # EDM's DhariwalUNet (fdistill.models.edm_adm), its ImageNet-64 config
+        return _section(name=name, model_channels=192, channel_mult=(1, 2, 3, 4), channel_mult_emb=4, num_blocks=3,
+                        attn_resolutions=(32, 16, 8), dropout=0.10, label_dropout=0.0, num_classes=0, augment_dim=0,
+                        parametrisation="edm")
     if name == "hf":
         return _section(
             name="hf",
@@ -125,7 +137,8 @@ def model(name: str) -> ConfigDict:
             param_dtype="float32",  # float32 | bfloat16: the loaded weights (the trained ones and the reference)
             remat=False,  # recompute each layer's activations in the backward pass
         )
-    raise ConfigError(f"config.model.name={name!r} has no base; known: ['mlp', 'unet', 'transformer', 'hf']")
+    raise ConfigError(f"config.model.name={name!r} has no base; known: ['mlp', 'unet', 'transformer', 'hf', "
+                      f"'edm_ddpmpp', 'edm_ncsnpp', 'edm_adm']")
 
 
 # ----- shared sections -----------------------------------------------------------------------------
@@ -187,7 +200,8 @@ def flow() -> ConfigDict:
 
 def sample_eval() -> ConfigDict:
     """Evaluation of a diffusion sampler on the data source's metrics."""
-    return _section(num_samples=8192, num_steps=18, sampler="heun", chunk=4096)
+    return _section(num_samples=8192, num_steps=18, sampler="heun", chunk=4096,
+                    inception_weights="")  # the FID Inception weights file (fdistill.evaluation.fid)
 
 
 # ----- families ------------------------------------------------------------------------------------

@@ -34,3 +34,23 @@ def build(data_config):
             f"{sorted(k for k in SOURCES if k != 'tfds')} or 'tfds:<name>'"
         )
     return importlib.import_module(SOURCES[key]).make_source(data_config)
+
+
+# per-example shapes of TFDS image data sets, known without opening them: (height, width, channels)
+KNOWN_SHAPES = {"cifar10": (32, 32, 3), "imagenet_resized/64x64": (64, 64, 3), "imagenet_resized/32x32": (32, 32, 3),
+                "mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1)}
+
+
+def known_shape(data_config) -> tuple[int, ...]:
+    """The per-example shape of `config.data` without reading the data set (tools that only need
+    shapes: parameter counts, checkpoint conversion); a ValueError when it is not known."""
+    name = str(data_config.name)
+    if name == "gmm":
+        return (int(data_config.dim),)
+    if name == "digits":
+        return (int(data_config.resolution), int(data_config.resolution), 1)
+    dataset = name.split(":", 1)[1] if name.startswith("tfds:") else name
+    if dataset in KNOWN_SHAPES:
+        return KNOWN_SHAPES[dataset]
+    raise ValueError(f"the shape of config.data.name={name!r} is not known without its data (known TFDS sets: "
+                     f"{sorted(KNOWN_SHAPES)})")
