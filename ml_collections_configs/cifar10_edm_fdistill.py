@@ -14,10 +14,11 @@ only, 4 critic updates per generator update, GAN weight 1e-3, the fake score tra
 unweighted x0 MSE, ratio bins of equal width in sigma with no EMA, noise indices 2..998, generator
 EMA 0.9999, and the discriminator's 3 heads on the frozen teacher's bottleneck features (FastGen
 reads the teacher's 32, 16 and 8 pixel levels: a difference). Data and sampler metrics as
-cifar10_edm_score.py. Hardware: the paper trained on 8+ A100s for days; one step holds four
-55.7M-parameter networks (teacher, generator and fake score with Adam moments, discriminator
-heads), about 2.7 GB of float32 parameters and optimiser state before activations; checked here
-only by compiling and stepping it with random weights on random CIFAR-shaped data
+cifar10_edm_score.py. Hardware: 983 GFLOP per image per step (XLA's count), 2.0e20 FLOP for the
+run, about 450 A100-hours at 40% MFU in bfloat16; one step holds four 55.7M-parameter networks
+(teacher, generator and fake score with Adam moments, the generator's EMA, discriminator heads),
+1.8 GB of float32 parameters and optimiser state before activations. Checked here only by compiling
+and stepping it with a small converted network on random CIFAR-shaped data
 (tests/test_edm_teachers.py), not trained.
 
 FID: `--config.eval.inception_weights=pt_inception-2015-12-05-6726825d.pth` (pytorch-fid's weights,
@@ -31,6 +32,7 @@ from fdistill import configs
 def get_config():
     c = configs.base("distill", data="tfds:cifar10", model="edm_ddpmpp")  # the model is the teacher's (adopted)
     c.data.label_key = "label"
+    c.model.num_classes = 10  # the teacher's (its whole model section is adopted)
     c.data.feature_fn = "fdistill.evaluation.fid:inception"  # FID's Inception-v3 pool features
     c.data.fid_reference = ""  # EDM's cifar10-32x32.npz (https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/) for 'fid'
     c.distill.teacher = "runs/edm_cifar10_cond"

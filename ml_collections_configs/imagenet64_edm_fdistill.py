@@ -11,10 +11,11 @@ ImageNet-64 choices: Jensen-Shannon (`js`; the paper's 1.16 FID), 600k generator
 512, AdamW lr 2e-6 and weight decay 0.01, generator clipping at norm 10, 4 critic updates per
 generator update, GAN weight 3e-3, ratio bins of equal width in sigma with EMA 0.5, the fake score
 trained with the unweighted x0 MSE, noise indices 2..998, generator EMA 0.9999, one discriminator
-head on the teacher's 8x8 bottleneck, mixed precision (bfloat16 activations). Hardware: one step
-holds four ~296M-parameter networks, about 14 GB of float32 parameters and Adam state before
-activations: an 8-GPU or TPU pod job (`mesh.fsdp` shards them); checked here by compiling it from
-shapes, not trained.
+head on the teacher's 8x8 bottleneck, mixed precision (bfloat16 activations). Hardware: about
+1.6e21 FLOP for the run (211 GFLOP per ADM forward pass, ~24 passes per image per step), some
+3,500 A100-hours at 40% MFU; one step holds four ~296M-parameter networks, about 9.5 GB of float32
+parameters and Adam state before activations: an 8-GPU or TPU pod job (`mesh.fsdp` shards them).
+Not trained or stepped here (its parameter count and the CIFAR-10 config's steps are tested).
 
 FID: `--config.eval.inception_weights=pt_inception-2015-12-05-6726825d.pth` (pytorch-fid's weights,
 https://github.com/mseitzer/pytorch-fid/releases; required: the run stops at start-up without them)
@@ -27,6 +28,7 @@ from fdistill import configs
 def get_config():
     c = configs.base("distill", data="tfds:imagenet_resized/64x64", model="edm_adm")
     c.data.label_key = "label"
+    c.model.num_classes = 1000  # the teacher's (its whole model section is adopted)
     c.data.feature_fn = "fdistill.evaluation.fid:inception"  # FID's Inception-v3 pool features
     c.data.fid_reference = ""  # EDM's imagenet-64x64.npz (https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/) for 'fid'
     c.distill.teacher = "runs/edm_in64"
