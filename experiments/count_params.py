@@ -89,5 +89,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from experiments.cli import check_config_overrides
+
+    check_config_overrides(sys.argv)
     define_flags()
     app.run(main)

@@ -19,6 +19,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments.cli import check_config_overrides
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, plots and results.")
 _FORCE_NEW = flags.DEFINE_bool("force_new", False, "Delete everything in --workdir and train from scratch (needed to "
@@ -52,23 +54,6 @@ def main(argv):
     except (workdir.WorkdirError, configs.ConfigError, CorruptDataError) as e:  # the message says it all
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2 if isinstance(e, configs.ConfigError) else getattr(e, "exit_code", 1))
-
-
-def check_config_overrides(argv: list[str]) -> None:
-    """Rejects an unknown `--config.a.b` field (naming the closest valid ones) or a value of the
-    wrong type before anything runs; exits with status 2 and one line of explanation."""
-    from fdistill import configs
-
-    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if path is None and "--config" in argv[:-1]:
-        path = argv[argv.index("--config") + 1]
-    if path is None:
-        return  # absl reports the missing flag
-    try:
-        configs.check_overrides(configs.load(path.split(":", 1)[0]), argv)
-    except (configs.ConfigError, FileNotFoundError) as e:
-        sys.stderr.write(f"error: {e}\n")
-        sys.exit(2)
 
 
 if __name__ == "__main__":
