@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from fdistill.models import param_count
-from fdistill.models.edm_adm import DhariwalUNet, convert_state_dict, groupnorm_groups, init_shapes
+from fdistill.models.edm_adm import DhariwalUNet, convert_state_dict, init_shapes, to_state_dict
+from fdistill.models.edm_layers import num_groups
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "edm")
 with open(os.path.join(FIXTURES, "adm_param_counts.json")) as _f:
@@ -137,7 +138,7 @@ def test_published_config_defaults():
 
 def test_groupnorm_groups_match_edm():
     for channels, groups in RECORD["groupnorm_groups"].items():
-        assert groupnorm_groups(int(channels)) == groups
+        assert num_groups(int(channels)) == groups
 
 
 def test_bad_shapes_raise():
@@ -174,3 +175,14 @@ def test_convert_state_dict_reports_mismatches():
     ok["model.enc.4x4_down.conv0.resample_filter"] = np.full((1, 1, 4, 4), 1 / 16, np.float32)
     with pytest.raises(ValueError, match="resample filter"):
         convert_state_dict(ok, module, image_shape)
+
+
+def test_to_state_dict_inverts_the_converter():
+    module, image_shape, sd, params, _, _ = _parity_setup("cond")
+    assert {"conv0", "affine", "norm1", "conv1"} <= set(params["enc"]["8x8_block0"])  # EDM's names, nested
+    back = to_state_dict(params, module, image_shape)
+    buffers = {k for k in back if k.endswith(".resample_filter")}
+    assert buffers and set(back) == set(sd) | buffers  # EDM's resample_filter buffers come along
+    for name, value in sd.items():
+        np.testing.assert_array_equal(back[name], value)
+    chex.assert_trees_all_equal(convert_state_dict(back, module, image_shape), params)
