@@ -15,10 +15,10 @@ from tests import hf_helpers
 
 @pytest.fixture(scope="module")
 def copy_task(tmp_path_factory):
-    """(checkpoint dir, 200-pair JSONL) of the copy task, a ~3M-parameter Llama."""
+    """(checkpoint dir, 200-pair JSONL) of the copy task, a 0.4M-parameter Llama."""
     root = tmp_path_factory.mktemp("hf")
     model = str(root / "model")
-    hf_helpers.make_checkpoint(model, hidden=256, layers=4, heads=4, kv_heads=2, intermediate=688)
+    hf_helpers.make_checkpoint(model, hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256)
     return model, hf_helpers.copy_task_pairs(str(root / "pairs.jsonl"), n=200)
 
 
@@ -33,18 +33,21 @@ def dpo_config(model: str, data: str, **po) -> configs.ConfigDict:
 
 
 def test_dpo_learns_the_copy_task_in_50_steps(copy_task, tmp_path):
-    """The issue's check: DPO, 50 steps of 8 pairs, raises the implicit-reward accuracy on the
-    training pairs above 0.9 (from 0: at step 0 policy = reference, every margin is 0, a tie)."""
-    model, data = copy_task
-    results = train.train_and_evaluate(dpo_config(model, data), str(tmp_path))
+    """The issue's check: DPO, 50 steps of 8 pairs on a 2.9M-parameter Llama, raises the
+    implicit-reward accuracy on the training pairs above 0.9 (from 0: at step 0 policy = reference,
+    every margin is 0, a tie)."""
+    _, data = copy_task
+    model = str(tmp_path / "model")
+    hf_helpers.make_checkpoint(model, hidden=256, layers=4, heads=4, kv_heads=2, intermediate=688)
+    results = train.train_and_evaluate(dpo_config(model, data), str(tmp_path / "run"))
     assert results["num_params"] > 2.5e6
     assert results["rewards/accuracies"] > 0.9, results
     assert results["rewards/margins"] > 0 and results["loss"] < np.log(2)
     assert results["data/num_pairs"] == 190  # 5% of the 200 rows held out
     assert 0 <= results["heldout/rewards/accuracies"] <= 1
-    text = open(glob.glob(str(tmp_path / "plots" / "samples_*.txt"))[0]).read()
+    text = open(glob.glob(str(tmp_path / "run" / "plots" / "samples_*.txt"))[0]).read()
     assert "[prompt]" in text and "copy w" in text
-    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert {"loss", "rewards/accuracies", "rewards/margins", "logps/chosen"} <= set(rows[0])
 
 
@@ -77,8 +80,8 @@ def test_step_compiles_once_fsdp_matches_replicated_and_precomputed_reference(co
             state, m = step(state, frozen, sharding.shard_batch(obj.batch(i), mesh))
             losses.append(float(m["loss"]))
         if fsdp == 4:
-            emb = state.params["embed_tokens"]["embedding"]
-            assert emb.sharding.shard_shape(emb.shape)[1] == emb.shape[1] // 4
+            gate = state.params["layers_0"]["mlp"]["gate_proj"]["kernel"]  # [128, 256]: split on its 256
+            assert gate.sharding.shard_shape(gate.shape) == (128, 64)
         results[name] = losses
     np.testing.assert_allclose(results["fsdp4"], results["replicated"], rtol=1e-4)
     np.testing.assert_allclose(results["precomputed"], results["replicated"], rtol=1e-4)

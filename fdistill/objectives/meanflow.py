@@ -27,8 +27,6 @@ The evaluation reports `config.eval.num_steps` (default 1) and `steps<k>/...` fo
 """
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,6 +38,7 @@ from fdistill.denoiser import label_kwargs, sample_in_chunks
 from fdistill.evaluation.samples import by_step_count
 from fdistill.evaluation.timing import timed_sampling
 from fdistill.objectives.base import Objective, register
+from fdistill.objectives.score import plot_samples
 
 EVAL_STEPS = (1, 2, 4)
 
@@ -155,8 +154,5 @@ class MeanFlow(Objective):
 
     def plot(self, state, frozen, plot_dir, step):
         e = self.config.eval
-        x = getattr(self, "_last_samples", None)
-        if x is None:
-            x = self.sample(ts.eval_params(state), jax.random.key(0), e.num_samples, int(e.num_steps))
-        path = os.path.join(plot_dir, f"samples_{step:07d}.png")
-        return [self.source.plot_samples(x, path, f"MeanFlow, {e.num_steps} step(s), step {step}")]
+        draw = lambda: self.sample(ts.eval_params(state), jax.random.key(0), e.num_samples, int(e.num_steps))
+        return plot_samples(self, draw, plot_dir, step, f"MeanFlow, {e.num_steps} step(s), step {step}")

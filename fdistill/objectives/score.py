@@ -97,15 +97,21 @@ class ScoreObjective(Objective):
         return metrics
 
     def plot(self, state, frozen, plot_dir, step):
-        x = getattr(self, "_last_samples", None)
-        if x is None:
-            x = self.sample(ts.eval_params(state), jax.random.key(0), min(self.config.eval.num_samples, 4096))
-        path = os.path.join(plot_dir, f"samples_{step:07d}.png")
-        return [self.source.plot_samples(x, path, f"{self.sampler_name()} samples, step {step}")]
+        draw = lambda: self.sample(ts.eval_params(state), jax.random.key(0), min(self.config.eval.num_samples, 4096))
+        return plot_samples(self, draw, plot_dir, step, f"{self.sampler_name()} samples, step {step}")
 
     def sampler_name(self) -> str:
         e = self.config.eval
         return f"{e.num_steps}-step {e.sampler}"
+
+
+def plot_samples(objective, draw, plot_dir: str, step: int, title: str) -> list[str]:
+    """`plots/samples_<step>.png` of the last evaluation's samples (`objective._last_samples`), or of
+    `draw()` when the run has not been evaluated yet."""
+    x = getattr(objective, "_last_samples", None)
+    if x is None:
+        x = draw()
+    return [objective.source.plot_samples(x, os.path.join(plot_dir, f"samples_{step:07d}.png"), title)]
 
 
 def load_teacher(workdir: str, field: str = "config.distill.teacher", allow_unfinished: bool = False
