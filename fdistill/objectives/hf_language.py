@@ -222,7 +222,9 @@ class HFPreferenceObjective(Objective):
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * len(idx)
             metrics.update({prefix + k: v / n for k, v in sums.items()} if n else {})
-        metrics.update({f"data/{k}": v for k, v in self.train_pairs.stats().items()})
+        if not hasattr(self, "_data_stats"):  # reads every record once
+            self._data_stats = {f"data/{k}": v for k, v in self.train_pairs.stats().items()}
+        metrics.update(self._data_stats)
         source = self.test_pairs if self.test_pairs.num_pairs else self.train_pairs
         rows = source.rows(np.arange(min(int(e.num_samples), source.num_pairs)))
         self._samples = self.hf.sample_text(params, rows["chosen_tokens"], prompt_lengths(rows["chosen_mask"]), key,
