@@ -25,6 +25,7 @@ greedy) and `plot` writes them to `plots/samples_<step>.txt`.
 """
 from __future__ import annotations
 
+import abc
 import os
 
 import jax
@@ -142,36 +143,67 @@ def write_samples(path: str, title: str, rows: list[dict]) -> str:
     return path
 
 
+class HFObjective(Objective):
+    """What 'hf_po' and 'hf_sft' share: the checkpoint and its tokenizer (`HFModel`), the optimiser,
+    the settings of the tokenized data, and responses decoded at evaluation (`plots/samples_*.txt`)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        check_data_path(config)
+        self.hf = HFModel(config)
+        self.optimizer = ts.Optimizer(ts.OptimizerSettings.from_config(config.train))
+        self.num_micro = ts.check_grad_accum(config.train.grad_accum_steps, config.train.batch_size)
+        self._samples: list[dict] = []
+
+    def data_settings(self) -> dict:
+        """The keyword arguments `hf_preference.prepare` and `hf_sft.prepare_sft` share."""
+        d = self.config.data
+        return dict(max_length=int(d.max_length), truncation_mode=d.truncation_mode, test_path=d.test_path or None,
+                    test_fraction=0.0 if d.test_path else float(d.test_fraction), seed=int(d.seed))
+
+    def check_batch_size(self, num_train: int, what: str) -> None:
+        if self.config.train.batch_size > num_train:
+            raise ValueError(f"config.train.batch_size={self.config.train.batch_size} exceeds the {num_train} "
+                             f"training {what} of {self.config.data.path}")
+
+    def decode_samples(self, params, tokens: np.ndarray, mask: np.ndarray, key) -> None:
+        """Continues the prompts of the rows `tokens` [n, L] (`mask` 1 on their responses) for `plot`."""
+        e = self.config.eval
+        self._samples = self.hf.sample_text(params, tokens, prompt_lengths(mask), key, int(e.max_new_tokens),
+                                            float(e.temperature)) if len(tokens) else []
+
+    @abc.abstractmethod
+    def plot_title(self, step: int) -> str:
+        """The first line of `plots/samples_<step>.txt`."""
+
+    def plot(self, state, frozen, plot_dir, step):
+        if not self._samples:
+            return []
+        return [write_samples(os.path.join(plot_dir, f"samples_{step:07d}.txt"), self.plot_title(step), self._samples)]
+
+
 # ----------------------------------------------------------------------------------------------
 # Preference optimisation
 # ----------------------------------------------------------------------------------------------
 @register("hf_po", family="hf")
-class HFPreferenceObjective(Objective):
+class HFPreferenceObjective(HFObjective):
     """Preference optimisation of a Hugging Face checkpoint (module docstring)."""
 
     def __init__(self, config):
-        super().__init__(config)
         from fdistill.data import hf_preference
 
         po, d = config.po, config.data
         prefloss.check_params(po.loss, po.beta, prefloss.params_from(po), section="config.po")
-        check_data_path(config)
-        self.hf = HFModel(config)
+        super().__init__(config)
         self.sft = None
         if po.sft_workdir:  # not a `runs.DEPENDENCIES` field: experiments.prepare cannot know the SFT data
             self.sft = runs.open_run(po.sft_workdir, "config.po.sft_workdir", ("hf_sft",), "hf_sft")
             runs.check_shared(config, self.sft, "po.sft_workdir", ("model",))
         self.pair_loss = PairLoss.from_section(self.hf.module, po)
         self.train_pairs, self.test_pairs = hf_preference.prepare(
-            d.path, self.hf.tokenizer, data_dir(config), max_length=int(d.max_length),
-            truncation_mode=d.truncation_mode, max_prompt_length=d.max_prompt_length,
-            max_completion_length=d.max_completion_length, test_path=d.test_path or None,
-            test_fraction=0.0 if d.test_path else float(d.test_fraction), seed=int(d.seed))
-        if config.train.batch_size > self.train_pairs.num_pairs:
-            raise ValueError(f"config.train.batch_size={config.train.batch_size} exceeds the {self.train_pairs.num_pairs} "
-                             f"training pairs of {d.path}")
-        self.optimizer = ts.Optimizer(ts.OptimizerSettings.from_config(config.train))
-        self.num_micro = ts.check_grad_accum(config.train.grad_accum_steps, config.train.batch_size)
+            d.path, self.hf.tokenizer, data_dir(config), max_prompt_length=d.max_prompt_length,
+            max_completion_length=d.max_completion_length, **self.data_settings())
+        self.check_batch_size(self.train_pairs.num_pairs, "pairs")
         self._ref = None
         if po.precompute_ref and not self.pair_loss.reference_free:
             self._precompute_reference()
@@ -227,40 +259,27 @@ class HFPreferenceObjective(Objective):
         metrics.update(self._data_stats)
         source = self.test_pairs if self.test_pairs.num_pairs else self.train_pairs
         rows = source.rows(np.arange(min(int(e.num_samples), source.num_pairs)))
-        self._samples = self.hf.sample_text(params, rows["chosen_tokens"], prompt_lengths(rows["chosen_mask"]), key,
-                                            int(e.max_new_tokens), float(e.temperature)) if len(rows["chosen_tokens"]) else []
+        self.decode_samples(params, rows["chosen_tokens"], rows["chosen_mask"], key)
         return metrics
 
-    def plot(self, state, frozen, plot_dir, step):
-        if not getattr(self, "_samples", None):
-            return []
-        title = f"{self.config.po.loss} (beta={self.config.po.beta:g}) of {self.hf.path}, step {step}"
-        return [write_samples(os.path.join(plot_dir, f"samples_{step:07d}.txt"), title, self._samples)]
+    def plot_title(self, step: int) -> str:
+        return f"{self.config.po.loss} (beta={self.config.po.beta:g}) of {self.hf.path}, step {step}"
 
 
 # ----------------------------------------------------------------------------------------------
 # Supervised fine-tuning
 # ----------------------------------------------------------------------------------------------
 @register("hf_sft", family="hf")
-class HFSFTObjective(Objective):
+class HFSFTObjective(HFObjective):
     """Next-token training of a Hugging Face checkpoint on a TRL SFT file (module docstring)."""
 
     def __init__(self, config):
-        super().__init__(config)
         from fdistill.data import hf_sft
 
-        d = config.data
-        check_data_path(config)
-        self.hf = HFModel(config)
+        super().__init__(config)
         self.train_examples, self.test_examples = hf_sft.prepare_sft(
-            d.path, self.hf.tokenizer, data_dir(config), max_length=int(d.max_length),
-            truncation_mode=d.truncation_mode, test_path=d.test_path or None,
-            test_fraction=0.0 if d.test_path else float(d.test_fraction), seed=int(d.seed))
-        if config.train.batch_size > self.train_examples.num_examples:
-            raise ValueError(f"config.train.batch_size={config.train.batch_size} exceeds the "
-                             f"{self.train_examples.num_examples} training examples of {d.path}")
-        self.optimizer = ts.Optimizer(ts.OptimizerSettings.from_config(config.train))
-        self.num_micro = ts.check_grad_accum(config.train.grad_accum_steps, config.train.batch_size)
+            config.data.path, self.hf.tokenizer, data_dir(config), **self.data_settings())
+        self.check_batch_size(self.train_examples.num_examples, "examples")
         self._nll_sum = jax.jit(lambda p, t, m: token_nll(self.hf.module, p, t, m, denominator=1.0))
 
     init_only = ("init",)
@@ -294,12 +313,8 @@ class HFSFTObjective(Objective):
                 metrics[prefix + "loss"] = nll / tokens
         source = self.test_examples if self.test_examples.num_examples else self.train_examples
         rows = source.rows(np.arange(min(int(e.num_samples), source.num_examples)))
-        self._samples = self.hf.sample_text(params, rows["tokens"], prompt_lengths(rows["loss_mask"]), key,
-                                            int(e.max_new_tokens), float(e.temperature)) if len(rows["tokens"]) else []
+        self.decode_samples(params, rows["tokens"], rows["loss_mask"], key)
         return metrics
 
-    def plot(self, state, frozen, plot_dir, step):
-        if not getattr(self, "_samples", None):
-            return []
-        title = f"SFT of {self.hf.path}, step {step}"
-        return [write_samples(os.path.join(plot_dir, f"samples_{step:07d}.txt"), title, self._samples)]
+    def plot_title(self, step: int) -> str:
+        return f"SFT of {self.hf.path}, step {step}"
