@@ -15,6 +15,7 @@ import numpy as np
 
 from fdistill.models import llama
 
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
 WORDS = ["copy", ":", "user", "assistant", "system"] + [f"w{i}" for i in range(59)]
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' + message['content'] + "
@@ -57,28 +58,49 @@ def copy_task_pairs(path: str, n: int = 200, seed: int = 0, conversational: bool
     """`n` pairs of the copy task as JSONL (standard strings, or conversational messages)."""
     rng = np.random.default_rng(seed)
     vocab = [f"w{i}" for i in range(words)]
-    with open(path, "w") as f:
-        for _ in range(n):
-            k = int(rng.integers(2, 6))
-            ws = list(rng.choice(vocab, k, replace=False))
-            other = list(rng.choice([w for w in vocab if w not in ws], k, replace=False))
-            prompt, chosen, rejected = "copy " + " ".join(ws) + " :", " " + " ".join(ws), " " + " ".join(other)
-            if conversational:
-                row = {"prompt": [{"role": "user", "content": prompt}],
-                       "chosen": [{"role": "assistant", "content": chosen.strip()}],
-                       "rejected": [{"role": "assistant", "content": rejected.strip()}]}
-            else:
-                row = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-            f.write(json.dumps(row) + "\n")
-    return path
+    rows = []
+    for _ in range(n):
+        k = int(rng.integers(2, 6))
+        ws = list(rng.choice(vocab, k, replace=False))
+        other = list(rng.choice([w for w in vocab if w not in ws], k, replace=False))
+        prompt, chosen, rejected = "copy " + " ".join(ws) + " :", " " + " ".join(ws), " " + " ".join(other)
+        if conversational:
+            rows.append({"prompt": [{"role": "user", "content": prompt}],
+                         "chosen": [{"role": "assistant", "content": chosen.strip()}],
+                         "rejected": [{"role": "assistant", "content": rejected.strip()}]})
+        else:
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return write_jsonl(path, rows)
 
 
 def copy_task_sft(path: str, n: int = 200, seed: int = 1, words: int = 40) -> str:
     """`n` prompt-completion rows of the copy task as JSONL (the completion repeats the prompt's words)."""
     rng = np.random.default_rng(seed)
     vocab = [f"w{i}" for i in range(words)]
-    with open(path, "w") as f:
-        for _ in range(n):
-            ws = list(rng.choice(vocab, int(rng.integers(2, 6)), replace=False))
-            f.write(json.dumps({"prompt": "copy " + " ".join(ws) + " :", "completion": " " + " ".join(ws)}) + "\n")
-    return path
+    rows = []
+    for _ in range(n):
+        ws = list(rng.choice(vocab, int(rng.integers(2, 6)), replace=False))
+        rows.append({"prompt": "copy " + " ".join(ws) + " :", "completion": " " + " ".join(ws)})
+    return write_jsonl(path, rows)
+
+
+def fixture_tokenizer(name: str):
+    """A tokenizer directory of tests/fixtures/hf/ (written with transformers) as an `HFTokenizer`."""
+    from fdistill.data.hf_tokenizer import HFTokenizer
+
+    return HFTokenizer.from_dir(os.path.join(FIXTURES, name))
+
+
+def write_jsonl(path, rows) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def write_parquet(path, rows) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), str(path))
+    return str(path)

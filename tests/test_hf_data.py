@@ -14,6 +14,7 @@ import pytest
 from fdistill.data import hf_preference as hp
 from fdistill.data import tfds_build
 from fdistill.data.hf_tokenizer import HFTokenizer
+from tests.hf_helpers import fixture_tokenizer, write_jsonl, write_parquet
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 TOKENIZERS = ("tokenizer_llama3", "tokenizer_chatml")
@@ -28,31 +29,12 @@ CHAT = _load("chat_templates.json")
 DPO = _load("trl_dpo.json")
 
 
-def _tok(name):
-    return HFTokenizer.from_dir(os.path.join(FIX, name))
-
-
-def _write_jsonl(path, rows):
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    return str(path)
-
-
-def _write_parquet(path, rows):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    pq.write_table(pa.Table.from_pylist(rows), str(path))
-    return str(path)
-
-
 # ----------------------------------------------------------------------------------------------
 # Tokenizer and chat template
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", TOKENIZERS)
 def test_chat_template_matches_transformers(name):
-    tok, fx = _tok(name), CHAT[name]
+    tok, fx = fixture_tokenizer(name), CHAT[name]
     assert tok.vocab_size == fx["vocab_size"]
     for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "bos_token", "eos_token", "pad_token"):
         assert getattr(tok, attr) == fx[attr], attr
@@ -70,8 +52,8 @@ def test_chat_template_matches_transformers(name):
 
 def test_template_sources_and_errors(tmp_path):
     # chat_template.jinja (chatml) and tokenizer_config.json (llama3) are both read
-    assert "<|im_start|>" in _tok("tokenizer_chatml").get_chat_template()
-    assert "<|start_header_id|>" in _tok("tokenizer_llama3").get_chat_template()
+    assert "<|im_start|>" in fixture_tokenizer("tokenizer_chatml").get_chat_template()
+    assert "<|start_header_id|>" in fixture_tokenizer("tokenizer_llama3").get_chat_template()
     # the list-of-named-templates form, and a template file that wins over the config
     d = tmp_path / "named"
     shutil.copytree(os.path.join(FIX, "tokenizer_llama3"), d)
@@ -97,7 +79,7 @@ def test_template_sources_and_errors(tmp_path):
     import jinja2
 
     with pytest.raises(jinja2.TemplateError, match="Unknown role: robot"):
-        _tok("tokenizer_chatml").apply_chat_template([{"role": "robot", "content": "x"}])
+        fixture_tokenizer("tokenizer_chatml").apply_chat_template([{"role": "robot", "content": "x"}])
     # missing / malformed tokenizer.json
     (d / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match="tokenizer.json"):
@@ -122,7 +104,7 @@ def _tokenized(tok, rows, max_length, mode):
 
 def test_dpo_tokenization_matches_trl():
     assert DPO["trl_version"] == hp.TRL_VERSION
-    toks = {n: _tok(n) for n in TOKENIZERS}
+    toks = {n: fixture_tokenizer(n) for n in TOKENIZERS}
     dropped = truncated = 0
     for key, res in DPO["results"].items():
         tname, dname, ml, mode = key.split("/")
@@ -194,7 +176,7 @@ BAD_ROWS = [
 def test_malformed_rows_name_file_row_field(tmp_path, row, msg):
     good = ({"prompt": U, "chosen": A, "rejected": [{"role": "assistant", "content": "No."}]}
             if isinstance(row.get("prompt"), list) else {"prompt": "Sky?", "chosen": " Blue.", "rejected": " Green."})
-    path = _write_jsonl(tmp_path / "pairs.jsonl", [good, row])
+    path = write_jsonl(tmp_path / "pairs.jsonl", [good, row])
     data_dir = tmp_path / "data"
     with pytest.raises(ValueError) as e:
         hp.prepare(path, os.path.join(FIX, "tokenizer_llama3"), str(data_dir), max_length=32)
@@ -204,10 +186,10 @@ def test_malformed_rows_name_file_row_field(tmp_path, row, msg):
 
 def test_prepare_jsonl_parquet_batches_reuse_and_corruption(tmp_path, monkeypatch):
     rows = DPO["datasets"]["conversational"]
-    tok = _tok("tokenizer_chatml")
+    tok = fixture_tokenizer("tokenizer_chatml")
     kw = dict(max_length=50, truncation_mode="keep_end")
-    tr_j, te_j = hp.prepare(_write_jsonl(tmp_path / "p.jsonl", rows), tok, str(tmp_path / "a"), **kw)
-    tr_p, te_p = hp.prepare(_write_parquet(tmp_path / "p.parquet", rows), tok, str(tmp_path / "b"), **kw)
+    tr_j, te_j = hp.prepare(write_jsonl(tmp_path / "p.jsonl", rows), tok, str(tmp_path / "a"), **kw)
+    tr_p, te_p = hp.prepare(write_parquet(tmp_path / "p.parquet", rows), tok, str(tmp_path / "b"), **kw)
     assert tr_j.num_pairs == tr_p.num_pairs == 3 and te_j.num_pairs == te_p.num_pairs == 0
     a, b = tr_j.rows([0, 1, 2]), tr_p.rows([0, 1, 2])
     assert set(a) == {f"{s}_{k}" for s in hp.SIDES for k in ("tokens", "mask", "lengths")}
@@ -243,14 +225,14 @@ def test_prepare_jsonl_parquet_batches_reuse_and_corruption(tmp_path, monkeypatc
 
 def test_splits_sft_free_settings_and_failed_write(tmp_path, monkeypatch):
     rows = [{"prompt": f"Question {i}?", "chosen": " It is blue.", "rejected": " No."} for i in range(10)]
-    path = _write_jsonl(tmp_path / "p.jsonl", rows)
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
     tok_dir = os.path.join(FIX, "tokenizer_llama3")
     tr, te = hp.prepare(path, tok_dir, str(tmp_path / "d"), max_length=24, test_fraction=0.3, split_seed=1)
     assert (tr.num_pairs, te.num_pairs) == (7, 3)
     tr2, te2 = hp.prepare(path, tok_dir, str(tmp_path / "d"), max_length=24, test_fraction=0.3, split_seed=1)
     np.testing.assert_array_equal(te.rows([0, 1, 2])["chosen_tokens"], te2.rows([0, 1, 2])["chosen_tokens"])
     # a separate test file
-    test_path = _write_jsonl(tmp_path / "t.jsonl", rows[:2])
+    test_path = write_jsonl(tmp_path / "t.jsonl", rows[:2])
     tr, te = hp.prepare(path, tok_dir, str(tmp_path / "d"), max_length=24, test_path=test_path)
     assert (tr.num_pairs, te.num_pairs) == (10, 2)
     with pytest.raises(ValueError, match="max_length"):

@@ -10,32 +10,13 @@ import pytest
 
 from fdistill.data import hf_preference as hp
 from fdistill.data import hf_sft
-from fdistill.data.hf_tokenizer import HFTokenizer
+from tests.hf_helpers import fixture_tokenizer, write_jsonl, write_parquet
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 with open(os.path.join(FIX, "trl_sft.json"), encoding="utf-8") as _f:
     SFT = json.load(_f)
 U = [{"role": "user", "content": "Sky?"}]
 A = [{"role": "assistant", "content": "Blue."}]
-
-
-def _tok(name):
-    return HFTokenizer.from_dir(os.path.join(FIX, name))
-
-
-def _write_jsonl(path, rows):
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    return str(path)
-
-
-def _write_parquet(path, rows):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    pq.write_table(pa.Table.from_pylist(rows), str(path))
-    return str(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -45,8 +26,8 @@ def _write_parquet(path, rows):
 def test_matches_trl_sft_trainer(tmp_path, key):
     assert SFT["trl_version"] == hf_sft.TRL_VERSION
     tname, dname, max_length, mode, col = key.split("/")
-    res, tok = SFT["results"][key], _tok(tname)
-    path = _write_jsonl(tmp_path / "d.jsonl", SFT["datasets"][dname])
+    res, tok = SFT["results"][key], fixture_tokenizer(tname)
+    path = write_jsonl(tmp_path / "d.jsonl", SFT["datasets"][dname])
     recs = hf_sft.tokenize_file(path, tok, max_length=1 << 20 if max_length == "None" else int(max_length),
                                 truncation_mode=mode, completion_only_loss={"None": None, "False": False}[col])
     assert len(recs) == len(res["examples"])
@@ -79,10 +60,10 @@ def test_fixture_covers_drops_and_assistant_only_loss():
 # Masks by hand
 # ----------------------------------------------------------------------------------------------
 def test_masks_by_hand(tmp_path):
-    tok = _tok("tokenizer_llama3")
+    tok = fixture_tokenizer("tokenizer_llama3")
     bos, eos = tok.bos_token_id, tok.eos_token_id
     # language modeling: BOS + text + EOS, every token but the first scored
-    recs = hf_sft.tokenize_file(_write_jsonl(tmp_path / "a.jsonl", [{"text": "The sky is blue."}]), tok)
+    recs = hf_sft.tokenize_file(write_jsonl(tmp_path / "a.jsonl", [{"text": "The sky is blue."}]), tok)
     body = tok.encode("The sky is blue.")
     assert recs[0]["tokens"].tolist() == [bos] + body + [eos]
     t, m = hf_sft.pad_example(recs[0]["tokens"], recs[0]["loss_mask"], len(body) + 4, tok.pad_token_id)
@@ -90,7 +71,7 @@ def test_masks_by_hand(tmp_path):
     assert t[-2:].tolist() == [tok.pad_token_id] * 2
     # prompt-completion: the prompt's tokens are not scored; completion_only_loss=False scores them
     row = {"prompt": "What color is the sky?", "completion": " It is blue."}
-    path = _write_jsonl(tmp_path / "b.jsonl", [row])
+    path = write_jsonl(tmp_path / "b.jsonl", [row])
     (rec,) = hf_sft.tokenize_file(path, tok)
     n_prompt = len(tok.encode(row["prompt"], add_special_tokens=True))
     assert rec["tokens"].tolist() == tok.encode(row["prompt"] + row["completion"] + "<|eot_id|>",
@@ -99,7 +80,7 @@ def test_masks_by_hand(tmp_path):
     (rec,) = hf_sft.tokenize_file(path, tok, completion_only_loss=False)
     assert rec["loss_mask"].tolist() == [1] * len(rec["tokens"])
     # conversational prompt-completion: the prompt with the generation prompt is not scored
-    path = _write_jsonl(tmp_path / "c.jsonl", [{"prompt": U, "completion": A}])
+    path = write_jsonl(tmp_path / "c.jsonl", [{"prompt": U, "completion": A}])
     (rec,) = hf_sft.tokenize_file(path, tok)
     n_prompt = len(tok.apply_chat_template(U, add_generation_prompt=True, tokenize=True))
     assert rec["tokens"].tolist() == tok.apply_chat_template(U + A, tokenize=True)
@@ -112,22 +93,22 @@ def test_masks_by_hand(tmp_path):
 
 
 def test_only_first_token_scored_and_nothing_left_raise(tmp_path):
-    tok = _tok("tokenizer_chatml")  # no BOS: an empty text is the single token EOS
-    path = _write_jsonl(tmp_path / "a.jsonl", [{"text": "Hi."}, {"text": ""}])
+    tok = fixture_tokenizer("tokenizer_chatml")  # no BOS: an empty text is the single token EOS
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": "Hi."}, {"text": ""}])
     with pytest.raises(ValueError, match=r"row 1 \(line 2\).*only scored token is the first"):
         hf_sft.prepare_sft(path, tok, str(tmp_path / "d"), max_length=8)
-    path = _write_jsonl(tmp_path / "b.jsonl", [{"prompt": U, "completion": A}])
+    path = write_jsonl(tmp_path / "b.jsonl", [{"prompt": U, "completion": A}])
     with pytest.raises(ValueError, match="no training examples left"):
         hf_sft.prepare_sft(path, tok, str(tmp_path / "d"), max_length=8)
     assert not os.path.exists(tmp_path / "d" / hf_sft.DATASET)
 
 
 def test_assistant_only_loss_raises(tmp_path):
-    tok = _tok("tokenizer_llama3")
-    conv = _write_jsonl(tmp_path / "c.jsonl", [{"messages": U + A}])
+    tok = fixture_tokenizer("tokenizer_llama3")
+    conv = write_jsonl(tmp_path / "c.jsonl", [{"messages": U + A}])
     with pytest.raises(ValueError, match="generation"):
         hf_sft.prepare_sft(conv, tok, str(tmp_path / "d"), assistant_only_loss=True)
-    text = _write_jsonl(tmp_path / "t.jsonl", [{"text": "x"}])
+    text = write_jsonl(tmp_path / "t.jsonl", [{"text": "x"}])
     with pytest.raises(ValueError, match="needs conversational data"):
         hf_sft.prepare_sft(text, tok, str(tmp_path / "d"), assistant_only_loss=True)
     assert not os.path.exists(tmp_path / "d" / hf_sft.DATASET)
@@ -156,7 +137,7 @@ BAD_ROWS = [
 
 @pytest.mark.parametrize("good,bad,msg", BAD_ROWS)
 def test_malformed_rows_name_file_row_field(tmp_path, good, bad, msg):
-    path = _write_jsonl(tmp_path / "sft.jsonl", [good, bad])
+    path = write_jsonl(tmp_path / "sft.jsonl", [good, bad])
     data_dir = tmp_path / "data"
     with pytest.raises(ValueError) as e:
         hf_sft.prepare_sft(path, os.path.join(FIX, "tokenizer_chatml"), str(data_dir), max_length=32)
@@ -169,10 +150,10 @@ def test_malformed_rows_name_file_row_field(tmp_path, good, bad, msg):
 # ----------------------------------------------------------------------------------------------
 def test_prepare_jsonl_parquet_batches_reuse(tmp_path, monkeypatch):
     rows = SFT["datasets"]["conversational_prompt_completion"]
-    tok = _tok("tokenizer_llama3")
+    tok = fixture_tokenizer("tokenizer_llama3")
     kw = dict(max_length=48, truncation_mode="keep_end")
-    tr_j, te_j = hf_sft.prepare_sft(_write_jsonl(tmp_path / "s.jsonl", rows), tok, str(tmp_path / "a"), **kw)
-    tr_p, te_p = hf_sft.prepare_sft(_write_parquet(tmp_path / "s.parquet", rows), tok, str(tmp_path / "b"), **kw)
+    tr_j, te_j = hf_sft.prepare_sft(write_jsonl(tmp_path / "s.jsonl", rows), tok, str(tmp_path / "a"), **kw)
+    tr_p, te_p = hf_sft.prepare_sft(write_parquet(tmp_path / "s.parquet", rows), tok, str(tmp_path / "b"), **kw)
     assert tr_j.num_examples == tr_p.num_examples == 3 and te_j.num_examples == te_p.num_examples == 0
     a, b = tr_j.rows([0, 1, 2]), tr_p.rows([0, 1, 2])
     assert set(a) == {"tokens", "loss_mask"}
@@ -203,7 +184,7 @@ def test_prepare_jsonl_parquet_batches_reuse(tmp_path, monkeypatch):
 
 def test_splits_and_settings(tmp_path):
     rows = [{"text": f"Question {i}? It is blue."} for i in range(10)]
-    path = _write_jsonl(tmp_path / "s.jsonl", rows)
+    path = write_jsonl(tmp_path / "s.jsonl", rows)
     tok_dir = os.path.join(FIX, "tokenizer_llama3")
     tr, te = hf_sft.prepare_sft(path, tok_dir, str(tmp_path / "d"), max_length=16, test_fraction=0.3, split_seed=1)
     assert (tr.num_examples, te.num_examples) == (7, 3)
@@ -211,7 +192,7 @@ def test_splits_and_settings(tmp_path):
                                   split_seed=1)
     np.testing.assert_array_equal(te.rows([0, 1, 2])["tokens"], te2.rows([0, 1, 2])["tokens"])
     tr, te = hf_sft.prepare_sft(path, tok_dir, str(tmp_path / "d"), max_length=16,
-                                test_path=_write_jsonl(tmp_path / "t.jsonl", rows[:2]))
+                                test_path=write_jsonl(tmp_path / "t.jsonl", rows[:2]))
     assert (tr.num_examples, te.num_examples) == (10, 2)
     for bad, match in ((dict(max_length=None), "max_length"), (dict(truncation_mode="middle"), "truncation_mode"),
                        (dict(completion_only_loss="yes"), "completion_only_loss"),
