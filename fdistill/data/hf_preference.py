@@ -60,13 +60,11 @@ from typing import Sequence
 
 import numpy as np
 
-from fdistill.data import tfds_build
+from fdistill.data import tfds_build, trl_files
 from fdistill.data.hf_tokenizer import HFTokenizer
 from fdistill.data.trl_files import (TRL_VERSION, TRUNCATION_MODES, check_split, check_truncation,  # noqa: F401
                                      common_prefix_length, fingerprint, padding_id, parse_messages, parse_tools,
                                      read_rows, split_records, write_once)
-from fdistill.data.preference import epoch_indices
-from fdistill.sharding import process_slice
 
 SIDES = ("chosen", "rejected")
 
@@ -278,35 +276,26 @@ def prepare(data_path: str, tokenizer: str | HFTokenizer, data_dir: str, *, max_
             HFPreferencePairs(data_dir, name, "test", max_length, pad_id, seed=seed, vocab_size=tok.vocab_size))
 
 
-class HFPreferencePairs:
+class HFPreferencePairs(trl_files.StoredSplit):
     """One split of a prepared dataset as model inputs, read by random access: `rows(idx)` and the
     deterministic `batch(step, ...)` give {chosen,rejected}_{tokens [B, L] int32, mask [B, L]
     float32, lengths [B] float32} (plus ref_{chosen,rejected}_logps after `set_reference_logps`)."""
 
+    what = "preference pairs"
+
     def __init__(self, data_dir: str, name: str, split: str, seq_len: int, pad_id: int, seed: int = 0,
                  vocab_size: int | None = None):
-        b = _builder(data_dir, name)
-        if not b.is_prepared():
-            raise FileNotFoundError(f"no prepared dataset hf_preference_pairs/{name} under {data_dir}")
-        sources = b.as_data_source()
-        if split not in ("train", "test"):
-            raise ValueError(f"{b.data_dir}: unknown split {split!r}; have 'train' and 'test'")
-        # `prepare` writes no empty split (TFDS refuses them): a split that is absent has no pairs
-        self.source, self.split, self.name = sources.get(split, []), split, name
-        self.path = str(b.data_dir)
-        self.seq_len, self.pad_id, self.seed, self.vocab_size = int(seq_len), int(pad_id), int(seed), vocab_size
-        self.num_pairs = len(self.source)
+        super().__init__(_builder(data_dir, name), "hf_preference_pairs", name, split, seq_len, pad_id, seed,
+                         vocab_size)
         self.reference: dict[str, np.ndarray] = {}
+
+    @property
+    def num_pairs(self) -> int:
+        return self.size
 
     def set_reference_logps(self, chosen: np.ndarray, rejected: np.ndarray) -> None:
         self.reference = {"ref_chosen_logps": np.asarray(chosen, np.float32),
                           "ref_rejected_logps": np.asarray(rejected, np.float32)}
-
-    def records(self, idx) -> list[dict]:
-        idx = np.asarray(idx, np.int64).reshape(-1)
-        if idx.size and (idx.min() < 0 or idx.max() >= self.num_pairs):
-            raise IndexError(f"{self.path} split {self.split!r}: indices outside [0, {self.num_pairs})")
-        return tfds_build.read_records(self.source, idx, self.path)
 
     def rows(self, idx) -> dict[str, np.ndarray]:
         idx = np.asarray(idx, np.int64).reshape(-1)
@@ -316,11 +305,7 @@ class HFPreferencePairs:
             tr = {}
             for side in SIDES:
                 seq, mask = np.asarray(rec[f"{side}_tokens"]), np.asarray(rec[f"{side}_mask"])
-                if seq.ndim != 1 or seq.shape != mask.shape or len(seq) > self.seq_len:
-                    raise ValueError(f"{where}: field {side + '_tokens'!r} has shape {seq.shape} (mask {mask.shape}); "
-                                     f"expected equal 1-D lengths <= {self.seq_len}")
-                if self.vocab_size is not None and seq.size and (seq.min() < 0 or seq.max() >= self.vocab_size):
-                    raise ValueError(f"{where}: field {side + '_tokens'!r} holds ids outside [0, {self.vocab_size})")
+                self.check_sequence(seq, mask, where, f"{side}_tokens", "mask")
                 tr[side] = (seq, mask)
             for k, v in pad_pair(tr, self.seq_len, self.pad_id).items():
                 out.setdefault(k, []).append(v)
@@ -332,14 +317,6 @@ class HFPreferencePairs:
         for k, v in self.reference.items():
             res[k] = v[idx]
         return res
-
-    def batch(self, step: int, global_batch: int, process_index: int = 0, process_count: int = 1) -> dict:
-        """This process's slice of the global batch of `step` (epoch permutations seeded by `seed`,
-        as `fdistill.data.preference.PreferencePairs.batch`); only that slice is read."""
-        if self.num_pairs == 0:
-            raise ValueError(f"{self.path} split {self.split!r}: no preference pairs")
-        idx = epoch_indices(self.num_pairs, global_batch, step, self.seed)
-        return self.rows(idx[process_slice(global_batch, process_index, process_count)])
 
     def stats(self, chunk: int = 1024) -> dict[str, float]:
         """Counts and mean lengths of the split (reads every record, `chunk` at a time)."""

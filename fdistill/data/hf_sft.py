@@ -64,8 +64,6 @@ import numpy as np
 
 from fdistill.data import tfds_build, trl_files
 from fdistill.data.hf_tokenizer import HFTokenizer
-from fdistill.data.preference import epoch_indices
-from fdistill.sharding import process_slice
 
 TRL_VERSION = trl_files.TRL_VERSION
 FORMAT_VERSION = 1  # bump when the records or the tokenization rules change
@@ -283,54 +281,32 @@ def prepare_sft(data_path: str, tokenizer: str | HFTokenizer, data_dir: str, *, 
                  for split in ("train", "test"))
 
 
-class HFSFTExamples:
+class HFSFTExamples(trl_files.StoredSplit):
     """One split of a prepared SFT dataset as model inputs, read by random access: `rows(idx)` and
     the deterministic `batch(step, ...)` give {tokens [B, L] int32, loss_mask [B, L] float32}."""
 
+    what = "SFT examples"
+
     def __init__(self, data_dir: str, name: str, split: str, seq_len: int, pad_id: int, seed: int = 0,
                  vocab_size: int | None = None):
-        b = _builder(data_dir, name)
-        if not b.is_prepared():
-            raise FileNotFoundError(f"no prepared dataset {DATASET}/{name} under {data_dir}")
-        if split not in ("train", "test"):
-            raise ValueError(f"{b.data_dir}: unknown split {split!r}; have 'train' and 'test'")
-        # `prepare_sft` writes no empty split (TFDS refuses them): a split that is absent is empty
-        self.source, self.split, self.name = b.as_data_source().get(split, []), split, name
-        self.path = str(b.data_dir)
-        self.seq_len, self.pad_id, self.seed, self.vocab_size = int(seq_len), int(pad_id), int(seed), vocab_size
-        self.num_examples = len(self.source)
+        super().__init__(_builder(data_dir, name), DATASET, name, split, seq_len, pad_id, seed, vocab_size)
 
-    def records(self, idx) -> list[dict]:
-        idx = np.asarray(idx, np.int64).reshape(-1)
-        if idx.size and (idx.min() < 0 or idx.max() >= self.num_examples):
-            raise IndexError(f"{self.path} split {self.split!r}: indices outside [0, {self.num_examples})")
-        return tfds_build.read_records(self.source, idx, self.path)
+    @property
+    def num_examples(self) -> int:
+        return self.size
 
     def rows(self, idx) -> dict[str, np.ndarray]:
         idx = np.asarray(idx, np.int64).reshape(-1)
         tokens, masks = [], []
         for pos, rec in zip(idx, self.records(idx)):
             seq, mask = np.asarray(rec["tokens"]), np.asarray(rec["loss_mask"])
-            where = f"{self.path} split {self.split!r}: record {int(pos)}"
-            if seq.ndim != 1 or seq.shape != mask.shape or len(seq) > self.seq_len:
-                raise ValueError(f"{where}: field 'tokens' has shape {seq.shape} (loss_mask {mask.shape}); expected "
-                                 f"equal 1-D lengths <= {self.seq_len}")
-            if self.vocab_size is not None and seq.size and (seq.min() < 0 or seq.max() >= self.vocab_size):
-                raise ValueError(f"{where}: field 'tokens' holds ids outside [0, {self.vocab_size})")
+            self.check_sequence(seq, mask, f"{self.path} split {self.split!r}: record {int(pos)}", "tokens", "loss_mask")
             t, m = pad_example(seq, mask, self.seq_len, self.pad_id)
             tokens.append(t)
             masks.append(m)
         if not tokens:
             return {"tokens": np.zeros((0, self.seq_len), np.int32), "loss_mask": np.zeros((0, self.seq_len), np.float32)}
         return {"tokens": np.stack(tokens), "loss_mask": np.stack(masks)}
-
-    def batch(self, step: int, global_batch: int, process_index: int = 0, process_count: int = 1) -> dict:
-        """This process's slice of the global batch of `step` (epoch permutations seeded by `seed`,
-        as `fdistill.data.preference.PreferencePairs.batch`); only that slice is read."""
-        if self.num_examples == 0:
-            raise ValueError(f"{self.path} split {self.split!r}: no SFT examples")
-        idx = epoch_indices(self.num_examples, global_batch, step, self.seed)
-        return self.rows(idx[process_slice(global_batch, process_index, process_count)])
 
     def stats(self, chunk: int = 1024) -> dict[str, float]:
         """Counts and mean lengths of the split (reads every record, `chunk` at a time)."""

@@ -17,6 +17,8 @@ import numpy as np
 
 from fdistill.data import tfds_build
 from fdistill.data.hf_tokenizer import HFTokenizer
+from fdistill.data.preference import epoch_indices
+from fdistill.sharding import process_slice
 
 TRL_VERSION = "1.16.0"  # the TRL release whose tokenization the readers reproduce
 FORMAT_VERSION = 1  # bump when the records or the tokenization rules change
@@ -174,3 +176,47 @@ def write_once(make_builder, data_dir: str, dataset: str, name: str) -> None:
             except OSError:
                 pass
         raise
+
+
+class StoredSplit:
+    """One split ('train' | 'test') of a tokenized dataset written by `write_once`, read by random
+    access: `records(idx)`, and the deterministic `batch(step, ...)` of the subclass's `rows(idx)`
+    (epoch permutations seeded by `seed`, as `fdistill.data.preference.PreferencePairs.batch`;
+    only this process's slice is read). `size` counts the split's records, `what` names them."""
+
+    what = "records"
+
+    def __init__(self, builder, dataset: str, name: str, split: str, seq_len: int, pad_id: int, seed: int = 0,
+                 vocab_size: int | None = None):
+        if not builder.is_prepared():
+            raise FileNotFoundError(f"no prepared dataset {dataset}/{name} under {builder.data_dir}")
+        if split not in ("train", "test"):
+            raise ValueError(f"{builder.data_dir}: unknown split {split!r}; have 'train' and 'test'")
+        # no empty split is written (TFDS refuses them): a split that is absent is empty
+        self.source, self.split, self.name = builder.as_data_source().get(split, []), split, name
+        self.path = str(builder.data_dir)
+        self.seq_len, self.pad_id, self.seed, self.vocab_size = int(seq_len), int(pad_id), int(seed), vocab_size
+        self.size = len(self.source)
+
+    def records(self, idx) -> list[dict]:
+        idx = np.asarray(idx, np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.size):
+            raise IndexError(f"{self.path} split {self.split!r}: indices outside [0, {self.size})")
+        return tfds_build.read_records(self.source, idx, self.path)
+
+    def check_sequence(self, seq: np.ndarray, mask: np.ndarray, where: str, field: str, mask_field: str) -> None:
+        """ValueError naming the record and field unless `seq` fits `seq_len` and the vocabulary."""
+        if seq.ndim != 1 or seq.shape != mask.shape or len(seq) > self.seq_len:
+            raise ValueError(f"{where}: field {field!r} has shape {seq.shape} ({mask_field} {mask.shape}); "
+                             f"expected equal 1-D lengths <= {self.seq_len}")
+        if self.vocab_size is not None and seq.size and (seq.min() < 0 or seq.max() >= self.vocab_size):
+            raise ValueError(f"{where}: field {field!r} holds ids outside [0, {self.vocab_size})")
+
+    def rows(self, idx) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def batch(self, step: int, global_batch: int, process_index: int = 0, process_count: int = 1) -> dict:
+        if self.size == 0:
+            raise ValueError(f"{self.path} split {self.split!r}: no {self.what}")
+        idx = epoch_indices(self.size, global_batch, step, self.seed)
+        return self.rows(idx[process_slice(global_batch, process_index, process_count)])
