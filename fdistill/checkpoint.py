@@ -11,6 +11,7 @@ another structure (the code or the config changed) is an error, never a fallback
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -257,6 +258,121 @@ def abstract_like(tree: Any, sharding) -> Any:
     if isinstance(sharding, jax.sharding.Sharding):
         sharding = jax.tree.map(lambda _: sharding, tree)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, sharding)
+
+
+def _open_read_only(directory: str) -> ocp.CheckpointManager:
+    """A manager that reads any subtree of the checkpoints in `directory` and never writes there."""
+    with _absl_silenced():  # "read only: setting save_interval_steps=0"
+        return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True),
+                                     item_handlers=ocp.PyTreeCheckpointHandler())
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredTree:
+    """The subtree `keys` (e.g. ('ema_params',)) of checkpoint `step` in `directory`, read only when
+    it is placed: a frozen network of another run (teacher, reference or SFT policy, reward model).
+
+    `abstract()` gives its shapes from the checkpoint's metadata (no array is read), so sharding
+    rules apply before reading; `restore(shardings)` reads just this subtree with Orbax straight
+    onto those shardings (each process reads the shards of its own devices: no device and no host
+    holds a full copy of a sharded leaf); `numpy()` reads it to host NumPy (tools, tests).
+    `dtype` casts its floating leaves on reading. An `Objective.frozen()` may return these in
+    place of arrays (`fdistill.placement.on_mesh` restores them).
+    """
+
+    directory: str
+    step: int
+    keys: tuple[str, ...]
+    dtype: Any = None
+
+    @classmethod
+    def latest(cls, workdir: str, candidates: tuple[tuple[str, ...], ...], dtype: Any = None) -> "StoredTree":
+        """The first of `candidates` (key paths) that is a non-empty subtree of the latest checkpoint
+        of `workdir` whose metadata reads."""
+        directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"{workdir!r} has no checkpoints/ directory; is it a finished run's workdir?")
+        manager = _open_read_only(directory)
+        try:
+            steps = sorted(manager.all_steps(), reverse=True)
+            if not steps:
+                raise FileNotFoundError(f"no checkpoint found under {directory}")
+            for step in steps:
+                try:
+                    with _absl_silenced():
+                        metadata = manager.item_metadata(step)
+                except Exception as e:  # noqa: BLE001 - unreadable metadata: a corrupt checkpoint
+                    print(f"WARNING: checkpoint {directory}/{step} is unreadable ({one_sentence(e)}); trying an "
+                          "older one", flush=True)
+                    continue
+                tree = getattr(metadata, "tree", metadata)
+                for keys in candidates:
+                    sub = _subtree(tree, keys)
+                    if sub is not None and jax.tree.leaves(sub):
+                        return cls(directory, step, tuple(keys), dtype)
+                raise KeyError(f"checkpoint {directory}/{step} holds none of {['/'.join(k) for k in candidates]} "
+                               f"(keys {sorted(tree)})")
+        finally:
+            manager.close()
+        raise RuntimeError(f"no checkpoint under {directory} has readable metadata (steps {steps})")
+
+    def _metadata(self, manager) -> Any:
+        with _absl_silenced():
+            metadata = manager.item_metadata(self.step)
+        return _subtree(getattr(metadata, "tree", metadata), self.keys)
+
+    def _dtype(self, stored) -> Any:
+        stored = np.dtype(stored)
+        return np.dtype(self.dtype) if self.dtype is not None and np.issubdtype(stored, np.floating) else stored
+
+    def abstract(self) -> Any:
+        """ShapeDtypeStructs of the subtree (after the `dtype` cast)."""
+        manager = _open_read_only(self.directory)
+        try:
+            return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), self._dtype(m.dtype)),
+                                self._metadata(manager))
+        finally:
+            manager.close()
+
+    def restore(self, shardings: Any) -> Any:
+        """The subtree as jax.Arrays on `shardings` (one for every leaf, or a tree of them)."""
+        manager = _open_read_only(self.directory)
+        try:
+            abstract = abstract_like(jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), self._dtype(m.dtype)),
+                                                  self._metadata(manager)), shardings)
+            args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape,
+                                                               dtype=t.dtype), abstract)
+            target, restore_args = _nest(abstract, self.keys), _nest(args, self.keys)
+            try:
+                with _absl_silenced():
+                    restored = manager.restore(self.step, args=ocp.args.PyTreeRestore(
+                        item=target, restore_args=restore_args, partial_restore=True))
+            except Exception as e:  # noqa: BLE001
+                raise RuntimeError(f"checkpoint {self.directory}/{self.step} ({'/'.join(self.keys)}) is unreadable: "
+                                   f"{one_sentence(e)}") from e
+            return _subtree(restored, self.keys)
+        finally:
+            manager.close()
+
+    def numpy(self) -> Any:
+        """The subtree as host NumPy arrays."""
+        return jax.tree.map(np.asarray, self.restore(jax.sharding.SingleDeviceSharding(jax.local_devices()[0])))
+
+
+def _subtree(tree: Any, keys: tuple[str, ...]) -> Any:
+    """tree[k0][k1]..., or None when a key is missing."""
+    for k in keys:
+        if not isinstance(tree, dict) or k not in tree:
+            return None
+        tree = tree[k]
+    return tree
+
+
+def _nest(tree: Any, keys: tuple[str, ...]) -> dict:
+    """{k0: {k1: ... tree}}."""
+    for k in reversed(keys):
+        tree = {k: tree}
+    return tree
 
 
 def restore_tree(workdir: str, step: int | None = None) -> dict:

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fdistill import diffusion, flow, models
+from fdistill import diffusion, flow, models, sharding
 
 
 class Denoiser:
@@ -170,7 +170,7 @@ def sample_in_chunks(fn, params, key, n: int, chunk: int, shape, num_classes: in
             lab = jax.random.randint(k_label, (chunk,), 0, max(num_classes, 1))
         else:
             lab = jnp.asarray(np.resize(np.asarray(labels)[start:start + chunk], chunk))
-        out.append(np.asarray(fn(params, noise, lab)))
+        out.append(sharding.to_host(fn(params, noise, lab)))  # gathered if the mesh splits it over processes
         labs.append(np.asarray(lab))
     return np.concatenate(out)[:n], np.concatenate(labs)[:n]
 

@@ -1,7 +1,8 @@
 """Where a run's arrays live: the state, the frozen networks and the batch on the device mesh.
 
 Shape first, then shard (DESIGN, "Direction"): the frozen networks are put shard-wise onto their
-shardings, `jax.eval_shape(objective.init_state)` gives the state's shapes, `config.mesh`'s rules
+shardings (those of other runs' checkpoints, `checkpoint.StoredTree`, restored by Orbax straight
+onto them), `jax.eval_shape(objective.init_state)` gives the state's shapes, `config.mesh`'s rules
 (`sharding.ShardingRules`) turn them into shardings, and `jax.jit(init_state, out_shardings=...)`
 creates the state already placed, so no device ever holds a full copy of a sharded leaf. The step
 is jitted with the same per-leaf shardings in and out and the state donated:
@@ -88,11 +89,35 @@ def per_device_bytes(tree: Any) -> tuple[int, int, int, int]:
     return per, total, split, len(leaves)
 
 
+def is_stored(x: Any) -> bool:
+    """Whether `x` is a frozen network read only when placed (`checkpoint.StoredTree`, or anything
+    with its `abstract()` / `restore(shardings)` / `numpy()` methods, e.g. `llama.StoredCheckpoint`)."""
+    return all(callable(getattr(x, name, None)) for name in ("abstract", "restore", "numpy"))
+
+
+def frozen_shapes(tree: Any) -> Any:
+    """ShapeDtypeStructs of frozen networks, stored ones from their checkpoint metadata (unread)."""
+    return jax.tree.map(lambda x: x.abstract() if is_stored(x) else jax.ShapeDtypeStruct(np.shape(x), x.dtype),
+                        tree, is_leaf=is_stored)
+
+
+def place_frozen(tree: Any, shardings: Any) -> Any:
+    """Frozen networks onto `shardings`: stored ones restored straight onto them, host ones put
+    shard by shard (`sharding.place`)."""
+    return jax.tree.map(lambda x, s: x.restore(s) if is_stored(x) else sharding.place(x, s), tree, shardings,
+                        is_leaf=is_stored)
+
+
+def frozen_on_host(tree: Any) -> Any:
+    """Frozen networks as host arrays (stored ones read): `Objective.init` for tests and tools."""
+    return jax.tree.map(lambda x: x.numpy() if is_stored(x) else x, tree, is_leaf=is_stored)
+
+
 def on_mesh(objective, key, mesh: Mesh, rules: sharding.ShardingRules) -> tuple[Placement, Any]:
     """The placement of `objective`'s arrays on `mesh`, and its frozen networks placed there."""
     host = objective.frozen()
-    frozen_shardings = rules.shardings(host, mesh)
-    frozen = sharding.place(host, frozen_shardings)
+    frozen_shardings = rules.shardings(frozen_shapes(host), mesh)
+    frozen = place_frozen(host, frozen_shardings)
     abstract = jax.eval_shape(objective.init_state, key, frozen)
     return Placement(mesh, checkpoint.abstract_like(abstract, rules.shardings(abstract, mesh)),
                      checkpoint.abstract_like(frozen, frozen_shardings)), frozen

@@ -49,29 +49,33 @@ def open_run(workdir: str, field: str, objectives: tuple[str, ...], make_with: s
     return FinishedRun(path, config, results)
 
 
-def restore_params(run: FinishedRun):
-    """The parameters a finished run samples with (its EMA when it keeps one, else its parameters),
-    from its latest readable checkpoint, as host NumPy arrays (the training loop places them on
-    their shardings: no device holds a full copy of a sharded frozen network)."""
+def stored_params(run: FinishedRun, dtype=None):
+    """The parameters a finished run samples with (its EMA when it keeps one, else its parameters)
+    in its latest readable checkpoint, as a `checkpoint.StoredTree`: a frozen network that the
+    training loop reads straight onto its shardings (`Objective.frozen()` may return it)."""
     from fdistill import checkpoint
 
-    tree = checkpoint.restore_tree(run.workdir)
-    params = tree.get("ema_params") or tree.get("params")
-    if not params:
-        raise KeyError(f"the checkpoint of {run.workdir!r} holds no parameters (keys {sorted(tree)})")
-    return params
+    return checkpoint.StoredTree.latest(run.workdir, (("ema_params",), ("params",)), dtype)
+
+
+def restore_params(run: FinishedRun):
+    """`stored_params(run)` read to host NumPy arrays (tools, tables, tests)."""
+    return stored_params(run).numpy()
+
+
+def stored_generator(run: FinishedRun):
+    """The generator parameters a finished distillation run samples with (its EMA when it keeps
+    one) as a `checkpoint.StoredTree`: `params['gen']` beside the critics, or the whole tree of a
+    'kd' run."""
+    from fdistill import checkpoint
+
+    keys = (("ema_params",), ("params",)) if run.config.objective == "kd" else (("ema_params", "gen"), ("params", "gen"))
+    return checkpoint.StoredTree.latest(run.workdir, keys)
 
 
 def restore_generator(run: FinishedRun):
-    """The generator parameters a finished distillation run samples with (its EMA when it keeps
-    one), as host NumPy arrays: `params['gen']` beside the critics, or the whole tree of a 'kd' run."""
-    from fdistill import checkpoint
-
-    tree = checkpoint.restore_tree(run.workdir)
-    params, ema = tree["params"], tree.get("ema_params")
-    if run.config.objective != "kd":
-        params, ema = params["gen"], (ema or {}).get("gen")
-    return ema if ema else params
+    """`stored_generator(run)` read to host NumPy arrays."""
+    return stored_generator(run).numpy()
 
 
 # ----- config fields that name other runs ---------------------------------------------------------

@@ -15,6 +15,7 @@ import errno
 import math
 import os
 import signal
+import tempfile
 import time
 
 import jax
@@ -355,16 +356,20 @@ def _train_and_evaluate(config, wd: workdir_lib.Workdir, mesh, rules, stop: _Sto
 
 
 def _evaluate(objective, state, frozen, key, step, writer, plot_dir, is_main) -> dict[str, float]:
-    """Runs the objective's evaluation on a host-local copy of the state, sharded leaves gathered
-    (every process computes the same numbers locally; process 0 writes them and the plots)."""
-    local_state = jax.tree.map(jnp.asarray, sharding.to_host(state))
-    local_frozen = jax.tree.map(jnp.asarray, sharding.to_host(frozen))
+    """Runs the objective's evaluation on the mesh: the state and frozen networks stay where they
+    are (sharded leaves are not gathered; samplers run on the mesh and their outputs come to the
+    host, `denoiser.sample_in_chunks`). Every process computes the same numbers and draws the
+    plots (drawing may sample on the mesh, which every process must join); process 0 writes them,
+    the others draw into a scratch directory that is removed."""
     t0 = time.perf_counter()
-    metrics = {k: float(v) for k, v in objective.evaluate(local_state, local_frozen, key).items()}
+    metrics = {k: float(v) for k, v in objective.evaluate(state, frozen, key).items()}
     metrics["eval_seconds"] = time.perf_counter() - t0
     writer.write(step, metrics, prefix="eval/")
     if is_main:
-        objective.plot(local_state, local_frozen, plot_dir, step)
+        objective.plot(state, frozen, plot_dir, step)
+    else:
+        with tempfile.TemporaryDirectory(prefix="fdistill_plots_") as scratch:
+            objective.plot(state, frozen, scratch, step)
     return metrics
 
 

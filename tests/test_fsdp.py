@@ -5,15 +5,17 @@ and (data 1, fsdp 8), with its parameters, Adam moments and frozen networks real
 written on one mesh restore on another. `min_size=64` shards the tiny test networks' leaves (the
 default threshold, 2**14 elements, keeps them replicated).
 """
+import glob
 import json
 import os
+import shutil
 
 import chex
 import jax
 import numpy as np
 import pytest
 
-from fdistill import checkpoint, objectives, sharding, train
+from fdistill import checkpoint, objectives, runs, sharding, train
 from fdistill import placement as placement_lib
 from tests.helpers import load_config, tiny_distill_config, tiny_score_config
 from tests.test_language import tiny_dpo_config
@@ -142,7 +144,8 @@ def test_meshes_follow_the_one_device_trajectory(name, score_run):
 def test_sharded_leaves_hold_one_fsdp_th_per_device(score_run):
     obj = objectives.build(dmd2_config(score_run))  # a network teacher
     _, state, placement = run_on_mesh(obj, 2, 4, steps=1)
-    frozen = sharding.place(obj.frozen(), placement.frozen)
+    assert isinstance(obj.frozen()["teacher"], checkpoint.StoredTree)  # read by Orbax onto its shardings
+    frozen = placement_lib.place_frozen(obj.frozen(), placement.frozen)
     sharded = 0
     for tree in (state.params, state.opt_state, state.ema_params, frozen):
         for x in jax.tree.leaves(tree):
@@ -177,9 +180,54 @@ def test_checkpoints_restore_onto_other_meshes(tmp_path):
             assert x.sharding.is_equivalent_to(s, x.ndim)
 
 
-def test_fsdp_run_gives_the_replicated_run_results_and_resumes_on_another_mesh(tmp_path):
-    """The loop end to end: `--config.mesh.fsdp=4` trains and evaluates like fsdp=1, and its
-    workdir resumes with fsdp=8 (the mesh may change on resume)."""
+def test_frozen_networks_are_read_straight_onto_their_shardings(score_run, tmp_path):
+    """Another run's parameters (`runs.stored_params`) are shapes until placed, then Orbax reads
+    only that subtree onto the shardings, each device receiving its shard; a damaged one is an
+    error naming the checkpoint."""
+    run = runs.open_run(score_run, "distill.teacher", runs.DIFFUSION_RUNS, "gmm_score")
+    stored = runs.stored_params(run)
+    saved = checkpoint.restore_tree(score_run)
+    expected = saved["ema_params"] or saved["params"]
+    chex.assert_trees_all_equal(stored.numpy(), expected)
+    chex.assert_trees_all_equal_shapes_and_dtypes(stored.abstract(), expected)
+    mesh = sharding.make_mesh(8, 4)
+    shardings = rules(4).shardings(stored.abstract(), mesh)
+    placed = stored.restore(shardings)
+    split = 0
+    for x, s in zip(jax.tree.leaves(placed), jax.tree.leaves(shardings)):
+        assert x.sharding == s
+        split += not s.is_fully_replicated
+        assert all(shard.data.size * (1 if s.is_fully_replicated else 4) == x.size for shard in x.addressable_shards)
+    assert split > 0
+    chex.assert_trees_all_equal(sharding.to_host(placed), expected)
+    half = runs.stored_params(run, dtype=jax.numpy.bfloat16)
+    assert {x.dtype for x in jax.tree.leaves(half.abstract())} == {np.dtype(jax.numpy.bfloat16)}
+    chex.assert_trees_all_equal(half.numpy(), jax.tree.map(lambda x: np.asarray(x, jax.numpy.bfloat16), expected))
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(score_run, damaged)
+    for path in glob.glob(str(damaged / "checkpoints" / "*" / "**" / "d" / "*"), recursive=True):
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    damaged_run = runs.open_run(str(damaged), "distill.teacher", runs.DIFFUSION_RUNS, "gmm_score")
+    with pytest.raises(RuntimeError, match=rf"{damaged}/checkpoints.* (is unreadable|has readable metadata)"):
+        runs.stored_params(damaged_run).restore(shardings)
+
+
+def test_fsdp_run_gives_the_replicated_run_results_and_resumes_on_another_mesh(tmp_path, monkeypatch):
+    """The loop end to end: `--config.mesh.fsdp=4` trains and evaluates like fsdp=1 (evaluating on
+    the mesh: the state it samples with is still sharded), and its workdir resumes with fsdp=8 (the
+    mesh may change on resume)."""
+    from fdistill.objectives.score import ScoreObjective
+
+    evaluated_sharded = []
+    evaluate = ScoreObjective.evaluate
+
+    def spy(self, state, frozen, key):
+        evaluated_sharded.append(any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(state.params)))
+        return evaluate(self, state, frozen, key)
+
+    monkeypatch.setattr(ScoreObjective, "evaluate", spy)
     results = {}
     for fsdp in (1, 4):
         config = tiny_score_config(12, checkpoint_every=6)
@@ -187,6 +235,7 @@ def test_fsdp_run_gives_the_replicated_run_results_and_resumes_on_another_mesh(t
         results[fsdp] = train.train_and_evaluate(config, str(tmp_path / str(fsdp)))
     for k in ("mmd", "mode_coverage", "mode_weight_tv", "high_quality_frac"):
         np.testing.assert_allclose(results[4][k], results[1][k], rtol=1e-3, atol=1e-6, err_msg=k)
+    assert evaluated_sharded == [False, True]
     config = tiny_score_config(14, checkpoint_every=6)
     config.mesh.fsdp, config.mesh.min_shard_size = 8, 64
     train.train_and_evaluate(config, str(tmp_path / "4"))

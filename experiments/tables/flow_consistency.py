@@ -28,7 +28,7 @@ from absl import app, flags, logging
 import jax
 
 from experiments.tables.common import check_choices, plot_panels, run_config, summarise, train_seeds
-from fdistill import checkpoint, configs, objectives
+from fdistill import checkpoint, configs, objectives, placement
 from fdistill.flow import uniform_times
 
 METHODS = ("flow", "boss", "kd", "cd", "ct", "meanflow")
@@ -89,7 +89,7 @@ def run_samples(workdir: str, n: int) -> dict:
         return {f"{config.objective.upper()}, {k} step{'s' * (k > 1)}": obj.evaluators[k].samples(params, key, n)[0]
                 for k in (1, 4)}
     steps = obj.num_steps  # boss
-    teacher = obj.frozen()["teacher"]
+    teacher = placement.frozen_on_host(obj.frozen())["teacher"]
     return {f"{steps} uniform Euler steps": obj.evaluator.samples({"net": teacher, "times": uniform_times(steps)},
                                                                 key, n)[0],
             f"BOSS + refinement, {steps} steps": obj.evaluator.samples(

@@ -61,12 +61,11 @@ class ScoreRunTeacher:
                              "'score' run")
         run = runs.open_dependency(config, "distill.teacher")  # finished, same data and diffusion
         self.denoiser = build_denoiser(run.config, source.shape)
-        params = runs.restore_params(run)
         tconfig = run.config
         self.net_config = tconfig
         self.sigma_data = self.denoiser.sigma_data
         self.starts_students = True  # the generator and fake score start from its weights (frozen['teacher'])
-        self._params = params
+        self._params = runs.stored_params(run)  # read onto its shardings by the loop
         self.name = workdir
         replaced = adopt_architecture(config, tconfig)
         if replaced:

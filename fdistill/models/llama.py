@@ -417,6 +417,26 @@ def abstract_params(module: LlamaLM) -> Any:
     return jax.eval_shape(lambda t: module.init(jax.random.PRNGKey(0), t), tokens)["params"]
 
 
+@dataclasses.dataclass(frozen=True)
+class StoredCheckpoint:
+    """A checkpoint's parameters read only when placed (a frozen network in `Objective.frozen()`,
+    like `checkpoint.StoredTree`): `abstract()` without reading, `restore(shardings)` tensor by
+    tensor onto them (`load_params`), `numpy()` to host."""
+
+    path: str
+    module: Any
+    dtype: Any = jnp.float32
+
+    def abstract(self) -> Any:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, self.dtype), abstract_params(self.module))
+
+    def restore(self, shardings: Any) -> Any:
+        return load_params(self.path, self.module, self.dtype, shardings)
+
+    def numpy(self) -> Any:
+        return load_params(self.path, self.module, self.dtype)
+
+
 def load_params(path: str, module: LlamaLM, dtype=jnp.float32, shardings: Any = None) -> Any:
     """The checkpoint's parameters as the module's tree in `dtype`, read tensor by tensor.
 

@@ -21,7 +21,8 @@ Conventions:
     from a frozen network (DMD2's generator, a DPO policy) copies it from `frozen`, not from a
     Python attribute (which would be baked into the program as a constant).
   * `frozen()` is a pytree of frozen parameters (teacher, reference policy), as host or device
-    arrays; the loop places it on its shardings and passes it as an argument (never closed over as
+    arrays or, for another run's checkpoint, `checkpoint.StoredTree`s (`runs.stored_params`) that
+    Orbax reads straight onto their shardings; the loop places it on its shardings and passes it as an argument (never closed over as
     a constant), never donated, never checkpointed.
   * `batch(step, ...)` returns this process's slice of the global batch for `step`; the global batch
     must be a deterministic function of (config, step) only, so runs on any number of devices or
@@ -42,6 +43,8 @@ import pkgutil
 from typing import Any, Callable
 
 import numpy as np
+
+from fdistill import placement
 
 Pytree = Any
 
@@ -120,7 +123,9 @@ class Objective(abc.ABC):
         self.config = config
 
     def frozen(self) -> Pytree:
-        """The frozen networks' parameters ({} when there are none)."""
+        """The frozen networks' parameters ({} when there are none): host arrays, or
+        `checkpoint.StoredTree`s of other runs' checkpoints, which the loop restores straight onto
+        their shardings (`placement.on_mesh`; `placement.frozen_on_host` reads them to host)."""
         return {}
 
     @abc.abstractmethod
@@ -130,7 +135,7 @@ class Objective(abc.ABC):
     def init(self, key) -> tuple[Pytree, Pytree]:
         """`(state, frozen)` of a fresh run on the default device (tests, tools); the training loop
         creates them on the mesh instead (`fdistill.placement.on_mesh`)."""
-        frozen = self.frozen()
+        frozen = placement.frozen_on_host(self.frozen())
         return self.init_state(key, frozen), frozen
 
     @abc.abstractmethod

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fdistill import runs
+from fdistill import placement, runs
 from fdistill import train_state as ts
 from fdistill.models import compute_dtype, llama, param_count
 from fdistill.models.transformer import generate
@@ -89,10 +89,11 @@ class HFModel:
         self.param_dtype = PARAM_DTYPES[m.param_dtype]
 
     def load(self, sft_run: runs.FinishedRun | None = None):
-        """Host parameters: the checkpoint's, or a finished 'hf_sft' run's (its EMA when kept)."""
+        """The checkpoint's parameters, or a finished 'hf_sft' run's (its EMA when kept), in
+        `param_dtype`, read when placed: straight onto their shardings (`placement.on_mesh`)."""
         if sft_run is None:
-            return llama.load_params(self.path, self.module, self.param_dtype)
-        return jax.tree.map(lambda x: np.asarray(x, self.param_dtype), runs.restore_params(sft_run))
+            return llama.StoredCheckpoint(self.path, self.module, self.param_dtype)
+        return runs.stored_params(sft_run, dtype=self.param_dtype)
 
     def trainable(self, params):
         """The trained copy of `params`, in float32 (inside jit: created on its shardings)."""
@@ -216,7 +217,7 @@ class HFPreferenceObjective(HFObjective):
 
     def _precompute_reference(self, chunk: int = 64):
         logps = jax.jit(self.pair_loss.pair_logps)
-        ref = jax.tree.map(jnp.asarray, self._ref_params())
+        ref = jax.tree.map(jnp.asarray, placement.frozen_on_host(self._ref_params()))
         for pairs in (self.train_pairs, self.test_pairs):
             out = [], []
             for s in range(0, pairs.num_pairs, chunk):

@@ -99,7 +99,7 @@ class ODESampler:
     def __init__(self, run: runs.FinishedRun, shape, steps: int, sampler: str, num_classes: int):
         self.config = run.config
         self.denoiser = build_denoiser(run.config, shape)
-        self.params = runs.restore_params(run)
+        self.params = runs.stored_params(run)  # read onto its shardings by the loop
         self.latent_shape, self.num_classes = tuple(shape), num_classes
         self.steps, self.sampler = int(steps), sampler
         self.nfe = diffusion.nfe(self.steps, sampler)
@@ -127,7 +127,7 @@ class StudentSampler:
         levels = students.NoiseLevels(cfg.distill, cfg.diffusion)
         kind = "distill" if cfg.objective == "kd" else cfg.objective
         self.student = students.build(kind, teacher, levels, source.shape, source.num_classes, conditional, cfg)
-        self.params = runs.restore_generator(run)
+        self.params = runs.stored_generator(run)
         self.config = cfg
         self.latent_shape = tuple(self.student.latent_shape)
         self.num_classes = source.num_classes if conditional else 0
