@@ -19,6 +19,7 @@ import fcntl
 import glob
 import os
 import re
+import tempfile
 from typing import Callable, Iterator
 
 
@@ -48,13 +49,28 @@ def quiet() -> Iterator[None]:
         absl_logging.set_verbosity(verbosity)
 
 
+@contextlib.contextmanager
+def _scratch_tempdir() -> Iterator[None]:
+    """Points `tempfile` at a scratch directory, removed at the end of the block. TFDS 4.9 creates
+    an empty temporary directory (`DatasetInfo.initialize_from_bucket`, for GCS metadata, even with
+    GCS disabled) whenever a builder of an unprepared dataset is created, and never removes it:
+    without this, every dataset written leaves a `/tmp/tmp*tfds` behind."""
+    previous = tempfile.tempdir
+    with tempfile.TemporaryDirectory(prefix="fdistill_tfds_") as scratch:
+        tempfile.tempdir = scratch
+        try:
+            yield
+        finally:
+            tempfile.tempdir = previous
+
+
 def prepare_once(make_builder: Callable, data_dir: str, name: str):
     """The prepared builder `make_builder()`, built offline (no GCS, no download) under the lock by
     whichever process gets there first; the builder is re-created after waiting so that it sees the
     dataset another process wrote."""
     import tensorflow_datasets as tfds
 
-    with quiet():
+    with quiet(), _scratch_tempdir():
         builder = make_builder()
         if builder.is_prepared():
             return builder
