@@ -220,6 +220,7 @@ def distill() -> ConfigDict:
         num_sigmas=1000,  # Karras grid of the distillation noise levels
         gen_index_min=20,
         gen_index_max=980,
+        gen_index_max_end=-1,  # >= 0: the upper index moves linearly from gen_index_max to this by train.num_steps
         ratio_binning="index",  # index (10 equal-count bins of the grid index) | sigma (FastGen: equal-width in sigma)
         ratio_bins=10,  # 0 = no per-bin normalisation
         ratio_ema=0.0,
@@ -256,6 +257,18 @@ def distill() -> ConfigDict:
         cm_p_std=2.0,
         cm_loss="pseudo_huber",  # pseudo_huber (iCT: sqrt(|d|^2 + c^2) - c, c = cm_huber_c sqrt(dim)) | l2
         cm_huber_c=0.00054,
+        cm_schedule="ict",  # ict (the Karras grid and its doubling curriculum) | ect (ct only: ECT's continuous r(t), below)
+        cm_ect_q=2.0,  # ECT: r = t (1 - q^-(a+1) (1 + k sigmoid(-b t))), clamped at 0, in stage a of cm_ect_stages
+        cm_ect_k=8.0,
+        cm_ect_b=1.0,
+        cm_ect_stages=8,  # equal stages over train.num_steps (dt / t shrinks by q per stage)
+        # continuous-time consistency models (objective scm; fdistill.objectives.scm, TrigFlow): levels
+        # ln(sigma_d tan t) ~ N(cm_p_mean, cm_p_std^2)
+        scm_tangent="teacher",  # teacher (sCD: the teacher's PF-ODE velocity) | data (sCT: cos(t) z - sin(t) x0)
+        scm_tangent_warmup=10000,  # updates over which the tangent's second term ramps in (r: 0 -> 1); 0 = none
+        scm_tangent_c=0.1,  # tangent normalisation g / (||g|| + c)
+        scm_adaptive_weight=True,  # learned weight w(t): e^w / D ||F - target||^2 - w (False: w = 0)
+        scm_mid_t=1.1,  # TrigFlow time of the 2-step sampler's second step (K steps: fdistill.objectives.scm)
         # BOSS (objective boss; fdistill.objectives.boss): num_student_steps is the step budget N
         boss_fine_steps=200,  # M: the fine uniform t grid of the reference trajectories and the step-size search
         boss_cost_samples=1024,  # trajectories averaged in the cost of each step

@@ -463,3 +463,30 @@ def test_ratio_binning_by_index_and_by_sigma():
     sigma = jnp.array([0.002, 7.9, 8.0, 40.0, 79.99, 80.0])
     b = np.asarray(losses.ratio_bin_index("sigma", 10, None, sigma, 20, 980, 0.002, 80.0))
     np.testing.assert_array_equal(b, [0, 0, 0, 4, 9, 9])  # FastGen: equal-width bins of sigma
+
+
+def test_the_noise_range_moves_from_gen_index_max_to_gen_index_max_end():
+    """hi(p) = round(max + p (end - max)): the range at progress 0, 1/2 and 1; -1 keeps it fixed
+    (the same draws as without progress); out-of-range values and TDM are errors naming the field."""
+    from fdistill.distillation import students
+
+    c = tiny_distill_config(gen_index_min=100, gen_index_max=300, gen_index_max_end=150)
+    levels = students.NoiseLevels(c.distill, c.diffusion)
+    key = jax.random.PRNGKey(0)
+    draw = jax.jit(lambda p: levels.draw_index(key, 20000, p))
+    for p, hi in [(0.0, 300), (0.5, 225), (1.0, 150), (2.0, 150)]:
+        idx = np.asarray(draw(p))
+        assert idx.min() == 100 and idx.max() == hi, (p, idx.min(), idx.max())
+    fixed = students.NoiseLevels(tiny_distill_config(gen_index_min=100, gen_index_max=300).distill, c.diffusion)
+    np.testing.assert_array_equal(fixed.draw_index(key, 64, 0.7), fixed.draw_index(key, 64))
+    with pytest.raises(ValueError, match=r"config.distill.gen_index_max_end=50 must lie in \[gen_index_min, "):
+        students.NoiseLevels(tiny_distill_config(gen_index_min=100, gen_index_max_end=50).distill, c.diffusion)
+    with pytest.raises(ValueError, match="gen_index_max_end must be -1 for TDM"):
+        objectives.build(tiny_distill_config("gmm_tdm", gen_index_max_end=500))
+    # the objective gives the draws its progress: update / train.num_steps
+    obj = objectives.build(c)
+    state, frozen = obj.init(jax.random.PRNGKey(1))
+    assert float(obj.progress(state.replace(step=jnp.int32(c.train.num_steps // 2)))) == 0.5
+    assert "train.num_steps" in obj.trajectory_fields
+    state, metrics = jax.jit(obj.train_step)(state, frozen, {k: jnp.asarray(v) for k, v in obj.batch(0).items()})
+    assert np.isfinite(float(metrics["loss"]))

@@ -190,7 +190,7 @@ class LearnedCritic:
             d = self.fake_denoise(params, x_dsm, s_dsm, labels, step)
             l_fake = jnp.mean(weight * jnp.mean((d - x) ** 2, axis=axes))
             return l_fake, {"loss_fake": l_fake, **metrics}
-        s_r = self.levels.grid[self.levels.draw_index(k_ir, b)]
+        s_r = self.levels.grid[self.levels.draw_index(k_ir, b, point.get("progress"))]
         xt_r = x_real + diffusion.expand(s_r, x_real) * jax.random.normal(k_er, x_real.shape)
         xt_f = x + diffusion.expand(point["sigma"], x) * point["noise"]
         step_r = step  # a step-aware discriminator compares data with each step's samples: same step labels

@@ -3,7 +3,8 @@
 Every student shares one interface, used by the objective and the critic alike:
 
     student.num_steps                         NFE of its sampler
-    student.draws(key, b)                     the randomness of b training points
+    student.draws(key, b, progress)           the randomness of b training points (progress: the
+                                              fraction of training done, for a moving noise range)
     student.train_point(gen_params, draws)    {'x': the sample the update differentiates,
                                                'noise', 'sigma', 'index': x_t = x + sigma * noise at
                                                Karras-grid index 'index', 'step': the student step
@@ -47,7 +48,13 @@ SIGMA_SCHEDULES = ("karras",)
 
 class NoiseLevels:
     """The ascending Karras grid of distillation noise levels (index 0 = sigma_min, as in DMD2) and
-    the index range [gen_index_min, gen_index_max] of the generator and discriminator."""
+    the index range [gen_index_min, gen_index_max] of the generator and discriminator.
+
+    With `distill.gen_index_max_end` >= 0 the upper index moves linearly with training progress p
+    (update / train.num_steps, in [0, 1]) from gen_index_max to gen_index_max_end,
+        hi(p) = round(gen_index_max + p (gen_index_max_end - gen_index_max)),
+    wide early (every mode in view), narrow late (sharp modes); `lo`/`hi` stay the widest range
+    (ratio bins, TDM's segments)."""
 
     def __init__(self, distill_config, diffusion_config):
         dc, d = distill_config, diffusion_config
@@ -57,9 +64,19 @@ class NoiseLevels:
         if not 0 <= self.lo <= self.hi < n:
             raise ValueError(f"config.distill.gen_index_min/max=({self.lo}, {self.hi}) must satisfy "
                              f"0 <= min <= max < num_sigmas={n}")
+        end = int(dc.get("gen_index_max_end", -1))
+        if end >= 0 and not self.lo <= end <= self.hi:
+            raise ValueError(f"config.distill.gen_index_max_end={end} must lie in [gen_index_min, gen_index_max] = "
+                             f"[{self.lo}, {self.hi}] (or be -1: a fixed range)")
+        self.hi_end = end if end >= 0 else None
 
-    def draw_index(self, key, b: int) -> jax.Array:
-        return jax.random.randint(key, (b,), self.lo, self.hi + 1)
+    def draw_index(self, key, b: int, progress=None) -> jax.Array:
+        """b grid indices uniform in [lo, hi(progress)] (`progress` None: [lo, hi])."""
+        if self.hi_end is None or progress is None:
+            return jax.random.randint(key, (b,), self.lo, self.hi + 1)
+        p = jnp.clip(jnp.asarray(progress, jnp.float32), 0.0, 1.0)
+        hi = jnp.round(self.hi + p * (self.hi_end - self.hi)).astype(jnp.int32)
+        return jax.random.randint(key, (b,), self.lo, hi + 1)
 
 
 def student_sigmas(num_steps: int, spec, sigma_max: float, sigma_min: float, rho: float) -> np.ndarray:
@@ -129,11 +146,12 @@ class OneStep:
     def draw_labels(self, key, b: int) -> jax.Array:
         return jax.random.randint(key, (b,), 0, max(self.num_classes, 1))
 
-    def draws(self, key, b: int) -> dict:
-        """z, labels, the grid index of sigma and the noise of x_t."""
+    def draws(self, key, b: int, progress=None) -> dict:
+        """z, labels, the grid index of sigma (its range at training `progress`, `NoiseLevels`) and
+        the noise of x_t."""
         k_z, k_lab, k_i, k_e = jax.random.split(key, 4)
         return {"z": jax.random.normal(k_z, (b,) + self.latent_shape), "labels": self.draw_labels(k_lab, b),
-                "index": self.levels.draw_index(k_i, b), "eps": jax.random.normal(k_e, (b,) + self.shape)}
+                "index": self.levels.draw_index(k_i, b, progress), "eps": jax.random.normal(k_e, (b,) + self.shape)}
 
     def generate_at(self, gen_params, x, sigma, labels) -> jax.Array:
         return self.denoiser(gen_params, x, sigma, **self.kw(labels))
@@ -208,9 +226,9 @@ class _KStep(OneStep):
         x_last = self.trajectory(gen_params, z, labels, noise)[-1]
         return self.generate_at(gen_params, x_last, jnp.full(z.shape[:1], self.sigmas[-1]), labels)
 
-    def draws(self, key, b: int) -> dict:
+    def draws(self, key, b: int, progress=None) -> dict:
         """The one-step draws plus the step k [B] and the re-noising noise [K-1, B, ...]."""
-        d = super().draws(key, b)
+        d = super().draws(key, b, progress)
         k_k, k_n = jax.random.split(jax.random.fold_in(key, 1))
         d["k"] = jax.random.randint(k_k, (b,), 0, self.num_steps)
         if self.stochastic and self.num_steps > 1:
@@ -237,6 +255,9 @@ class TrajectorySegments(_KStep):
 
     def __init__(self, denoiser, levels, shape, num_classes, conditional, distill_config, diffusion_config):
         super().__init__(denoiser, levels, shape, num_classes, conditional, distill_config, diffusion_config)
+        if levels.hi_end is not None:
+            raise ValueError("config.distill.gen_index_max_end must be -1 for TDM: its trajectory segments fix "
+                             "the noise range of each step")
         self.snr_clip = float(distill_config.tdm_snr_clip)
         self.use_is = bool(distill_config.tdm_importance_weight)
         grid = np.asarray(levels.grid)
@@ -247,8 +268,9 @@ class TrajectorySegments(_KStep):
         self.segment_lo, self.segment_hi = lo.astype(np.int32), hi.astype(np.int32)
         self.sigmas_ext = ext.astype(np.float32)
 
-    def draws(self, key, b):
-        """The K-step draws with the grid index drawn inside segment k."""
+    def draws(self, key, b, progress=None):
+        """The K-step draws with the grid index drawn inside segment k (`progress` is not used:
+        the segments fix the range)."""
         d = super().draws(key, b)
         k = d["k"]
         lo, hi = jnp.asarray(self.segment_lo)[k], jnp.asarray(self.segment_hi)[k]

@@ -70,8 +70,9 @@ class DistillObjective(Objective):
                                       self.source.num_classes, conditional, config)
         self.critic = critics.build(config, self.teacher, self.student, self.levels, self.use_disc)
         self.optimizers = self._optimizers(config)
-        if any(o.settings.decays for o in self.optimizers.values()):
-            self.trajectory_fields = ("train.num_steps",)  # the learning rate decays to 0 at num_steps
+        if any(o.settings.decays for o in self.optimizers.values()) or self.levels.hi_end is not None:
+            # the learning rate decays to 0, or the noise range moves, by num_steps
+            self.trajectory_fields = ("train.num_steps",)
         label = f"{self.student.num_steps}-step {student_kind} ({self.div.name})"
         self.evaluator = evaluation.Evaluator(config, self.source, self.teacher, self.student, self.critic, label)
 
@@ -141,11 +142,18 @@ class DistillObjective(Objective):
         return loss, (metrics, bins, {"x": x, "x_t": x_t, "d_real": d_real, "d_fake": d_fake, "h": h, "w": w})
 
     # ----- the step --------------------------------------------------------------------------
+    def progress(self, state) -> jax.Array:
+        """The fraction of training done (update / train.num_steps): the noise range's position
+        when it moves (`distill.gen_index_max_end`, `students.NoiseLevels`)."""
+        return state.step / max(int(self.config.train.num_steps), 1)
+
     def critic_update(self, state, frozen, x_real, labels_real, key):
         """One critic update on fresh stop-gradient student training points and one real batch."""
         k_point, k_loss = jax.random.split(key)
         gen = jax.lax.stop_gradient(state.params["gen"])
-        point = self.student.train_point(gen, self.student.draws(k_point, x_real.shape[0]))
+        progress = self.progress(state)
+        point = {**self.student.train_point(gen, self.student.draws(k_point, x_real.shape[0], progress)),
+                 "progress": progress}
 
         def loss_fn(critic_params):
             params = {**state.params, **critic_params}
@@ -177,7 +185,8 @@ class DistillObjective(Objective):
             critic_metrics = jax.tree.map(lambda *a: jnp.stack(a), *per_update)
         critic_metrics = {k: jnp.mean(v) for k, v in critic_metrics.items()}
 
-        draws = {**self.student.draws(k_gen, b), "critic_key": jax.random.fold_in(k_gen, CRITIC_SALT)}
+        draws = {**self.student.draws(k_gen, b, self.progress(state)),
+                 "critic_key": jax.random.fold_in(k_gen, CRITIC_SALT)}
         (loss, (metrics, bins, _)), grads = jax.value_and_grad(self.generator_loss, has_aux=True)(
             state.params["gen"], state.params, frozen, draws, state.extra["ratio_bins"])
         state, opt_metrics = ts.apply_gradients(state, {"gen": grads}, self.optimizers)
