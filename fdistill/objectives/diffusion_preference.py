@@ -52,6 +52,7 @@ gradient accumulation (`config.train.grad_accum_steps`) sees exactly the full ba
 """
 from __future__ import annotations
 
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -153,13 +154,14 @@ class DiffusionPreferenceObjective(Objective):
         self.source = data_lib.build(config.data)
         self.shape = tuple(self.source.shape)
         self.denoiser = build_denoiser(run.config, self.shape)
-        self.ref_params = runs.restore_params(run)
+        self.ref_params = runs.stored_params(run)  # read onto its shardings by the loop
+        host_ref = functools.cache(self.ref_params.numpy)  # read to host only if the pairs are sampled here
         self.num_classes = config.model.num_classes if self.source.num_classes else 0
         self.dropout = config.model.dropout > 0
         self.reward = prefdata.build_reward(config.reward, self.source)
         self.alignment = prefdata.AlignmentEvaluator(self.source, self.reward)
         pair_steps = config.pairs.num_steps or self.ref_config.eval.num_steps
-        sample_fn = lambda k, n, labels: self.sample(self.ref_params, k, n, pair_steps, labels)
+        sample_fn = lambda k, n, labels: self.sample(host_ref(), k, n, pair_steps, labels)
         self.pairs = prefdata.ensure_pairs(config, self.reference_dir, self.ref_config, sample_fn, self.shape,
                                            self.num_classes, self.reward)
         self.optimizer = ts.Optimizer(ts.OptimizerSettings.from_config(config.train))

@@ -24,11 +24,12 @@ returns (objective, state, frozen, batch) ready for `objective.train_step`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -335,9 +336,10 @@ def pairs_spec(config, sft: runs.FinishedRun) -> dict:
             "model": sft.config.model.to_dict(), "pairs": config.po.pairs.to_dict(), "format": 1}
 
 
-def ensure_pairs(config, sft: runs.FinishedRun, task, policy: LMPolicy, ref_params) -> dict[str, dict]:
+def ensure_pairs(config, sft: runs.FinishedRun, task, policy: LMPolicy, ref_params: Callable) -> dict[str, dict]:
     """{split: arrays} of the preference dataset for this SFT policy and `config.po.pairs`, written
-    first (by process 0) as a local TFDS dataset when absent:
+    first (by process 0) as a local TFDS dataset when absent (`ref_params()`, the SFT policy's
+    parameters, is called only then):
 
         prompts ~ Uniform(training prompts) ('train') or Uniform(held-out prompts) ('test'),
         y_a, y_b ~ pi_SFT(. | x) at `sample_temperature`, Bradley-Terry label on the true reward.
@@ -359,8 +361,8 @@ def ensure_pairs(config, sft: runs.FinishedRun, task, policy: LMPolicy, ref_para
                 rng = np.random.default_rng([seed, 8, i])
                 prompts = pool[rng.integers(0, len(pool), n)]
                 key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
-                t_a, _ = policy.sample(ref_params, prompts, jax.random.fold_in(key, 0), float(pc.sample_temperature))
-                t_b, _ = policy.sample(ref_params, prompts, jax.random.fold_in(key, 1), float(pc.sample_temperature))
+                t_a, _ = policy.sample(ref_params(), prompts, jax.random.fold_in(key, 0), float(pc.sample_temperature))
+                t_b, _ = policy.sample(ref_params(), prompts, jax.random.fold_in(key, 1), float(pc.sample_temperature))
                 pairs = prefdata.make_pairs(task, prompts, t_a, t_b, float(pc.bt_temperature), seed + 1000 * i)
                 records[split] = prefdata.to_records(pairs)
             path = prefdata.write_pairs(data_dir, name, records, spec)
@@ -416,13 +418,14 @@ class PreferenceObjective(Objective):
         self.policy = LMPolicy(self.model, self.task, config.eval.chunk)
         if po.reference == "sft":
             self.sft = runs.open_dependency(config, "po.sft_workdir")
-            ref_params = runs.restore_params(self.sft)
-            arrays = ensure_pairs(config, self.sft, self.task, self.policy, ref_params)
+            self.ref_params = runs.stored_params(self.sft)  # read onto its shardings by the loop
+            host_ref = functools.cache(self.ref_params.numpy)  # read to host only if pairs or log-probs are made here
+            arrays = ensure_pairs(config, self.sft, self.task, self.policy, host_ref)
         else:  # 'init': a randomly initialised reference, demonstrator pairs (benchmarks, quick tests)
             self.sft = None
-            ref_params = init_params(self.model, jax.random.PRNGKey(int(po.init_seed)))
+            self.ref_params = init_params(self.model, jax.random.PRNGKey(int(po.init_seed)))
+            host_ref = lambda: self.ref_params
             arrays = demonstrator_pairs(config, self.task)
-        self.ref_params = ref_params
         self.proxy_reward, self.proxy_params = None, None
         if po.reward_model:  # optimise against a learned reward: its Bradley-Terry labels on the training pairs
             from fdistill.objectives import reward_model
@@ -439,7 +442,7 @@ class PreferenceObjective(Objective):
         self.test_pairs = prefdata.PreferencePairs(arrays["test"], self.task, seed, arrays["_path"])
         if self.precompute_ref and not self.reference_free:
             for pairs in (self.pairs, self.test_pairs):
-                pairs.set_reference_logps(*self._dataset_logps(ref_params, pairs))
+                pairs.set_reference_logps(*self._dataset_logps(host_ref(), pairs))
         self.optimizer = ts.Optimizer(ts.OptimizerSettings.from_config(config.train))
         self.num_micro = ts.check_grad_accum(config.train.grad_accum_steps, config.train.batch_size)
         self._pair_metrics = jax.jit(self._metrics_on_rows)

@@ -96,7 +96,7 @@ class RewardModelObjective(PreferenceObjective):
         true_w, true_l = a["reward_chosen"], a["reward_rejected"]
         strict = ~np.isclose(true_w, true_l)
         prompts = np.repeat(self.task.heldout_prompts, int(self.config.eval.samples_per_prompt), axis=0)
-        tokens, _ = self.policy.sample(self.ref_params, prompts, key)
+        tokens, _ = self.policy.sample(frozen["ref"], prompts, key)
         words, n = self.task.split_responses(tokens)
         true = self.task.reward(prompts, words, n)
         learned = np.asarray(reward(jnp.asarray(tokens)))
