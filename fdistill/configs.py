@@ -257,7 +257,7 @@ def distill() -> ConfigDict:
         cm_p_std=2.0,
         cm_loss="pseudo_huber",  # pseudo_huber (iCT: sqrt(|d|^2 + c^2) - c, c = cm_huber_c sqrt(dim)) | l2
         cm_huber_c=0.00054,
-        cm_schedule="ict",  # ict (the Karras grid and its doubling curriculum) | ect (ct only: ECT's continuous r(t), below)
+        cm_schedule="ict",  # ict (the Karras grid, its doubling curriculum) | ect (ct only: ECT's continuous r(t))
         cm_ect_q=2.0,  # ECT: r = t (1 - q^-(a+1) (1 + k sigmoid(-b t))), clamped at 0, in stage a of cm_ect_stages
         cm_ect_k=8.0,
         cm_ect_b=1.0,
@@ -266,9 +266,12 @@ def distill() -> ConfigDict:
         # ln(sigma_d tan t) ~ N(cm_p_mean, cm_p_std^2)
         scm_tangent="teacher",  # teacher (sCD: the teacher's PF-ODE velocity) | data (sCT: cos(t) z - sin(t) x0)
         scm_tangent_warmup=10000,  # updates over which the tangent's second term ramps in (r: 0 -> 1); 0 = none
-        scm_tangent_c=0.1,  # tangent normalisation g / (||g|| + c)
+        scm_tangent_norm=True,  # tangent normalisation g / (||g|| + scm_tangent_c) (False: g as it is)
+        scm_tangent_c=0.1,
         scm_adaptive_weight=True,  # learned weight w(t): e^w / D ||F - target||^2 - w (False: w = 0)
         scm_mid_t=1.1,  # TrigFlow time of the 2-step sampler's second step (K steps: fdistill.objectives.scm)
+        scm_time_conditioning="trigflow",  # trigflow (network sees scm_time_scale * t) | edm (ln(sigma)/4; teachers)
+        scm_time_scale=0.1,
         # BOSS (objective boss; fdistill.objectives.boss): num_student_steps is the step budget N
         boss_fine_steps=200,  # M: the fine uniform t grid of the reference trajectories and the step-size search
         boss_cost_samples=1024,  # trajectories averaged in the cost of each step

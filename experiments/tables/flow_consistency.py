@@ -1,7 +1,7 @@
 """Flow matching, BOSS, knowledge distillation and consistency models on the mixture, at NFE 1..8.
 
     python -m experiments.tables.flow_consistency --workdir runs/flow_consistency [--seeds 3] \
-        [--methods flow,boss,kd,cd,ct,meanflow] [--boss_steps 2,4,8] [--cm_steps 20000]
+        [--methods flow,boss,kd,cd,ct,meanflow,scm,scm_paper,ect] [--boss_steps 2,4,8] [--cm_steps 20000]
 
 Every run is on the main job's imbalanced 8-mode ring (`gmm_fdistill.py`'s `config.data`), seeds
 0..N-1, in `WORKDIR/<run>/seed_<s>` (re-running reuses finished runs and resumes stopped ones):
@@ -12,6 +12,10 @@ Every run is on the main job's imbalanced 8-mode ring (`gmm_fdistill.py`'s `conf
 * `kd`: `gmm_kd.py` (analytic teacher, NFE 1). `cd`, `ct`: `gmm_cd.py` / `gmm_ct.py`, evaluated with
   1, 2 and 4 steps of the same network (`--cm_steps` updates).
 * `meanflow`: `gmm_meanflow.py` (from data alone), 1, 2 and 4 steps of the same network.
+* `scm`: `gmm_scm.py` (continuous-time consistency distillation, sCD with TrigFlow, of the analytic
+  teacher), 1, 2 and 4 steps of the same network (`--cm_steps` updates). `scm_paper`: the same with the
+  paper's tangent normalisation and adaptive weight (which `gmm_scm.py` turns off; its docstring says why).
+* `ect`: `gmm_ct.py` with ECT's continuous-time schedule (`distill.cm_schedule='ect'`), like `ct`.
 
 Writes `WORKDIR/table.md`, `WORKDIR/table.json` (mean and std over seeds, per-seed values) and
 `WORKDIR/samples.png` (seed 0 of every method present, at its most telling step counts).
@@ -31,7 +35,14 @@ from experiments.tables.common import check_choices, plot_panels, run_config, su
 from fdistill import checkpoint, configs, objectives, placement
 from fdistill.flow import uniform_times
 
-METHODS = ("flow", "boss", "kd", "cd", "ct", "meanflow")
+METHODS = ("flow", "boss", "kd", "cd", "ct", "meanflow", "scm", "scm_paper", "ect")
+# consistency runs: method -> (config, overrides); 1, 2 and 4 steps of one network, `--cm_steps` updates
+CM_RUNS = {"cd": ("gmm_cd", {}), "ct": ("gmm_ct", {}), "scm": ("gmm_scm", {}),
+           "scm_paper": ("gmm_scm", {"distill.scm_tangent_norm": True, "distill.scm_adaptive_weight": True}),
+           "ect": ("gmm_ct", {"distill.cm_schedule": "ect"})}
+ROW_NAMES = {"cd": "CD", "ct": "CT", "meanflow": "MeanFlow", "scm": "sCD (TrigFlow)",
+             "scm_paper": "sCD, paper's tangent normalisation + adaptive weight",
+             "ect": "CT, ECT's continuous schedule"}
 COLUMNS = [("nfe", "NFE", "{:.0f}"), ("mode_coverage", "coverage", "{:.3f}"), ("mode_weight_tv", "mode-weight TV", "{:.3f}"),
            ("high_quality_frac", "high-quality frac", "{:.3f}"), ("mmd", "MMD", "{:.4f}")]
 
@@ -39,7 +50,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (one sub-workd
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Training seeds per run (train.seed = 0..N-1).")
 _METHODS = flags.DEFINE_list("methods", list(METHODS), f"Runs to train; allowed: {list(METHODS)} (boss needs flow).")
 _BOSS_STEPS = flags.DEFINE_list("boss_steps", ["2", "4", "8"], "Euler step budgets N of the BOSS runs.")
-_CM_STEPS = flags.DEFINE_integer("cm_steps", None, "Updates of the cd and ct runs (default: their configs').")
+_CM_STEPS = flags.DEFINE_integer("cm_steps", None, "Updates of the consistency runs (default: their configs').")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -64,8 +75,8 @@ def rows_of(method: str, per_seed: list[dict], label: str) -> dict[str, list[dic
         return {f"flow teacher, {n} uniform Euler steps": pick("uniform/"),
                 f"flow teacher, BOSS schedule ({n} steps)": pick("schedule/"),
                 f"BOSS + refinement ({n} steps)": pick("")}
-    if method in ("cd", "ct", "meanflow"):
-        name = {"cd": "CD", "ct": "CT", "meanflow": "MeanFlow"}[method]
+    if method in ROW_NAMES:
+        name = ROW_NAMES[method]
         return {f"{name}, {k} step{'s' if k > 1 else ''}": pick("" if k == 1 else f"steps{k}/") for k in (1, 2, 4)}
     if method == "flow":
         return {"flow teacher, 18 Heun steps in t": pick("")}
@@ -85,9 +96,10 @@ def run_samples(workdir: str, n: int) -> dict:
         return {f"MeanFlow, {k} step{'s' * (k > 1)}": obj.sample(params, key, n, k) for k in (1, 4)}
     if config.objective == "kd":
         return {"KD, 1 step": obj.evaluator.samples(params, key, n)[0]}
-    if config.objective in ("cd", "ct"):
-        return {f"{config.objective.upper()}, {k} step{'s' * (k > 1)}": obj.evaluators[k].samples(params, key, n)[0]
-                for k in (1, 4)}
+    if config.objective in ("cd", "ct", "scm"):
+        net = params["net"] if config.objective == "scm" else params
+        name = {"scm": "sCD", "ct": "ECT" if config.distill.cm_schedule == "ect" else "CT"}.get(config.objective, "CD")
+        return {f"{name}, {k} step{'s' * (k > 1)}": obj.evaluators[k].samples(net, key, n)[0] for k in (1, 4)}
     steps = obj.num_steps  # boss
     teacher = placement.frozen_on_host(obj.frozen())["teacher"]
     return {f"{steps} uniform Euler steps": obj.evaluator.samples({"net": teacher, "times": uniform_times(steps)},
@@ -98,7 +110,7 @@ def run_samples(workdir: str, n: int) -> dict:
 
 def write_markdown(path: str, table: dict, teacher: dict, meta: dict) -> None:
     lines = ["# Flow matching, BOSS, KD, consistency models and MeanFlow on the imbalanced 8-mode ring", "",
-             f"{meta['seeds']} seed(s) per row; mean +- std over seeds. CD/CT: {meta['cm_steps']} updates. "
+             f"{meta['seeds']} seed(s) per row; mean +- std over seeds. CD/CT/sCD: {meta['cm_steps']} updates. "
              f"Wall time {meta['wall_seconds'] / 60:.1f} min.", "",
              "| row | " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
     for row, stats in table.items():
@@ -106,7 +118,7 @@ def write_markdown(path: str, table: dict, teacher: dict, meta: dict) -> None:
                  if k in stats else "-" for k, _, fmt in COLUMNS]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     tcells = [fmt.format(teacher[f"teacher/{k}"]) if f"teacher/{k}" in teacher else "-" for k, _, fmt in COLUMNS]
-    lines.append("| analytic teacher, EDM Heun (KD/CD/CT reference) | " + " | ".join(tcells) + " |")
+    lines.append("| analytic teacher, EDM Heun (KD/CD/CT/sCD reference) | " + " | ".join(tcells) + " |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -126,7 +138,7 @@ def main(argv):
 
     def run(method, row_dir, make_config, label=""):
         per_seed = train_seeds("flow_consistency", row_dir, workdir, _SEEDS.value, make_config)
-        if method in ("kd", "cd", "ct"):
+        if method == "kd" or method in CM_RUNS:
             teacher.update({k: v for k, v in per_seed[0].items() if k.startswith("teacher/")})
         rows.update(rows_of(method, per_seed, label))
 
@@ -138,9 +150,9 @@ def main(argv):
                               "distill.teacher": os.path.join(workdir, "flow", f"seed_{s}")}), str(n))
     if "kd" in _METHODS.value:
         run("kd", "kd", lambda s: config_for("gmm_kd", s))
-    for m in ("cd", "ct"):
+    for m, (name, overrides) in CM_RUNS.items():
         if m in _METHODS.value:
-            run(m, m, lambda s, m=m: config_for(f"gmm_{m}", s, _CM_STEPS.value))
+            run(m, m, lambda s, name=name, overrides=overrides: config_for(name, s, _CM_STEPS.value, **overrides))
     if "meanflow" in _METHODS.value:
         run("meanflow", "meanflow", lambda s: config_for("gmm_meanflow", s))
     table = {row: summarise(per_seed) for row, per_seed in rows.items()}
@@ -151,7 +163,7 @@ def main(argv):
                   default=float)
     write_markdown(os.path.join(workdir, "table.md"), table, teacher, meta)
     samples = {}
-    for run in ["flow", "boss_4", "kd", "cd", "ct", "meanflow"]:
+    for run in ["flow", "boss_4", "kd", "cd", "ct", "meanflow", "scm", "ect"]:
         if os.path.exists(os.path.join(workdir, run, "seed_0", "results.json")):
             samples.update(run_samples(os.path.join(workdir, run, "seed_0"), 4096))
     if samples:

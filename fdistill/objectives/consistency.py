@@ -30,8 +30,18 @@ falls in it (`cm_sigma_sampling='lognormal'`; 'uniform' is the original CM), and
 during training, N(k) = min(s0 2^floor(k / K'), s1) + 1, K' = floor(K / (log2(s1 / s0) + 1)), from
 s0 = `cm_scales_min` to s1 = `cm_scales_max` over K = `train.num_steps` updates (s0 = s1: a fixed
 grid, as CD uses). A network teacher initialises the student with its weights; 'ct' from a
-pretrained diffusion model is then consistency tuning (ECT, arXiv 2406.14548, without its
-continuous-time schedule).
+pretrained diffusion model is then consistency tuning (ECT, arXiv 2406.14548).
+
+ECT's continuous-time schedule (`cm_schedule='ect'`, ct only; read from `locuslab/ect`'s
+`training/loss.py` for facts): no grid. sigma_hi = t with ln t ~ N(P_mean, P_std^2) (clipped to
+[sigma_min, sigma_max]) and sigma_lo = r from ECT's mapping function
+
+    r = t (1 - q^-(a+1) n(t)),   n(t) = 1 + k sigmoid(-b t),   clamped at 0,
+
+in stage a = floor(update * A / K) of A = `cm_ect_stages` equal stages of the K = `train.num_steps`
+updates: dt / t = q^-(a+1) n(t) shrinks by q per stage (dt -> 0), and where r <= sigma_min the target is
+x_0 itself (at first, small t: denoising). The weight is ECT's 1 / t^2 + 1 / sigma_data^2 instead of
+1 / (s_{i+1} - s_i); the distance stays `cm_loss` (ECT: sqrt(|d|^2 + c^2) - c with c = 0).
 
 Sampling (multistep consistency sampling, Algorithm 1 of arXiv 2303.01469) on the student noise
 levels of `distill.num_student_steps` / `student_sigmas`: x = f(sigma_0 z, sigma_0), then
@@ -57,6 +67,7 @@ from fdistill.objectives.base import Objective, register
 
 LOSSES = ("pseudo_huber", "l2")
 SIGMA_SAMPLINGS = ("lognormal", "uniform")
+SCHEDULES = ("ict", "ect")
 EVAL_STEPS = (1, 2, 4)
 
 
@@ -111,6 +122,17 @@ def interval_logits(grid: jax.Array, n: jax.Array, sampling: str, p_mean: float,
     return jnp.where(valid, jnp.log(w), -jnp.inf)
 
 
+def ect_stage(step, total_steps: int, stages: int) -> jax.Array:
+    """ECT's stage a = min(floor(step * stages / total_steps), stages - 1) (module docstring)."""
+    return jnp.minimum(jnp.asarray(step, jnp.int32) * stages // max(total_steps, 1), stages - 1)
+
+
+def ect_r(t: jax.Array, stage, q: float, k: float, b: float) -> jax.Array:
+    """ECT's mapping r = t (1 - q^-(stage+1) (1 + k sigmoid(-b t))), clamped at 0."""
+    decay = jnp.asarray(q, jnp.float32) ** -(jnp.asarray(stage, jnp.float32) + 1.0)
+    return jnp.maximum(t * (1.0 - decay * (1.0 + k * jax.nn.sigmoid(-b * t))), 0.0)
+
+
 def distance(a, b, kind: str, huber_c: float) -> jax.Array:
     """Per-example pseudo-Huber sqrt(|a - b|^2 + c^2) - c (c = huber_c sqrt(dim), sums over features)
     or the squared L2 mean over features."""
@@ -133,9 +155,15 @@ class ConsistencyObjective(Objective):
         self.source = data_lib.build(config.data)
         self.teacher = teachers.build(config, self.source)
         for field, value, allowed in (("cm_loss", dc.cm_loss, LOSSES),
-                                      ("cm_sigma_sampling", dc.cm_sigma_sampling, SIGMA_SAMPLINGS)):
+                                      ("cm_sigma_sampling", dc.cm_sigma_sampling, SIGMA_SAMPLINGS),
+                                      ("cm_schedule", dc.cm_schedule, SCHEDULES)):
             if value not in allowed:
                 raise ValueError(f"config.distill.{field}={value!r} is not known; allowed: {list(allowed)}")
+        self.ect = dc.cm_schedule == "ect"
+        if self.ect and (self.name != "ct" or not dc.cm_ect_q > 1 or int(dc.cm_ect_stages) < 1 or dc.cm_ect_k < 0):
+            raise ValueError(f"config.distill.cm_schedule='ect' is consistency training's (objective 'ct', got "
+                             f"{self.name!r}) and needs config.distill.cm_ect_q > 1 (got {dc.cm_ect_q}), "
+                             f"cm_ect_stages >= 1 (got {dc.cm_ect_stages}) and cm_ect_k >= 0 (got {dc.cm_ect_k})")
         self.s0, self.s1 = int(dc.cm_scales_min), int(dc.cm_scales_max)
         if not 1 <= self.s0 <= self.s1:
             raise ValueError(f"config.distill.cm_scales_min/max=({self.s0}, {self.s1}) must satisfy 1 <= min <= max")
@@ -146,7 +174,8 @@ class ConsistencyObjective(Objective):
                                       d.sigma_min)
         self.num_steps = int(dc.num_student_steps)
         self.optimizer = ts.Optimizer(ts.OptimizerSettings.from_config(config.train, learning_rate=dc.lr_gen))
-        self.trajectory_fields = ("train.num_steps",) if self.s0 != self.s1 else ()  # the curriculum's length
+        # the curriculum's (or ECT's stages') length
+        self.trajectory_fields = ("train.num_steps",) if (self.s0 != self.s1 or self.ect) else ()
         self.evaluators = {k: evaluation.Evaluator(config, self.source, self.teacher, self._student(k), None,
                                                    f"{k}-step {self.name}") for k in {*EVAL_STEPS, self.num_steps}}
         self.student = self.evaluators[self.num_steps].student
@@ -172,8 +201,13 @@ class ConsistencyObjective(Objective):
 
     # ----- the loss -------------------------------------------------------------------------------
     def pair_levels(self, step, key, b: int):
-        """(s_i, s_{i+1}) per example for update `step` (curriculum and interval sampling)."""
+        """(s_i, s_{i+1}) per example for update `step` (curriculum and interval sampling), or ECT's
+        (r, t) (`cm_schedule='ect'`)."""
         dc, d = self.config.distill, self.config.diffusion
+        if self.ect:
+            t = jnp.clip(jnp.exp(dc.cm_p_mean + dc.cm_p_std * jax.random.normal(key, (b,))), d.sigma_min, d.sigma_max)
+            stage = ect_stage(step, int(self.config.train.num_steps), int(dc.cm_ect_stages))
+            return ect_r(t, stage, dc.cm_ect_q, dc.cm_ect_k, dc.cm_ect_b), t
         n = num_scales(step, int(self.config.train.num_steps), self.s0, self.s1)
         grid = karras_grid(n, self.s1 + 1, d.sigma_min, d.sigma_max, d.rho)
         logits = interval_logits(grid, n, dc.cm_sigma_sampling, dc.cm_p_mean, dc.cm_p_std)
@@ -190,9 +224,15 @@ class ConsistencyObjective(Objective):
         dc = self.config.distill
         kw = self.student.kw(labels)
         x_hi = x0 + diffusion.expand(s_hi, x0) * z
-        x_lo = jax.lax.stop_gradient(self.lower_point(frozen["teacher"], x0, z, x_hi, s_lo, s_hi, kw))
-        target = jax.lax.stop_gradient(self.cm(params, x_lo, s_lo, **kw))
+        s_eval = jnp.maximum(s_lo, self.cm.sigma_min) if self.ect else s_lo  # ECT's r goes below sigma_min
+        x_lo = jax.lax.stop_gradient(self.lower_point(frozen["teacher"], x0, z, x_hi, s_eval, s_hi, kw))
+        target = jax.lax.stop_gradient(self.cm(params, x_lo, s_eval, **kw))
+        if self.ect:  # where r <= sigma_min the target is x_0 itself
+            at_data = (s_lo <= self.cm.sigma_min).reshape(s_lo.shape + (1,) * (x0.ndim - 1))
+            target = jnp.where(at_data, x0, target)
         d = distance(self.cm(params, x_hi, s_hi, **kw), target, dc.cm_loss, dc.cm_huber_c)
+        if self.ect:
+            return jnp.mean(d * (1.0 / s_hi**2 + 1.0 / self.cm.sigma_data**2))
         return jnp.mean(d / (s_hi - s_lo))
 
     def train_step(self, state, frozen, batch):
@@ -202,9 +242,13 @@ class ConsistencyObjective(Objective):
         z = jax.random.normal(k_z, x0.shape, x0.dtype)
         labels = batch.get("label") if self.conditional else None
         loss, grads = jax.value_and_grad(self.loss)(state.params, frozen, x0, z, s_lo, s_hi, labels)
-        n = num_scales(state.step, int(self.config.train.num_steps), self.s0, self.s1)
+        if self.ect:
+            schedule = {"ect_stage": ect_stage(state.step, int(self.config.train.num_steps),
+                                               int(self.config.distill.cm_ect_stages))}
+        else:
+            schedule = {"num_scales": num_scales(state.step, int(self.config.train.num_steps), self.s0, self.s1)}
         state, metrics = ts.apply_gradients(state, grads, self.optimizer)
-        return state.replace(step=state.step + 1), {"loss": loss, "num_scales": n, **metrics}
+        return state.replace(step=state.step + 1), {"loss": loss, **schedule, **metrics}
 
     def batch(self, step, process_index=0, process_count=1):
         return self.source.batch(step, self.config.train.batch_size, process_index, process_count)
