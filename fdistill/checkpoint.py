@@ -316,10 +316,12 @@ class StoredTree:
             manager.close()
         raise RuntimeError(f"no checkpoint under {directory} has readable metadata (steps {steps})")
 
-    def _metadata(self, manager) -> Any:
+    def _abstract(self, manager) -> Any:
+        """ShapeDtypeStructs of the subtree from its metadata (after the `dtype` cast)."""
         with _absl_silenced():
             metadata = manager.item_metadata(self.step)
-        return _subtree(getattr(metadata, "tree", metadata), self.keys)
+        return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), self._dtype(m.dtype)),
+                            _subtree(getattr(metadata, "tree", metadata), self.keys))
 
     def _dtype(self, stored) -> Any:
         stored = np.dtype(stored)
@@ -329,8 +331,7 @@ class StoredTree:
         """ShapeDtypeStructs of the subtree (after the `dtype` cast)."""
         manager = _open_read_only(self.directory)
         try:
-            return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), self._dtype(m.dtype)),
-                                self._metadata(manager))
+            return self._abstract(manager)
         finally:
             manager.close()
 
@@ -338,8 +339,7 @@ class StoredTree:
         """The subtree as jax.Arrays on `shardings` (one for every leaf, or a tree of them)."""
         manager = _open_read_only(self.directory)
         try:
-            abstract = abstract_like(jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), self._dtype(m.dtype)),
-                                                  self._metadata(manager)), shardings)
+            abstract = abstract_like(self._abstract(manager), shardings)
             args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape,
                                                                dtype=t.dtype), abstract)
             target, restore_args = _nest(abstract, self.keys), _nest(args, self.keys)
