@@ -25,7 +25,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from experiments.tables.common import check_choices, train_row
+from experiments.tables.common import check_choices, eval_curve, train_row
 from fdistill.configs import load as load_config
 
 METHODS = {"dpo": ("synthetic_dpo", {"loss": "dpo"}), "rpo": ("synthetic_dpo", {"loss": "rpo"}),
@@ -36,21 +36,6 @@ _STEPS = flags.DEFINE_integer("steps", 500, "Optimisation steps per run.")
 _METHODS = flags.DEFINE_list("methods", list(METHODS), f"Methods; allowed: {list(METHODS)}.")
 _RM_PAIRS = flags.DEFINE_integer("rm_pairs", 512, "Preference pairs the reward model learns from.")
 flags.mark_flag_as_required("workdir")
-
-
-def eval_curve(workdir: str) -> list[dict]:
-    """The run's evaluation rows (eval/* of metrics.jsonl, in step order) plus its final results."""
-    rows = []
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
-            if "eval/true_reward" in r:
-                rows.append({"step": r["step"], **{k[5:]: v for k, v in r.items() if k.startswith("eval/")}})
-    with open(os.path.join(workdir, "results.json")) as f:
-        final = json.load(f)
-    if not rows or rows[-1]["step"] != final["step"]:
-        rows.append(final)
-    return rows
 
 
 def plot(path: str, curves: dict[str, list[list[dict]]]) -> str:
@@ -112,7 +97,7 @@ def main(argv):
             wd = os.path.join(workdir, "runs", f"{method}_s{seed}")
             print(f"[overopt] {method} seed {seed} -> {wd}", flush=True)
             train_row(c, wd, f"{method} seed {seed}")
-            curves.setdefault(method, []).append(eval_curve(wd))
+            curves.setdefault(method, []).append(eval_curve(wd, "true_reward"))
 
     sft_proxy = sft_proxy_reward(sft_dir, proxy)
     for runs in curves.values():

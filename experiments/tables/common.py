@@ -141,6 +141,44 @@ def plot_panels(path: str, objective, samples: dict, title_extra: dict, ncol: in
     plt.close(fig)
 
 
+def plot_image_rows(grids, path: str) -> None:
+    """One labelled strip of images per entry of `grids` ([(name, images [n, H, W, C] in [-1, 1])])."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fdistill.data.images import image_grid
+
+    ncols = 15
+    rows_per = max(int(np.ceil(len(x) / ncols)) for _, x in grids)
+    fig, axes = plt.subplots(len(grids), 1, figsize=(8, (0.55 * rows_per + 0.35) * len(grids) + 0.3))
+    for ax, (name, x) in zip(np.atleast_1d(axes), grids):
+        g = image_grid(np.asarray(x), ncols=min(ncols, len(x)))
+        ax.imshow(g[..., 0] if g.shape[-1] == 1 else g, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_axis_off()
+        ax.set_title(name, fontsize=8, loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def eval_curve(workdir: str, metric: str) -> list[dict]:
+    """A run's evaluations in step order: the eval/* entries of metrics.jsonl that hold `metric`
+    (prefix stripped), and its final results.json when that is a later step."""
+    rows = []
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            if f"eval/{metric}" in r:
+                rows.append({"step": r["step"], **{k[5:]: v for k, v in r.items() if k.startswith("eval/")}})
+    with open(os.path.join(workdir, "results.json")) as f:
+        final = json.load(f)
+    if not rows or rows[-1]["step"] != final["step"]:
+        rows.append(final)
+    return rows
+
+
 def training_curve(workdir: str, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(reward evaluations, training seconds, batch mean reward) at each logged step of a FIND/DDPO
     run (seconds from the logged steps/s of each interval: compile time excluded)."""

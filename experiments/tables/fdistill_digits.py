@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.tables.common import generator_params, train_row
+from experiments.tables.common import generator_params, plot_image_rows, train_row
 from fdistill import diffusion, objectives
 from fdistill import data as data_lib
 from fdistill.configs import load as load_config
@@ -164,30 +164,8 @@ def write_outputs(workdir, rows, grids, timings, source, args):
     text = "\n".join(lines) + "\n"
     with open(os.path.join(workdir, "table.md"), "w") as f:
         f.write(text)
-    plot_rows(grids, os.path.join(workdir, "samples.png"))
+    plot_image_rows(grids, os.path.join(workdir, "samples.png"))
     print(text, flush=True)
-
-
-def plot_rows(grids, path):
-    """One image strip per table row, labelled."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from fdistill.data.images import image_grid
-
-    ncols = 15
-    rows_per = max(int(np.ceil(len(x) / ncols)) for _, x in grids)
-    fig, axes = plt.subplots(len(grids), 1, figsize=(8, (0.55 * rows_per + 0.35) * len(grids) + 0.3))
-    for ax, (name, x) in zip(np.atleast_1d(axes), grids):
-        g = image_grid(np.asarray(x), ncols=min(ncols, len(x)))
-        ax.imshow(g[..., 0] if g.shape[-1] == 1 else g, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        ax.set_axis_off()
-        ax.set_title(name, fontsize=8, loc="left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

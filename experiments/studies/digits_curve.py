@@ -1,0 +1,114 @@
+"""fd_digits of one-step digits students against generator updates, next to the goal of 1.5 times
+the 35-NFE teacher's (issue "The main job's student is a curve"; results in
+`experiments/results/digits_curve.md`).
+
+    python -m experiments.studies.digits_curve --workdir runs/digits_curve --teacher runs/digits_score \
+        [--runs js,js_cosine] [--num_steps 2400] [--eval_every 200]
+
+Each run is `ml_collections_configs/digits_fdistill.py` (the best one-step digits setting of the
+digits table: JS, lambda_gan 3e-3, discriminator on the fake score's bottleneck) with the overrides
+in RUNS, trained for `--num_steps` generator updates with an evaluation of the student (4096
+samples: fd_digits, precision, recall, class entropy) every `--eval_every` updates, in
+`WORKDIR/<run>` (re-running resumes or reuses finished runs). Writes `WORKDIR/curve.md`,
+`WORKDIR/curve.json` (every evaluation) and `WORKDIR/curve.png` (fd_digits against updates, with the
+teacher's and the goal's levels).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import app, flags, logging
+
+from experiments.tables.common import check_choices, eval_curve, run_config, train_row
+from fdistill import configs
+
+# run -> (what it changes, overrides of digits_fdistill.py)
+RUNS = {
+    "js": ("digits_fdistill.py as it is (constant learning rates)", {}),
+    "js_cosine": ("generator learning rate decays to 0 (cosine)", {"distill.gen_lr_schedule": "cosine"}),
+}
+GOAL = 1.5  # times the teacher's fd_digits
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (one sub-workdir per run).")
+_TEACHER = flags.DEFINE_string("teacher", None, "Workdir of the finished digits score teacher "
+                               "(default: digits_fdistill.py's runs/digits_score).")
+_RUNS = flags.DEFINE_list("runs", ["js"], f"Runs to train; allowed: {list(RUNS)}.")
+_NUM_STEPS = flags.DEFINE_integer("num_steps", 2400, "Generator updates per run.")
+_EVAL_EVERY = flags.DEFINE_integer("eval_every", 200, "Updates between evaluations.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def run_of(name: str):
+    """The run's config: digits_fdistill.py, RUNS' overrides, the teacher, evaluations every `--eval_every`."""
+    overrides = dict(RUNS[name][1])
+    if _TEACHER.value:
+        overrides["distill.teacher"] = os.path.abspath(_TEACHER.value)
+    c = run_config(configs.load("digits_fdistill"), 0, _NUM_STEPS.value, overrides)
+    c.train.eval_every = _EVAL_EVERY.value
+    return c
+
+
+def plot(path: str, curves: dict, teacher_fd: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, rows in curves.items():
+        ax.plot([r["step"] for r in rows], [r["fd_digits"] for r in rows], "o-", ms=3, label=f"{name}: {RUNS[name][0]}")
+    ax.axhline(teacher_fd, color="k", lw=1, label=f"teacher, 35 NFE ({teacher_fd:.2f})")
+    ax.axhline(GOAL * teacher_fd, color="k", ls="--", lw=1, label=f"goal, {GOAL:g} x teacher ({GOAL * teacher_fd:.2f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("generator updates")
+    ax.set_ylabel("fd_digits (1-step student, 4096 samples)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    check_choices("runs", _RUNS.value, RUNS)
+    if _TEACHER.value and not os.path.exists(os.path.join(_TEACHER.value, "config.json")):
+        raise app.UsageError(f"--teacher={_TEACHER.value!r} is not a finished run's workdir (no config.json)")
+    if _NUM_STEPS.value < 1 or _EVAL_EVERY.value < 1:
+        raise app.UsageError(f"--num_steps={_NUM_STEPS.value} and --eval_every={_EVAL_EVERY.value} must be >= 1")
+    logging.set_verbosity(logging.WARNING)
+    workdir = os.path.abspath(_WORKDIR.value)
+    os.makedirs(workdir, exist_ok=True)
+    t0 = time.perf_counter()
+    curves, teacher = {}, {}
+    for name in _RUNS.value:
+        sub = os.path.join(workdir, name)
+        print(f"[digits_curve] {name} -> {sub}", flush=True)
+        results = train_row(run_of(name), sub, name)
+        teacher.update({k: v for k, v in results.items() if k.startswith("teacher/")})
+        curves[name] = eval_curve(sub, "fd_digits")
+    teacher_fd = teacher["teacher/fd_digits"]
+    lines = ["# One-step digits students: fd_digits against generator updates", "",
+             f"Teacher (35-NFE Heun): fd_digits {teacher_fd:.2f}; goal {GOAL:g} x teacher = {GOAL * teacher_fd:.2f}. "
+             f"Wall time {(time.perf_counter() - t0) / 60:.1f} min.", ""]
+    for name, rows in curves.items():
+        best = min(rows, key=lambda r: r["fd_digits"])
+        lines += [f"## {name}: {RUNS[name][0]}", "",
+                  f"Best: fd_digits {best['fd_digits']:.2f} at {best['step']} updates "
+                  f"({best['fd_digits'] / teacher_fd:.1f} x teacher).", "",
+                  "| updates | fd_digits | precision | recall | class entropy |", "|---|---|---|---|---|"]
+        lines += [f"| {r['step']} | {r['fd_digits']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | "
+                  f"{r['class_entropy']:.3f} |" for r in rows]
+        lines.append("")
+    with open(os.path.join(workdir, "curve.md"), "w") as f:
+        f.write("\n".join(lines))
+    with open(os.path.join(workdir, "curve.json"), "w") as f:
+        json.dump({"teacher": teacher, "curves": curves, "goal": GOAL * teacher_fd}, f, indent=2, default=float)
+    plot(os.path.join(workdir, "curve.png"), curves, teacher_fd)
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
