@@ -56,7 +56,7 @@ def plot(path: str, curves: dict, teacher_fd: float) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(9, 4))
     for name, rows in curves.items():
         ax.plot([r["step"] for r in rows], [r["fd_digits"] for r in rows], "o-", ms=3, label=f"{name}: {RUNS[name][0]}")
     ax.axhline(teacher_fd, color="k", lw=1, label=f"teacher, 35 NFE ({teacher_fd:.2f})")
@@ -64,7 +64,7 @@ def plot(path: str, curves: dict, teacher_fd: float) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("generator updates")
     ax.set_ylabel("fd_digits (1-step student, 4096 samples)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
