@@ -9,7 +9,8 @@ conditioning (`scm_time_conditioning = 'edm'`). `digits_cd.py`'s batch, learning
 warmup over the first 20% of the run. Unlike `gmm_scm.py` it keeps the paper's tangent normalisation
 g / (||g|| + 0.1): measured at 2000 updates (1 / 2 / 4-step fd_digits), with it 71.5 / 23.0 / 10.2, without
 it 226.9 / 106.0 / 101.0, with a final loss of 75 against 0.015 (likely the EDM time embedding
-ln(sigma_d tan t) / 4, whose derivative 1 / (2 sin(2t)) blows up at both ends of [0, pi/2]). The adaptive weight stays off. Evaluated with 1, 2 and 4 steps.
+ln(sigma_d tan t) / 4, whose derivative 1 / (2 sin(2t)) blows up at both ends of [0, pi/2]).
+The adaptive weight stays off. Evaluated with 1, 2 and 4 steps.
 """
 from fdistill import configs
 

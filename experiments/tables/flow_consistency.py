@@ -52,8 +52,8 @@ CM_RUNS = {"cd": ("gmm_cd", {}), "ct": ("gmm_ct", {}), "scm": ("gmm_scm", {}),
 ROW_NAMES = {"cd": "CD", "ct": "CT", "meanflow": "MeanFlow", "scm": "sCD (TrigFlow)",
              "scm_paper": "sCD, paper's tangent normalisation + adaptive weight",
              "ect": "CT, ECT's continuous schedule"}
-# digits consistency runs: method -> config (the teacher's U-Net, started from its weights)
-DIGITS_CM_RUNS = {"cd": "digits_cd", "ect": "digits_ct", "scm": "digits_scm"}
+# digits consistency runs, as CM_RUNS (the teacher's U-Net, started from its weights)
+DIGITS_CM_RUNS = {"cd": ("digits_cd", {}), "ect": ("digits_ct", {}), "scm": ("digits_scm", {})}
 DIGITS_ROW_NAMES = {"ect": "ECT (CT from the teacher's weights)"}
 COLUMNS = {
     "gmm": [("nfe", "NFE", "{:.0f}"), ("mode_coverage", "coverage", "{:.3f}"),
@@ -169,7 +169,7 @@ def main(argv):
         raise app.UsageError(f"--teacher={_TEACHER.value!r}: only for --data digits, and it must be a finished "
                              "digits score run's workdir (with config.json)")
     seeds = _SEEDS.value or (1 if data == "digits" else 3)
-    cm_runs = {m: (name, {}) for m, name in DIGITS_CM_RUNS.items()} if data == "digits" else CM_RUNS
+    cm_runs = DIGITS_CM_RUNS if data == "digits" else CM_RUNS
     boss_steps = [int(n) for n in _BOSS_STEPS.value]
     logging.set_verbosity(logging.WARNING)
     workdir = os.path.abspath(_WORKDIR.value)
