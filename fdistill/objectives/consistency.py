@@ -183,9 +183,7 @@ class ConsistencyObjective(Objective):
     def _student(self, num_steps: int):
         dc = self.config.distill.copy_and_resolve_references()
         dc.num_student_steps = num_steps
-        if dc.latent_dim:
-            raise ValueError("config.distill.latent_dim must be 0 for consistency models: f maps a noised "
-                             "data-shaped point")
+        students.require_data_shaped_latent(dc, "consistency models: f maps a noised data-shaped point")
         levels = students.NoiseLevels(dc, self.config.diffusion)
         return students.BackwardSimulation(self.cm, levels, self.source.shape, self.source.num_classes,
                                            self.conditional, dc, self.config.diffusion)

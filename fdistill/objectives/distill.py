@@ -18,6 +18,11 @@ The generator loss, per update (FastGen `f_distill.py` conventions, `distillatio
     r = clip(exp(clip(logit(x_t))))  normalised per noise-level bin, h = h(r) / mean h
     w = 1 / mean|x - D_real|    L_G = 0.5 mean((x - sg(x - (D_fake - D_real) w h))^2) + lambda_gan softplus(-logit)
 
+With `distill.divergence_end` = g the weight moves from f's to g's over training,
+h = (1 - p) h_f(r) / mean h_f + p h_g(r) / mean h_g with p = update / train.num_steps: a
+mass-covering f would find every mode early and a mode-seeking g sharpen them late (JS -> rkl on
+the 10-mode ring did not sharpen them: `experiments/results/student_quality.md`).
+
 With the reverse KL (h = 1) and lambda_gan = 0 this is exactly the DMD / VSD update (no
 discriminator is trained); DMD2 adds the GAN term. Three objectives, one code path:
 
@@ -51,6 +56,7 @@ class DistillObjective(Objective):
         self.dc = dc
         self.source = data_lib.build(config.data)
         self.div = divergences.from_config(dc)
+        self.div_end = divergences.from_config(dc, "divergence_end") if dc.divergence_end else None
         self.critic_updates = int(dc.fake_updates_per_gen)
         if self.critic_updates < 1:
             raise ValueError(f"config.distill.fake_updates_per_gen must be >= 1, got {self.critic_updates}")
@@ -61,7 +67,8 @@ class DistillObjective(Objective):
         if config.eval.num_samples < MIN_EVAL_SAMPLES:
             raise ValueError(f"config.eval.num_samples must be >= {MIN_EVAL_SAMPLES}, got {config.eval.num_samples}")
         # The discriminator is needed for a non-trivial h(r) or for the GAN term; VSD/DMD need neither.
-        self.use_disc = self.div.name != "rkl" or dc.lambda_gan > 0
+        self.use_disc = self.div.name != "rkl" or (self.div_end is not None and self.div_end.name != "rkl") \
+            or dc.lambda_gan > 0
 
         self.teacher = teachers.build(config, self.source)
         conditional = bool(self.source.num_classes and self.teacher.net_config.model.num_classes)
@@ -70,8 +77,9 @@ class DistillObjective(Objective):
                                       self.source.num_classes, conditional, config)
         self.critic = critics.build(config, self.teacher, self.student, self.levels, self.use_disc)
         self.optimizers = self._optimizers(config)
-        if any(o.settings.decays for o in self.optimizers.values()) or self.levels.hi_end is not None:
-            # the learning rate decays to 0, or the noise range moves, by num_steps
+        if (any(o.settings.decays for o in self.optimizers.values()) or self.levels.hi_end is not None
+                or self.div_end is not None):
+            # the learning rate decays to 0, the noise range moves, or the divergence changes, by num_steps
             self.trajectory_fields = ("train.num_steps",)
         label = f"{self.student.num_steps}-step {student_kind} ({self.div.name})"
         self.evaluator = evaluation.Evaluator(config, self.source, self.teacher, self.student, self.critic, label)
@@ -125,6 +133,9 @@ class DistillObjective(Objective):
             else:
                 r_n = r
             h = losses.normalized_h(self.div, r_n)
+            if self.div_end is not None:
+                p = draws["progress"]
+                h = (1.0 - p) * h + p * losses.normalized_h(self.div_end, r_n)
             l_gan = losses.gan_generator_loss(logits)
             metrics.update({"r/mean": jnp.mean(r), "r/min": jnp.min(r), "r/max": jnp.max(r)})
         else:
@@ -144,7 +155,8 @@ class DistillObjective(Objective):
     # ----- the step --------------------------------------------------------------------------
     def progress(self, state) -> jax.Array:
         """The fraction of training done (update / train.num_steps): the noise range's position
-        when it moves (`distill.gen_index_max_end`, `students.NoiseLevels`)."""
+        when it moves (`distill.gen_index_max_end`, `students.NoiseLevels`) and the weight of
+        `distill.divergence_end` in h."""
         return state.step / max(int(self.config.train.num_steps), 1)
 
     def critic_update(self, state, frozen, x_real, labels_real, key):
@@ -185,7 +197,8 @@ class DistillObjective(Objective):
             critic_metrics = jax.tree.map(lambda *a: jnp.stack(a), *per_update)
         critic_metrics = {k: jnp.mean(v) for k, v in critic_metrics.items()}
 
-        draws = {**self.student.draws(k_gen, b, self.progress(state)),
+        progress = self.progress(state)
+        draws = {**self.student.draws(k_gen, b, progress), "progress": progress,
                  "critic_key": jax.random.fold_in(k_gen, CRITIC_SALT)}
         (loss, (metrics, bins, _)), grads = jax.value_and_grad(self.generator_loss, has_aux=True)(
             state.params["gen"], state.params, frozen, draws, state.extra["ratio_bins"])

@@ -158,9 +158,7 @@ class ContinuousConsistency(ConsistencyObjective):
     def _student(self, num_steps: int):
         """BackwardSimulation of f_theta on the EDM levels sigma_d tan t_k of `student_times`."""
         dc = self.config.distill.copy_and_resolve_references()
-        if dc.latent_dim:
-            raise ValueError("config.distill.latent_dim must be 0 for consistency models: f maps a noised "
-                             "data-shaped point")
+        students.require_data_shaped_latent(dc, "consistency models: f maps a noised data-shaped point")
         sd = float(self.config.diffusion.sigma_data)
         times = student_times(num_steps, self.t_max, float(dc.scm_mid_t))
         sigmas = [float(dc.gen_sigma)] + [sd * math.tan(t) for t in times[1:]]
