@@ -106,10 +106,13 @@ def select_step(xs: list, k: jax.Array) -> jax.Array:
     return out
 
 
+LATENT_FIELDS = ("latent_dim", "latent_categories")  # the config.distill fields that change z's shape
+
+
 def require_data_shaped_latent(distill_config, who: str) -> None:
     """A ValueError naming `distill.latent_dim` or `latent_categories` when either is set (`who` needs a
     z of the data's shape)."""
-    for field in ("latent_dim", "latent_categories"):
+    for field in LATENT_FIELDS:
         if distill_config[field]:
             raise ValueError(f"config.distill.{field} must be 0 for {who}")
 
@@ -158,8 +161,9 @@ class OneStep:
 
     @property
     def plain(self) -> bool:
-        """True when z has the data's shape and goes through the denoiser's own preconditioning."""
-        return self.latent_shape == self.shape and not self.categories
+        """True when z has the data's shape (no category coordinate, no wider latent) and goes through
+        the denoiser's own preconditioning."""
+        return self.latent_shape == self.shape
 
     def net_input(self, z) -> jax.Array:
         """The network's input c_in sigma_g z (and the one-hot category, `latent_categories`)."""
@@ -356,13 +360,13 @@ def build(objective: str, teacher, levels, shape, num_classes, conditional, conf
     if objective == "distill" and dc.num_student_steps != 1:
         raise ValueError(f"config.distill.num_student_steps={dc.num_student_steps} needs a few-step "
                          "objective: config.objective='dmd2_multistep' or 'tdm' ('distill' is one-step)")
-    for field in ("latent_dim", "latent_categories"):
+    for field in LATENT_FIELDS:
         if dc[field] and teacher.starts_students:
             raise ValueError(f"config.distill.{field} needs a fresh generator (config.distill.teacher='analytic'); "
                              f"a network teacher's generator copies its weights and input size: pass "
                              f"--config.distill.{field}=0")
     denoiser = generator_denoiser(teacher, config, shape)
-    if (dc.latent_dim or dc.latent_categories) and type(denoiser) is not Denoiser:
+    if any(dc[field] for field in LATENT_FIELDS) and type(denoiser) is not Denoiser:
         raise ValueError("config.distill.latent_dim and latent_categories skip z through the EDM preconditioning: "
                          "they need config.model.parametrisation='edm'")
     return STUDENTS[objective](denoiser, levels, shape, num_classes, conditional, dc, config.diffusion)
