@@ -55,3 +55,27 @@ def test_bad_config_values_name_the_field():
         make(imbalance=0.5)
     with pytest.raises(ValueError, match="square"):
         make(layout="grid", num_modes=8)
+
+
+def test_mode_shapes_of_the_mixture_and_of_a_stretched_mode():
+    """`mode_shapes`: the mixture's own samples have its weights and round modes (std 1 along both
+    principal axes, in mode stds); stretching one mode by 3 radially shows as major = 3, minor = 1."""
+    from fdistill.evaluation.samples import mode_shapes
+
+    g = make(num_modes=6, imbalance=5.0)  # ring of radius 2, mode std 0.2: cells far wider than 3 stds
+    means, weights, std = np.asarray(g.means), np.asarray(g.weights), float(np.asarray(g.stds)[0])
+    rng = np.random.default_rng(0)
+    comp = rng.choice(g.num_modes, size=60000, p=weights)
+    eps = rng.standard_normal((60000, 2))
+    s = mode_shapes(means[comp] + std * eps, g)
+    np.testing.assert_allclose(s["share"], weights, atol=0.01)
+    np.testing.assert_allclose(s["major"], 1.0, atol=0.1)
+    np.testing.assert_allclose(s["minor"], 1.0, atol=0.1)
+    assert np.all(s["within3"] > 0.98)  # P(chi2_2 <= 9) = 0.989
+
+    k = int(np.argmax(weights))
+    u = means[k] / np.linalg.norm(means[k])  # radially: the neighbours' cells lie tangentially
+    eps[comp == k] += 2.0 * (eps[comp == k] @ u)[:, None] * u[None]
+    t = mode_shapes(means[comp] + std * eps, g)
+    assert abs(t["major"][k] - 3.0) < 0.1 and abs(t["minor"][k] - 1.0) < 0.1
+    assert t["within3"][k] < 0.8  # the stretched samples leave the 3-std disc

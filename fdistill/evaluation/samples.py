@@ -49,6 +49,29 @@ def high_quality_frac(x, gmm: GMM) -> float:
     return float(np.mean(dist <= 3.0))
 
 
+def mode_shapes(x, gmm: GMM) -> dict[str, np.ndarray]:
+    """Per mode k (arrays of shape [K]): its true `weight`, the `share` of samples whose nearest mode
+    is k, `within3` (the fraction of those within 3 of its stds: high-quality), and `major` / `minor`,
+    the standard deviations of those samples along their covariance's largest and smallest principal
+    axes, in units of the mode's std (1 and 1 for the mixture itself, up to the truncation of its
+    Voronoi cell). A mode drawn as an arc has major >> 1 (`experiments/studies/mode_shapes.py`).
+    Modes with fewer than 3 samples get NaN shapes."""
+    x = np.asarray(x, np.float64)
+    idx, dist = _nearest_mode(x, gmm)
+    means, stds = np.asarray(gmm.means, np.float64), np.asarray(gmm.stds, np.float64)
+    k_modes = gmm.num_modes
+    major, minor, within3 = (np.full(k_modes, np.nan) for _ in range(3))
+    for k in range(k_modes):
+        mine = idx == k
+        if mine.sum() >= 1:
+            within3[k] = np.mean(dist[mine] <= 3.0)
+        if mine.sum() >= 3:
+            eig = np.linalg.eigvalsh(np.cov((x[mine] - means[k]).T).reshape(x.shape[1], x.shape[1]))
+            major[k], minor[k] = np.sqrt(eig[-1]) / stds[k], np.sqrt(max(eig[0], 0.0)) / stds[k]
+    return {"weight": np.asarray(gmm.weights, np.float64), "share": np.bincount(idx, minlength=k_modes) / len(x),
+            "within3": within3, "major": major, "minor": minor}
+
+
 def mmd_rbf(x, y, bandwidths=(0.1, 0.5, 1.0, 2.0, 5.0), max_n: int = 4096) -> float:
     """Biased MMD^2 estimate with a sum of RBF kernels k(a,b) = exp(-|a-b|^2 / (2 h^2))."""
     x = jnp.asarray(np.asarray(x, np.float32)[:max_n])
