@@ -28,6 +28,8 @@ from fdistill import configs
 RUNS = {
     "js": ("digits_fdistill.py as it is (constant learning rates)", {}),
     "js_cosine": ("generator learning rate decays to 0 (cosine)", {"distill.gen_lr_schedule": "cosine"}),
+    "js_cosine_ema": ("cosine, and the student evaluated with an EMA of the generator (decay 0.995)",
+                      {"distill.gen_lr_schedule": "cosine", "distill.gen_ema_decay": 0.995}),
 }
 GOAL = 1.5  # times the teacher's fd_digits
 
