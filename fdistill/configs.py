@@ -245,6 +245,7 @@ def distill() -> ConfigDict:
         gen_sigma=80.0,  # G(z) = D_gen(gen_sigma z; gen_sigma)
         latent_dim=0,  # one-step generator: z of this dimension (0 = the data's; vector data, fresh generator)
         latent_categories=0,  # one-step generator: a uniform category of this many (one-hot) besides z (0 = none)
+        latent_continuous_scale=1.0,  # with latent_categories: the continuous z enters the network times this
         gen_out_init="",  # '' = config.model.out_init | zeros | lecun (the generator's output layer)
         num_student_steps=1,
         student_sigmas="karras",  # or K comma-separated decreasing floats

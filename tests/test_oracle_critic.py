@@ -156,6 +156,17 @@ def test_categorical_latent_generator():
     np.testing.assert_allclose(np.bincount(cats, minlength=4) / 40000, 0.25, atol=0.01)
     with pytest.raises(ValueError, match="latent_categories=1 must be 0"):
         objectives.build(tiny_distill_config("gmm_fdistill", latent_categories=1))
+    # latent_continuous_scale s: the continuous part enters the network as s c_in 80 z[:-1]
+    scaled = objectives.build(tiny_distill_config("gmm_fdistill", latent_dim=8, latent_categories=4,
+                                                  gen_out_init="lecun", latent_continuous_scale=0.1))
+    f = obj.student.denoiser.net.apply({"params": state.params["gen"]},
+                                       np.concatenate([0.1 * c_in * 80 * z[:, :8], onehot], axis=1),
+                                       jnp.full((4,), c_noise))
+    chex.assert_trees_all_close(scaled.student.sample(state.params["gen"], jnp.asarray(z)),
+                                c_skip * 80 * z[:, :2] + c_out * f, rtol=1e-5, atol=1e-6)
+    for bad in ({"latent_continuous_scale": 0.0, "latent_categories": 4}, {"latent_continuous_scale": 0.5}):
+        with pytest.raises(ValueError, match="latent_continuous_scale"):
+            objectives.build(tiny_distill_config("gmm_fdistill", latent_dim=8, **bad))
     with pytest.raises(ValueError, match="latent_categories must be 0 for few-step students"):
         objectives.build(tiny_distill_config("gmm_dmd2_multistep", latent_categories=4, num_student_steps=2))
 
