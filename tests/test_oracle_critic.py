@@ -172,10 +172,10 @@ def test_categorical_latent_generator():
 
 
 def test_particles_moved_by_the_generator_update_gather_smeared_modes():
-    """`experiments/studies/particles.py`: the f-distill update with the exact critic, applied to the
-    samples themselves. The teacher's own samples are (nearly) a fixed point; samples whose modes are
+    """`distillation.particles`: the f-distill update with the exact critic, applied to the samples
+    themselves. The teacher's own samples are (nearly) a fixed point; samples whose modes are
     smeared 3x along one axis gather back into round modes."""
-    from experiments.studies.particles import particle_update
+    from fdistill.distillation.particles import particle_update
     from fdistill import configs
     from fdistill.evaluation.samples import high_quality_frac, mode_shapes, mode_weight_tv
 

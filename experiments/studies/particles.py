@@ -5,20 +5,13 @@ mixture student's modes smeared? (issue "The main job's student is a curve"; res
     python -m experiments.studies.particles --workdir runs/gmm_fdistill [--iterations 2000] \
         [--step_size 0.002] [--num_particles 4096] [--out particles.md]
 
-The samples of a finished one-step mixture student become free particles x_i and each iteration
-moves every particle by the generator's own update (`objectives.distill.DistillObjective.
-generator_loss`, whose gradient in x is g = (D_fake - D_real) w h), with the run's divergence, noise
-range (grid indices drawn uniformly in [gen_index_min, gen_index_max]), ratio clip and DMD weight:
-
-    x_t = x + sigma n,   D_real = teacher(x_t; sigma),   D_fake, log r = the exact critic of the
-    particles themselves (`fdistill.distillation.oracle`: the noised kernel density of the current
-    particles and the exact noised teacher),   x <- x - step_size g.
-
-This is gradient descent on the distillation loss with one free parameter per sample: a generator
-that could move each sample where the objective says. If the particles gather into the teacher's
-modes, the objective and its noise levels are right and the smear is the generator network's. The
-ratio is exact, so the per-bin ratio normalisation of the learned critic is not applied. Prints
-the high-quality fraction, mode-weight TV, coverage and each mode's major-axis std
+The samples of a finished one-step mixture student become free particles, and each iteration moves
+every particle by the generator's own update with the exact critic
+(`fdistill.distillation.particles`: x <- x - step_size (D_fake - D_real) w h, the run's divergence,
+noise range, ratio clip and DMD weight). This is gradient descent on the distillation loss with one
+free parameter per sample. If the particles gather into the teacher's modes, the objective and its
+noise levels are right and the smear is the generator network's. Prints the high-quality
+fraction, mode-weight TV, coverage and each mode's major-axis std
 (`fdistill.evaluation.samples.mode_shapes`) along the way, and draws before/after panels.
 """
 from __future__ import annotations
@@ -31,8 +24,8 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments.tables.common import final_samples, plot_panels
-from fdistill import divergences, objectives, runs
-from fdistill.distillation import losses, oracle
+from fdistill import objectives, runs
+from fdistill.distillation.particles import particle_update
 from fdistill.evaluation.samples import high_quality_frac, mode_coverage, mode_shapes, mode_weight_tv
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished one-step distillation run on the analytic mixture.")
@@ -42,28 +35,6 @@ _NUM = flags.DEFINE_integer("num_particles", 4096, "Particles (the student's sam
 _REPORTS = flags.DEFINE_integer("reports", 5, "Rows printed besides iteration 0.")
 _OUT = flags.DEFINE_string("out", None, "Markdown table to write (and OUT's .png: before/after panels).")
 flags.mark_flags_as_required(["workdir"])
-
-
-def particle_update(objective, frozen):
-    """step(x, key, step_size) -> x moved by the generator update with the exact critic (module docstring)."""
-    dc, levels, teacher = objective.dc, objective.levels, objective.teacher
-    div = divergences.from_config(dc)
-    gmm = objective.source.gmm
-
-    @jax.jit
-    def step(x, key, step_size):
-        k_i, k_n = jax.random.split(key)
-        sigma = levels.grid[jax.random.randint(k_i, x.shape[:1], levels.lo, levels.hi + 1)]
-        x_t = x + sigma[:, None] * jax.random.normal(k_n, x.shape)
-        d_real = teacher(frozen["teacher"], x_t, sigma)
-        d_fake = oracle.kde_denoiser(x, x_t, sigma)
-        r = losses.ratio_from_logits(oracle.log_ratio(gmm.log_prob, x, x_t, sigma), dc.logit_clip, dc.ratio_min,
-                                     dc.ratio_max)
-        h = losses.normalized_h(div, r)
-        w = losses.teacher_error_weight(x, d_real) if dc.teacher_error_norm else jnp.ones_like(h)
-        return x - step_size * (d_fake - d_real) * (w * h)[:, None]
-
-    return step
 
 
 def main(argv):
