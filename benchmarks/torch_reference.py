@@ -39,7 +39,7 @@ REPO = os.path.dirname(HERE)
 def fdistill_config(width: int, batch: int):
     from fdistill import configs
 
-    c = configs.load("gmm_fdistill")
+    c = configs.override(configs.load("gmm_fdistill"), configs.STUDENT_CONTINUOUS)  # as measured: no categories
     c.model.width, c.train.batch_size = width, batch
     return c
 

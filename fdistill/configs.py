@@ -581,12 +581,20 @@ def parse_assignments(config: ConfigDict, texts: Iterable[str], flag: str = "set
     return values
 
 
+# A generator without gmm_fdistill.py's 256 latent categories: z alone decides the sample.
+CONTINUOUS_LATENT = {"distill.latent_categories": 0, "distill.latent_continuous_scale": 1.0}
+# A z of the data's shape (students that start from a teacher network or map a noised data point).
+DATA_SHAPED_LATENT = {"distill.latent_dim": 0, **CONTINUOUS_LATENT}
+# gmm_fdistill.py's student before the categorical generator (student_quality.md, sessions 1-5):
+# continuous 8-D z, distillation noise indices 150..350 throughout.
+STUDENT_CONTINUOUS = {**CONTINUOUS_LATENT, "distill.gen_index_max": 350, "distill.gen_index_max_end": -1}
 # The one-step student of gmm_fdistill.py before its student-quality study
 # (experiments/results/student_quality.md): the settings the few-step and FastGen configs were
 # measured with, and the study's `old` row.
 STUDENT_BEFORE_STUDY = {
+    **STUDENT_CONTINUOUS, **DATA_SHAPED_LATENT,
     "distill.lambda_gan": 1e-3, "distill.gen_index_min": 20, "distill.gen_index_max": 980,
-    "distill.latent_dim": 0, "distill.gen_lr_schedule": "constant",
+    "distill.gen_lr_schedule": "constant",
     "train.num_steps": 2000, "train.log_every": 250, "train.checkpoint_every": 1000,
 }
 

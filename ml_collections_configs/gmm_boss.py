@@ -18,7 +18,7 @@ def get_config():
     c = configs.load("gmm_fdistill")  # the imbalanced 8-mode ring
     c.objective = "boss"
     c.distill.teacher = ""  # the workdir of a finished gmm_flow run on this mixture (experiments.prepare makes one)
-    c.distill.latent_dim = 0
+    configs.override(c, configs.DATA_SHAPED_LATENT)  # z of the data's shape: the teacher's own noise
     c.distill.num_student_steps = 4
     c.distill.lr_gen = 1e-4
     c.train.lr_schedule = "cosine"

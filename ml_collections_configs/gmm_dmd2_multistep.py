@@ -33,7 +33,9 @@ def get_config():
     c.distill.num_student_steps = 4
     c.train.num_steps = 40000  # K = 4 needs twice the one-step budget to catch up with K = 1 (above)
     c.distill.step_aware_critic = True
-    c.distill.latent_dim = 0  # a z of the data's shape: steps after the first re-noise the sample
+    # A z of the data's shape (steps after the first re-noise the sample) and noise indices 150..350
+    # throughout, as measured (the one-step configs' categorical generator does not apply here).
+    configs.override(c, {**configs.STUDENT_CONTINUOUS, **configs.DATA_SHAPED_LATENT})
     c.distill.student_sigmas = "karras"  # or e.g. "80,17.6,2.53,0.171"
     c.distill.sampler_seed = 0  # keys the sampler's fresh re-noising noise at evaluation
     return c

@@ -12,7 +12,7 @@ def get_config():
     c = configs.load("gmm_fdistill")
     c.objective = "kd"
     c.distill.lr_gen = 1e-3
-    c.distill.latent_dim = 0  # the student maps the teacher's own starting noise
+    configs.override(c, configs.DATA_SHAPED_LATENT)  # the student maps the teacher's own starting noise
     c.train.num_steps = 2000
     c.train.log_every = 250
     c.train.checkpoint_every = 1000

@@ -2,6 +2,7 @@
 import os
 import sys
 
+from fdistill import configs
 from fdistill.configs import load as load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,12 +37,16 @@ def tiny_reference_config(num_steps: int = 300):
 
 def tiny_distill_config(name: str = "gmm_fdistill", **distill):
     """A distillation config with a small network and batch (a step in milliseconds); `distill`
-    overrides fields of `config.distill`. The generator's z has the data's shape (`latent_dim=0`) so
-    that tests can write G(z) = D(80 z) out and start from network teachers; the wide-latent
-    generator has its own tests."""
+    overrides fields of `config.distill`. The generator's z has the data's shape (no wider latent, no
+    categories: `configs.DATA_SHAPED_LATENT`), and gmm_fdistill.py's categorical student falls back to
+    its continuous predecessor's fixed noise range (`configs.STUDENT_CONTINUOUS`), so that tests can
+    write G(z) = D(80 z) out and start from network teachers; the wide-latent and categorical
+    generators have their own tests."""
     c = load_config(name)
     c.model.width, c.model.depth, c.model.emb_dim = 32, 1, 16
-    c.distill.latent_dim = 0
+    if c.distill.latent_categories:
+        configs.override(c, configs.STUDENT_CONTINUOUS)
+    configs.override(c, configs.DATA_SHAPED_LATENT)
     c.distill.fake_updates_per_gen = 2
     c.distill.disc_hidden = 32
     for k, v in distill.items():

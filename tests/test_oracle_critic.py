@@ -169,6 +169,27 @@ def test_categorical_latent_generator():
             objectives.build(tiny_distill_config("gmm_fdistill", latent_dim=8, **bad))
     with pytest.raises(ValueError, match="latent_categories must be 0 for few-step students"):
         objectives.build(tiny_distill_config("gmm_dmd2_multistep", latent_categories=4, num_student_steps=2))
+    with pytest.raises(ValueError, match="latent_continuous_scale=0.1 must be > 0, and differ from 1 only with .*"
+                                         "--config.distill.latent_continuous_scale=1"):
+        objectives.build(tiny_distill_config("gmm_dmd2_multistep", latent_continuous_scale=0.1, num_student_steps=2))
+
+
+def test_main_job_generator_is_categorical_and_data_shaped_configs_reset_it():
+    """gmm_fdistill.py's student: 256 categories beside an 8-D z scaled by 0.1, noise indices 150..500
+    narrowing to 350. The configs that need a z of the data's shape (configs.DATA_SHAPED_LATENT) build."""
+    from fdistill import configs
+
+    main = configs.load("gmm_fdistill")
+    main.model.width, main.model.depth = 16, 1
+    student = objectives.build(main).student
+    assert (student.categories, student.continuous_scale, student.latent_shape) == (256, 0.1, (9,))
+    assert (student.levels.lo, student.levels.hi, student.levels.hi_end) == (150, 500, 350)
+    for name in ("gmm_cd", "gmm_kd", "gmm_dmd2_multistep"):
+        assert objectives.build(configs.load(name)).student.latent_shape == (2,), name
+    scaled_cd = configs.override(configs.load("gmm_cd"), {"distill.latent_continuous_scale": 0.1})
+    with pytest.raises(ValueError, match="latent_continuous_scale must be 1 for consistency models: .*"
+                                         "--config.distill.latent_categories=0"):
+        objectives.build(scaled_cd)
 
 
 def test_particles_moved_by_the_generator_update_gather_smeared_modes():

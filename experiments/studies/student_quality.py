@@ -5,9 +5,10 @@ one change at a time (issue "The main job's student is a curve"; results in
     python -m experiments.studies.student_quality --workdir runs/student_quality [--seeds 3] \
         [--num_steps 5000] [--rows oracle_old,oracle,old,new,...] [--config.data.num_modes=10 ...]
 
-Every row is the main job's config (`ml_collections_configs/gmm_fdistill.py`, whose defaults are
-this study's `new` row) with the overrides in ROWS, trained for `--num_steps` generator updates
-(cosine schedules then decay over that length) with seeds 0..N-1 through
+Every row is the main job's config (`ml_collections_configs/gmm_fdistill.py`) with the overrides in
+ROWS: `new` is its defaults before the categorical generator (`configs.STUDENT_CONTINUOUS`), the rows
+after it change one thing of `new`, and `categories` is today's defaults. Each row trains for
+`--num_steps` generator updates (cosine schedules then decay over that length) with seeds 0..N-1 through
 `fdistill.train.train_and_evaluate` in `WORKDIR/<row>/seed_<s>` (re-running resumes or reuses
 finished runs; SIGTERM or Ctrl-C stops the study after the run in progress saved a checkpoint).
 The oracle rows come first: their critic is exact (`distill.critic='oracle'`: the noised kernel
@@ -30,27 +31,29 @@ from ml_collections import config_flags
 
 from experiments.tables.common import final_samples, plot_panels, run_config, summarise, train_seeds
 from fdistill import objectives
-from fdistill.configs import CONFIG_DIR, STUDENT_BEFORE_STUDY
+from fdistill.configs import CONFIG_DIR, STUDENT_BEFORE_STUDY, STUDENT_CONTINUOUS
 
 OLD = STUDENT_BEFORE_STUDY  # the main job before this study (its train.* length is the study's --num_steps)
+NEW = STUDENT_CONTINUOUS  # the main job after the study, before the categorical generator
 
 # row -> (what it changes, overrides of gmm_fdistill.py). Order = table order.
 ROWS = {
     "oracle_old": ("oracle critic, objective and generator before the study", {**OLD, "distill.critic": "oracle"}),
-    "oracle": ("oracle critic, new defaults", {"distill.critic": "oracle"}),
+    "oracle": ("oracle critic, new defaults", {**NEW, "distill.critic": "oracle"}),
     "old": ("defaults before the study (lambda_gan 1e-3, indices 20..980, 2-D z, constant lr)", OLD),
-    "new": ("new defaults (lambda_gan 1e-2, indices 150..350, 8-D z, cosine lr)", {}),
-    "gan0": ("new, lambda_gan = 0", {"distill.lambda_gan": 0.0}),
-    "gan1e-3": ("new, lambda_gan = 1e-3", {"distill.lambda_gan": 1e-3}),
-    "gan1e-1": ("new, lambda_gan = 1e-1", {"distill.lambda_gan": 1e-1}),
-    "index_wide": ("new, distillation indices 20..980", {"distill.gen_index_min": 20, "distill.gen_index_max": 980}),
-    "latent2": ("new, z of the data's dimension (2)", {"distill.latent_dim": 0}),
-    "constant_lr": ("new, constant generator learning rate", {"distill.gen_lr_schedule": "constant"}),
-    "no_dmd_weight": ("new, no DMD weight 1/mean|x - D_real|", {"distill.teacher_error_norm": False}),
-    "no_ratio_norm": ("new, no per-bin ratio normalisation", {"distill.ratio_bins": 0}),
-    "width128": ("new, MLP width 128 (generator and critic)", {"model.width": 128}),
-    "critic1": ("new, 1 critic update per generator update", {"distill.fake_updates_per_gen": 1}),
-    "lr_gen2e-3": ("new, generator learning rate 2e-3", {"distill.lr_gen": 2e-3}),
+    "new": ("new defaults (lambda_gan 1e-2, indices 150..350, 8-D z, cosine lr)", NEW),
+    "gan0": ("new, lambda_gan = 0", {**NEW, "distill.lambda_gan": 0.0}),
+    "gan1e-3": ("new, lambda_gan = 1e-3", {**NEW, "distill.lambda_gan": 1e-3}),
+    "gan1e-1": ("new, lambda_gan = 1e-1", {**NEW, "distill.lambda_gan": 1e-1}),
+    "index_wide": ("new, distillation indices 20..980", {**NEW, "distill.gen_index_min": 20, "distill.gen_index_max": 980}),
+    "latent2": ("new, z of the data's dimension (2)", {**NEW, "distill.latent_dim": 0}),
+    "constant_lr": ("new, constant generator learning rate", {**NEW, "distill.gen_lr_schedule": "constant"}),
+    "no_dmd_weight": ("new, no DMD weight 1/mean|x - D_real|", {**NEW, "distill.teacher_error_norm": False}),
+    "no_ratio_norm": ("new, no per-bin ratio normalisation", {**NEW, "distill.ratio_bins": 0}),
+    "width128": ("new, MLP width 128 (generator and critic)", {**NEW, "model.width": 128}),
+    "critic1": ("new, 1 critic update per generator update", {**NEW, "distill.fake_updates_per_gen": 1}),
+    "lr_gen2e-3": ("new, generator learning rate 2e-3", {**NEW, "distill.lr_gen": 2e-3}),
+    "categories": ("today's defaults: 256 latent categories, z x 0.1, indices 150..500 -> 350", {}),
 }
 FIGURE_ROWS = ["oracle_old", "oracle", "old", "new"]
 COLUMNS = [("mode_coverage", "coverage", "{:.3f}"), ("mode_weight_tv", "mode-weight TV", "{:.3f}"),

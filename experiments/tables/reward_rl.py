@@ -131,7 +131,7 @@ def make_dependencies(root: str, spec: dict, quick: bool) -> dict:
     print(f"[reward_rl] reference ready in {time.perf_counter() - t0:.0f}s", flush=True)
     made = {"reference": teacher.train.num_steps}
     if any(row == "find_1step" for row, *_ in spec["rows"]):
-        student = configs.load("gmm_fdistill")
+        student = configs.override(configs.load("gmm_fdistill"), configs.STUDENT_CONTINUOUS)  # as measured
         student.data = configs.load("gmm_find").data
         student.model = teacher.model
         student.train.num_steps = 300 if quick else _STUDENT_STEPS.value

@@ -3,8 +3,9 @@
 The generator loss of `objectives.distill.DistillObjective.generator_loss` has gradient
 g = (D_fake - D_real) w h in each sample x. Moving the samples themselves, x <- x - step_size g, is
 gradient descent on the same loss with one free parameter per sample: a generator that could put
-each sample where the objective says. With the run's divergence, noise range (grid indices drawn
-uniformly in [gen_index_min, gen_index_max]), ratio clip and DMD weight, and the exact critic of the
+each sample where the objective says. With the run's divergence, final noise range (grid indices
+drawn uniformly in [gen_index_min, gen_index_max_end], or gen_index_max when the range is fixed:
+`NoiseLevels.draw_index` at progress 1), ratio clip and DMD weight, and the exact critic of the
 particles themselves (`distillation.oracle`: the noised kernel density of the current particles and
 the exact noised teacher), it tells the objective's limits from the generator network's
 (`experiments/studies/particles.py`). The ratio is exact, so the learned critic's per-bin ratio
@@ -29,7 +30,7 @@ def particle_update(objective, frozen):
     @jax.jit
     def step(x, key, step_size):
         k_i, k_n = jax.random.split(key)
-        sigma = levels.grid[jax.random.randint(k_i, x.shape[:1], levels.lo, levels.hi + 1)]
+        sigma = levels.grid[levels.draw_index(k_i, x.shape[0], 1.0)]
         x_t = x + sigma[:, None] * jax.random.normal(k_n, x.shape)
         d_real = teacher(frozen["teacher"], x_t, sigma)
         d_fake = oracle.kde_denoiser(x, x_t, sigma)

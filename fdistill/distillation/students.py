@@ -107,14 +107,19 @@ def select_step(xs: list, k: jax.Array) -> jax.Array:
 
 
 LATENT_FIELDS = ("latent_dim", "latent_categories")  # the config.distill fields that change z's shape
+# The flags that give a z of the data's shape (configs.DATA_SHAPED_LATENT), for error messages.
+DATA_SHAPED_FLAGS = ("--config.distill.latent_dim=0 --config.distill.latent_categories=0 "
+                     "--config.distill.latent_continuous_scale=1")
 
 
 def require_data_shaped_latent(distill_config, who: str) -> None:
-    """A ValueError naming `distill.latent_dim` or `latent_categories` when either is set (`who` needs a
-    z of the data's shape)."""
+    """A ValueError naming `distill.latent_dim`, `latent_categories` or `latent_continuous_scale` when
+    one is set (`who` needs a z of the data's shape)."""
     for field in LATENT_FIELDS:
         if distill_config[field]:
-            raise ValueError(f"config.distill.{field} must be 0 for {who}")
+            raise ValueError(f"config.distill.{field} must be 0 for {who} (pass {DATA_SHAPED_FLAGS})")
+    if float(distill_config.latent_continuous_scale) != 1.0:
+        raise ValueError(f"config.distill.latent_continuous_scale must be 1 for {who} (pass {DATA_SHAPED_FLAGS})")
 
 
 def importance_weight(mixed: jax.Array, xi: jax.Array) -> jax.Array:
@@ -143,8 +148,11 @@ class OneStep:
     starts as C small clusters that move like particles and each settles in a mode. Measured on the
     10-mode ring (`experiments/results/student_quality.md`): with C = 64 and s = 1 no better than
     without categories (hq 0.84; the network ignores the one-hot); with C = 256 and s = 0.1 coverage
-    1.0, TV 0.027 and hq 1.000. Elsewhere its mode weights are off (TV up to 0.083), because a settled
-    cluster does not cross to another mode.
+    1.0, TV 0.027 and hq 1.000. Elsewhere its mode weights were off (TV up to 0.083), because a settled
+    cluster does not cross to another mode at noise levels below the mode spacing; distillation noise
+    levels that start above it and narrow (`gen_index_max` 500 -> `gen_index_max_end` 350, sigma 2.5 ->
+    0.57) let clusters move between modes while they settle: TV 0.028-0.044 on ring 8, random 12 and
+    grid 16 (gmm_fdistill.py's defaults).
     """
 
     def __init__(self, denoiser: Denoiser, levels: NoiseLevels, shape, num_classes: int, conditional: bool,
@@ -167,7 +175,8 @@ class OneStep:
         self.continuous_scale = float(distill_config.latent_continuous_scale)
         if self.continuous_scale <= 0 or (self.continuous_scale != 1.0 and not self.categories):
             raise ValueError(f"config.distill.latent_continuous_scale={self.continuous_scale} must be > 0, and "
-                             "differ from 1 only with config.distill.latent_categories > 0 (it scales z beside them)")
+                             "differ from 1 only with config.distill.latent_categories > 0 (it scales z beside them; "
+                             f"a z of the data's shape: {DATA_SHAPED_FLAGS})")
 
     @property
     def plain(self) -> bool:
@@ -376,7 +385,7 @@ def build(objective: str, teacher, levels, shape, num_classes, conditional, conf
         if dc[field] and teacher.starts_students:
             raise ValueError(f"config.distill.{field} needs a fresh generator (config.distill.teacher='analytic'); "
                              f"a network teacher's generator copies its weights and input size: pass "
-                             f"--config.distill.{field}=0")
+                             f"{DATA_SHAPED_FLAGS}")
     denoiser = generator_denoiser(teacher, config, shape)
     if any(dc[field] for field in LATENT_FIELDS) and type(denoiser) is not Denoiser:
         raise ValueError("config.distill.latent_dim and latent_categories skip z through the EDM preconditioning: "
