@@ -39,9 +39,9 @@ NEW = STUDENT_CONTINUOUS  # the main job after the study, before the categorical
 # row -> (what it changes, overrides of gmm_fdistill.py). Order = table order.
 ROWS = {
     "oracle_old": ("oracle critic, objective and generator before the study", {**OLD, "distill.critic": "oracle"}),
-    "oracle": ("oracle critic, new defaults", {**NEW, "distill.critic": "oracle"}),
+    "oracle": ("oracle critic, the study's defaults (continuous z)", {**NEW, "distill.critic": "oracle"}),
     "old": ("defaults before the study (lambda_gan 1e-3, indices 20..980, 2-D z, constant lr)", OLD),
-    "new": ("new defaults (lambda_gan 1e-2, indices 150..350, 8-D z, cosine lr)", NEW),
+    "new": ("the study's defaults (lambda_gan 1e-2, indices 150..350, continuous 8-D z, cosine lr)", NEW),
     "gan0": ("new, lambda_gan = 0", {**NEW, "distill.lambda_gan": 0.0}),
     "gan1e-3": ("new, lambda_gan = 1e-3", {**NEW, "distill.lambda_gan": 1e-3}),
     "gan1e-1": ("new, lambda_gan = 1e-1", {**NEW, "distill.lambda_gan": 1e-1}),
