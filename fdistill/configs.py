@@ -592,9 +592,9 @@ STUDENT_CONTINUOUS = {**CONTINUOUS_LATENT, "distill.gen_index_max": 350, "distil
 # (experiments/results/student_quality.md): the settings the few-step and FastGen configs were
 # measured with, and the study's `old` row.
 STUDENT_BEFORE_STUDY = {
-    **STUDENT_CONTINUOUS, **DATA_SHAPED_LATENT,
+    **DATA_SHAPED_LATENT,
     "distill.lambda_gan": 1e-3, "distill.gen_index_min": 20, "distill.gen_index_max": 980,
-    "distill.gen_lr_schedule": "constant",
+    "distill.gen_index_max_end": -1, "distill.gen_lr_schedule": "constant",
     "train.num_steps": 2000, "train.log_every": 250, "train.checkpoint_every": 1000,
 }
 

@@ -183,7 +183,8 @@ def test_main_job_generator_is_categorical_and_data_shaped_configs_reset_it():
     main.model.width, main.model.depth = 16, 1
     student = objectives.build(main).student
     assert (student.categories, student.continuous_scale, student.latent_shape) == (256, 0.1, (9,))
-    assert (student.levels.lo, student.levels.hi, student.levels.hi_end) == (150, 500, 350)
+    levels = student.levels
+    assert (levels.lo, levels.hi, levels.hi_end, levels.hi_final) == (150, 500, 350, 350)
     for name in ("gmm_cd", "gmm_kd", "gmm_dmd2_multistep"):
         assert objectives.build(configs.load(name)).student.latent_shape == (2,), name
     scaled_cd = configs.override(configs.load("gmm_cd"), {"distill.latent_continuous_scale": 0.1})

@@ -54,9 +54,9 @@ def main(argv):
     start = np.asarray(x)
     heaviest = np.argsort(-np.asarray(gmm.weights), kind="stable")
     every = max(_ITERATIONS.value // _REPORTS.value, 1)
-    final_hi = objective.levels.hi if objective.levels.hi_end is None else objective.levels.hi_end
+    levels = objective.levels
     lines = [f"Particles: {_NUM.value} samples of {_WORKDIR.value}, moved by its generator update with the exact "
-             f"critic ({run.config.distill.divergence}, grid indices {objective.levels.lo}..{final_hi}, "
+             f"critic ({run.config.distill.divergence}, grid indices {levels.lo}..{levels.hi_final}, "
              f"step size {_STEP.value:g}).", "",
              "| iteration | high-quality frac | mode-weight TV | coverage | major std per mode, heaviest first |",
              "|---|---|---|---|---|"]

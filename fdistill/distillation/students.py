@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fdistill import diffusion
+from fdistill import configs, diffusion
 from fdistill.denoiser import Denoiser, build_denoiser
 
 SIGMA_SCHEDULES = ("karras",)
@@ -69,6 +69,11 @@ class NoiseLevels:
             raise ValueError(f"config.distill.gen_index_max_end={end} must lie in [gen_index_min, gen_index_max] = "
                              f"[{self.lo}, {self.hi}] (or be -1: a fixed range)")
         self.hi_end = end if end >= 0 else None
+
+    @property
+    def hi_final(self) -> int:
+        """The upper index at the last update (gen_index_max_end, or gen_index_max for a fixed range)."""
+        return self.hi if self.hi_end is None else self.hi_end
 
     def draw_index(self, key, b: int, progress=None) -> jax.Array:
         """b grid indices uniform in [lo, hi(progress)] (`progress` None: [lo, hi])."""
@@ -107,9 +112,8 @@ def select_step(xs: list, k: jax.Array) -> jax.Array:
 
 
 LATENT_FIELDS = ("latent_dim", "latent_categories")  # the config.distill fields that change z's shape
-# The flags that give a z of the data's shape (configs.DATA_SHAPED_LATENT), for error messages.
-DATA_SHAPED_FLAGS = ("--config.distill.latent_dim=0 --config.distill.latent_categories=0 "
-                     "--config.distill.latent_continuous_scale=1")
+# The flags that give a z of the data's shape, for error messages.
+DATA_SHAPED_FLAGS = " ".join(f"--config.{field}={value:g}" for field, value in configs.DATA_SHAPED_LATENT.items())
 
 
 def require_data_shaped_latent(distill_config, who: str) -> None:
