@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fdistill import diffusion, flow, models, sharding
+from fdistill.configs import ConfigError
 
 
 class Denoiser:
@@ -111,7 +112,7 @@ def build_denoiser(config, shape) -> Denoiser:
     (`model.parametrisation='edm'`) or a flow-matching velocity network (`'velocity'`)."""
     kind = config.model.parametrisation
     if kind not in PARAMETRISATIONS:
-        raise ValueError(f"config.model.parametrisation={kind!r} is not known; allowed: {list(PARAMETRISATIONS)}")
+        raise ConfigError(f"config.model.parametrisation={kind!r} is not known; allowed: {list(PARAMETRISATIONS)}")
     net = models.build(config.model, shape, config.train.compute_dtype)
     return PARAMETRISATIONS[kind](net, config.diffusion.sigma_data)
 

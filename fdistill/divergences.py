@@ -31,6 +31,8 @@ from typing import Callable
 
 import jax.numpy as jnp
 
+from fdistill.configs import ConfigError
+
 Array = jnp.ndarray
 
 
@@ -125,7 +127,7 @@ def get(name: str, field: str = "divergence", **params) -> Divergence:
     """The divergence `name` (see module docstring); only 'alpha' takes a parameter (`alpha`).
     `field` is the config.distill field that named it (for the error)."""
     if name not in _REGISTRY:
-        raise ValueError(f"config.distill.{field}={name!r} is not known; allowed: {names()}")
+        raise ConfigError(f"config.distill.{field}={name!r} is not known; allowed: {names()}")
     allowed = PARAMS.get(name, ())
     unknown = sorted(set(params) - set(allowed))
     if unknown:

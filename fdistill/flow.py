@@ -25,6 +25,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from fdistill.configs import ConfigError
 from fdistill.diffusion import SAMPLERS, expand
 
 Velocity = Callable[[jax.Array, jax.Array], jax.Array]  # v(x_t, t [B]) -> velocity
@@ -65,7 +66,7 @@ def velocity_from_denoiser(x0_hat: jax.Array, x_t: jax.Array, t: jax.Array) -> j
 def check_t_distribution(distribution: str) -> None:
     """A ValueError naming config.flow.t_distribution unless it is one of T_DISTRIBUTIONS."""
     if distribution not in T_DISTRIBUTIONS:
-        raise ValueError(f"config.flow.t_distribution={distribution!r} is not known; allowed: {list(T_DISTRIBUTIONS)}")
+        raise ConfigError(f"config.flow.t_distribution={distribution!r} is not known; allowed: {list(T_DISTRIBUTIONS)}")
 
 
 def sample_t(key, shape, distribution: str = "logit_normal", mean: float = 0.0, std: float = 1.0) -> jax.Array:

@@ -156,6 +156,6 @@ def check_shared(config, run: FinishedRun, field: str, sections: tuple[str, ...]
         diffs += [f"config.{section}.{k}={ours.get(k)!r} (run: {theirs.get(k)!r})"
                   for k in sorted(set(ours) | set(theirs)) if k not in ignore and ours.get(k) != theirs.get(k)]
     if diffs:
-        raise ValueError(f"config.{field}={run.workdir!r} was made with other {'/'.join(sections)} settings: "
+        raise configs.ConfigError(f"config.{field}={run.workdir!r} was made with other {'/'.join(sections)} settings: "
                          f"{', '.join(diffs)}; use the run's values (python -m experiments.prepare copies them "
                          f"from the config that names the run)")

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fdistill.configs import ConfigError
+
 Pytree = Any
 DROPOUT_SALT = 0xD20  # fold_in salt of the dropout key (independent of the objective's own draws)
 
@@ -226,6 +228,6 @@ def value_and_grad(loss_fn: Callable, params: Pytree, inputs: Pytree, num_micro:
 def check_grad_accum(num_micro: int, batch_size: int) -> int:
     """`config.train.grad_accum_steps`, checked against the global batch size."""
     if num_micro < 1 or batch_size % num_micro:
-        raise ValueError(f"config.train.grad_accum_steps={num_micro} must be >= 1 and divide "
+        raise ConfigError(f"config.train.grad_accum_steps={num_micro} must be >= 1 and divide "
                          f"config.train.batch_size={batch_size}")
     return num_micro

@@ -69,3 +69,31 @@ def test_cli_rejects_a_typo_before_anything_runs(tmp_path):
     assert out.returncode == 2, out.stderr
     assert "train.num_stepz" in out.stderr and "train.num_steps" in out.stderr
     assert "Traceback" not in out.stderr and not wd.exists()
+
+
+def test_every_invalid_config_value_raises_config_error():
+    """A `raise ValueError("config.<field> ...")` in the package would reach the CLI as a traceback;
+    an invalid field value is a ConfigError (a one-line message, exit status 2)."""
+    import pathlib
+    import re
+
+    offenders = []
+    for path in sorted(pathlib.Path(REPO, "fdistill").rglob("*.py")):
+        lines = path.read_text().split("\n")
+        for i, line in enumerate(lines):
+            if "raise ValueError(" in line:
+                message = line.split("raise ValueError(", 1)[1].strip() or lines[i + 1].strip()
+                if re.match(r'f?"config\.', message):
+                    offenders.append(f"{path.relative_to(REPO)}:{i + 1}")
+    assert not offenders, offenders
+
+
+def test_an_invalid_value_found_while_building_the_objective_is_a_config_error(tmp_path):
+    """The main job without categories but with its continuous scale of 0.1: refused as a ConfigError
+    naming the flags to pass, before any checkpoint exists."""
+    from fdistill import train
+
+    config = configs.override(configs.load("gmm_fdistill"), {"distill.latent_categories": 0})
+    with pytest.raises(configs.ConfigError, match=r"latent_continuous_scale=0\.1 .*--config\.distill\.latent_dim=0"):
+        train.train_and_evaluate(config, str(tmp_path / "w"))
+    assert not (tmp_path / "w" / "checkpoints").exists() or not os.listdir(tmp_path / "w" / "checkpoints")

@@ -188,7 +188,7 @@ def test_main_job_generator_is_categorical_and_data_shaped_configs_reset_it():
     for name in ("gmm_cd", "gmm_kd", "gmm_dmd2_multistep"):
         assert objectives.build(configs.load(name)).student.latent_shape == (2,), name
     scaled_cd = configs.override(configs.load("gmm_cd"), {"distill.latent_continuous_scale": 0.1})
-    with pytest.raises(ValueError, match="latent_continuous_scale must be 1 for consistency models: .*"
+    with pytest.raises(configs.ConfigError, match="latent_continuous_scale must be 1 for consistency models: .*"
                                          "--config.distill.latent_categories=0"):
         objectives.build(scaled_cd)
 

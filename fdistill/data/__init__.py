@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import importlib
 
+from fdistill.configs import ConfigError
+
 # name -> module defining `make_source(data_config)`; imported lazily.
 SOURCES = {
     "gmm": "fdistill.data.gmm_source",
@@ -29,7 +31,7 @@ def build(data_config):
     name = data_config.name
     key = name.split(":", 1)[0] if name.startswith("tfds:") else name
     if key not in SOURCES:
-        raise ValueError(
+        raise ConfigError(
             f"config.data.name={name!r} is not a known dataset; allowed: "
             f"{sorted(k for k in SOURCES if k != 'tfds')} or 'tfds:<name>'"
         )

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fdistill.configs import ConfigError
 from fdistill.data import tfds_build
 from fdistill.sharding import process_slice
 
@@ -78,7 +79,7 @@ class ModeSubsetReward:
         self.modes = np.asarray(sorted(set(int(m) for m in modes)), np.int64)
         k = gmm.num_modes
         if len(self.modes) == 0 or self.modes.min() < 0 or self.modes.max() >= k:
-            raise ValueError(f"config.reward.modes={list(modes)} must be a non-empty subset of 0..{k - 1}")
+            raise ConfigError(f"config.reward.modes={list(modes)} must be a non-empty subset of 0..{k - 1}")
         self.mask = np.zeros(k, np.float32)
         self.mask[self.modes] = 1.0
         self.smoothing, self.scale = float(smoothing), float(scale)
@@ -130,20 +131,20 @@ def build_reward(reward_config, source):
     """The reward named by `config.reward.kind` for the reference model's data source."""
     kind = reward_config.kind
     if kind not in REWARDS:
-        raise ValueError(f"config.reward.kind={kind!r} is not known; allowed: {list(REWARDS)}")
+        raise ConfigError(f"config.reward.kind={kind!r} is not known; allowed: {list(REWARDS)}")
     gmm = getattr(source, "gmm", None)
     if kind in ("half_plane", "mode_subset") and gmm is None:
-        raise ValueError(f"config.reward.kind={kind!r} needs a GMM reference model (data.name='gmm')")
+        raise ConfigError(f"config.reward.kind={kind!r} needs a GMM reference model (data.name='gmm')")
     if kind == "half_plane":
         return HalfPlaneReward(reward_config.angle_deg, reward_config.offset, reward_config.scale)
     if kind == "mode_subset":
         return ModeSubsetReward(gmm, reward_config.modes, reward_config.smoothing, reward_config.scale)
     clf = getattr(source, "classifier", None)
     if clf is None:
-        raise ValueError("config.reward.kind='classifier' needs a data source with a classifier (data.name='digits')")
+        raise ConfigError("config.reward.kind='classifier' needs a data source with a classifier (data.name='digits')")
     target = int(reward_config.target_class)
     if not 0 <= target < 10:
-        raise ValueError(f"config.reward.target_class must be in 0..9, got {target}")
+        raise ConfigError(f"config.reward.target_class must be in 0..9, got {target}")
     return ClassifierReward(clf, target)
 
 
@@ -234,7 +235,7 @@ def mmd_to_reference(x, x_ref, max_n: int = 4096) -> float:
 def bradley_terry_labels(r_a, r_b, temperature: float, rng: np.random.Generator):
     """(a_wins [n] bool, p [n]) with p = P(a > b) = sigmoid((r_a - r_b) / temperature), a_wins ~ Bernoulli(p)."""
     if not temperature > 0:
-        raise ValueError(f"config.pairs.temperature must be > 0, got {temperature}")
+        raise ConfigError(f"config.pairs.temperature must be > 0, got {temperature}")
     z = (np.asarray(r_a, np.float64) - np.asarray(r_b, np.float64)) / temperature
     p = 0.5 * (1.0 + np.tanh(0.5 * z))  # stable sigmoid
     return rng.random(len(p)) < p, p
@@ -360,7 +361,7 @@ class PairSet:
 
     def batch(self, step: int, global_batch: int, process_index: int = 0, process_count: int = 1) -> dict:
         if global_batch > self.num_pairs:
-            raise ValueError(f"config.train.batch_size={global_batch} exceeds the {self.num_pairs} stored pairs")
+            raise ConfigError(f"config.train.batch_size={global_batch} exceeds the {self.num_pairs} stored pairs")
         idx = np.random.default_rng([self.seed, 5, int(step)]).choice(self.num_pairs, global_batch, replace=False)
         idx = idx[process_slice(global_batch, process_index, process_count)]
         out = {"x_w": self.arrays["x_w"][idx], "x_l": self.arrays["x_l"][idx]}
@@ -395,7 +396,7 @@ def ensure_pairs(config, reference_dir: str, ref_config, sample_fn, shape, num_c
     pc = config.pairs
     n = int(pc.num_pairs)
     if n <= 0:
-        raise ValueError(f"config.pairs.num_pairs must be positive, got {n}")
+        raise ConfigError(f"config.pairs.num_pairs must be positive, got {n}")
     spec = json.dumps(_spec(config, reference_dir, ref_config), sort_keys=True, default=str)
     name = "p" + hashlib.sha256(spec.encode()).hexdigest()[:12]
     data_dir = pc.dir or os.path.join(reference_dir, "preference_pairs")

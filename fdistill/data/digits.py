@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import utils as tfds_utils
 
+from fdistill.configs import ConfigError
 from fdistill.data import images as image_lib
 from fdistill.data import tfds_build
 from fdistill.evaluation import feature_metrics
@@ -113,7 +114,7 @@ def load_split(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
 def upsample(x: np.ndarray, resolution: int) -> np.ndarray:
     """Bilinear resize of [n, 8, 8, 1] images to `resolution` (8 = unchanged)."""
     if resolution not in RESOLUTIONS:
-        raise ValueError(f"config.data.resolution={resolution!r} is not supported; allowed: {list(RESOLUTIONS)}")
+        raise ConfigError(f"config.data.resolution={resolution!r} is not supported; allowed: {list(RESOLUTIONS)}")
     if resolution == x.shape[1]:
         return x
     import jax

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fdistill.configs import ConfigError
+
 LAYOUTS = ("grid", "ring", "random")
 
 
@@ -100,7 +102,7 @@ class GMM:
 def mode_weights(num_modes: int, imbalance: float) -> np.ndarray:
     """Geometric weights in the mode index with max/min ratio `imbalance` (1 = equal)."""
     if imbalance < 1:
-        raise ValueError(f"config.data.imbalance must be >= 1 (max/min weight ratio), got {imbalance}")
+        raise ConfigError(f"config.data.imbalance must be >= 1 (max/min weight ratio), got {imbalance}")
     if num_modes == 1:
         return np.ones(1)
     w = imbalance ** (-np.arange(num_modes) / (num_modes - 1))
@@ -111,17 +113,17 @@ def mode_means(layout: str, num_modes: int, dim: int, radius: float, seed: int) 
     """Mode centres: a square grid spanning [-radius, radius] (first two dims), a ring of the given
     radius (first two dims), or uniform random in the cube [-radius, radius]^dim."""
     if layout not in LAYOUTS:
-        raise ValueError(f"config.data.layout={layout!r} is not known; allowed: {list(LAYOUTS)}")
+        raise ConfigError(f"config.data.layout={layout!r} is not known; allowed: {list(LAYOUTS)}")
     means = np.zeros((num_modes, dim))
     if layout == "ring":
         if dim < 2:
-            raise ValueError("config.data.layout='ring' needs config.data.dim >= 2")
+            raise ConfigError("config.data.layout='ring' needs config.data.dim >= 2")
         angle = 2 * np.pi * np.arange(num_modes) / num_modes
         means[:, 0], means[:, 1] = radius * np.cos(angle), radius * np.sin(angle)
     elif layout == "grid":
         side = int(round(np.sqrt(num_modes)))
         if side * side != num_modes or dim < 2:
-            raise ValueError(
+            raise ConfigError(
                 f"config.data.layout='grid' needs a square config.data.num_modes and dim >= 2, got {num_modes}"
             )
         ticks = np.linspace(-radius, radius, side) if side > 1 else np.zeros(1)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fdistill.configs import ConfigError
 from fdistill.data import gmm as gmm_lib
 from fdistill.evaluation import samples as sample_metrics
 from fdistill.sharding import process_slice
@@ -34,7 +35,7 @@ class GMMSource:
         self.seed = int(data_config.get("seed", 0))
         num_train = data_config.get("num_train", 0)
         if isinstance(num_train, bool) or int(num_train) != num_train or num_train < 0:
-            raise ValueError(f"config.data.num_train={num_train!r} must be an integer >= 0 (0 = fresh exact samples "
+            raise ConfigError(f"config.data.num_train={num_train!r} must be an integer >= 0 (0 = fresh exact samples "
                              "every step; n > 0 = batches drawn from one fixed training set of n points)")
         self.num_train = int(num_train)
         self.train_points = self.training_set() if self.num_train else None

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fdistill.configs import ConfigError
 from fdistill.data import tfds_build
 from fdistill.sharding import process_slice
 
@@ -56,20 +57,20 @@ class SyntheticLanguage:
         self.demo_max_words = int(c.demo_max_words) or self.response_len - 1  # 0: as long as fits
         self.num_content = self.vocab_size - NUM_SPECIAL
         if self.num_content < 4:
-            raise ValueError(f"config.task.vocab_size={self.vocab_size} leaves {self.num_content} content words; "
+            raise ConfigError(f"config.task.vocab_size={self.vocab_size} leaves {self.num_content} content words; "
                              f"need >= 4 (vocab_size >= {NUM_SPECIAL + 4})")
         if self.response_len < 2:
-            raise ValueError(f"config.task.response_len={self.response_len} must be >= 2 (a word and EOS)")
+            raise ConfigError(f"config.task.response_len={self.response_len} must be >= 2 (a word and EOS)")
         if not 1 <= self.demo_max_words <= self.response_len - 1:
-            raise ValueError(f"config.task.demo_max_words={self.demo_max_words} must be in "
+            raise ConfigError(f"config.task.demo_max_words={self.demo_max_words} must be in "
                              f"[1, response_len - 1 = {self.response_len - 1}]")
         if not 0.0 <= self.demo_target_prob <= 1.0:
-            raise ValueError(f"config.task.demo_target_prob={self.demo_target_prob} must be in [0, 1]")
+            raise ConfigError(f"config.task.demo_target_prob={self.demo_target_prob} must be in [0, 1]")
         if self.length_cost < 0:
-            raise ValueError(f"config.task.length_cost={self.length_cost} must be >= 0")
+            raise ConfigError(f"config.task.length_cost={self.length_cost} must be >= 0")
         heldout = float(c.heldout_frac)
         if not 0.0 < heldout < 1.0:
-            raise ValueError(f"config.task.heldout_frac={heldout} must be in (0, 1)")
+            raise ConfigError(f"config.task.heldout_frac={heldout} must be in (0, 1)")
         self.seq_len = PROMPT_LEN + self.response_len
 
         rng = np.random.default_rng([self.seed, 1])
@@ -222,7 +223,7 @@ def _pad_to(words: np.ndarray, width: int) -> np.ndarray:
 def bradley_terry(r_a: np.ndarray, r_b: np.ndarray, temperature: float, rng: np.random.Generator):
     """(a_wins [N] bool, p [N]): p = P(a > b) = sigmoid((r_a - r_b) / temperature), a_wins ~ Bernoulli(p)."""
     if not temperature > 0:
-        raise ValueError(f"config.po.pairs.bt_temperature must be > 0, got {temperature}")
+        raise ConfigError(f"config.po.pairs.bt_temperature must be > 0, got {temperature}")
     z = (np.asarray(r_a, np.float64) - np.asarray(r_b, np.float64)) / temperature
     p = 0.5 * (1.0 + np.tanh(0.5 * z))
     return rng.random(len(p)) < p, p

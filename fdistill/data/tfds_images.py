@@ -27,6 +27,7 @@ import importlib
 import numpy as np
 import tensorflow_datasets as tfds
 
+from fdistill.configs import ConfigError
 from fdistill.data import images as image_lib
 from fdistill.data import tfds_build
 from fdistill.evaluation import feature_metrics
@@ -47,12 +48,12 @@ def resolve_feature_fn(spec: str):
     if not spec or spec == "pixels":
         return "pixels", pixel_features
     if ":" not in spec:
-        raise ValueError(f"config.data.feature_fn={spec!r} must be 'pixels' or 'package.module:function'")
+        raise ConfigError(f"config.data.feature_fn={spec!r} must be 'pixels' or 'package.module:function'")
     module, fn = spec.split(":", 1)
     try:
         return fn, getattr(importlib.import_module(module), fn)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"config.data.feature_fn={spec!r} could not be imported: {e}") from e
+        raise ConfigError(f"config.data.feature_fn={spec!r} could not be imported: {e}") from e
 
 
 def open_builder(name: str, data_dir: str, allow_download: bool = False):
@@ -91,21 +92,21 @@ class TFDSImageSource:
         self.config = data_config
         self.name = data_config.name.split(":", 1)[1]
         if not self.name:
-            raise ValueError("config.data.name='tfds:' needs a dataset name, e.g. 'tfds:cifar10'")
+            raise ConfigError("config.data.name='tfds:' needs a dataset name, e.g. 'tfds:cifar10'")
         self.data_dir = image_lib.data_dir_from_config(data_config)
         self.seed = int(data_config.get("seed", 0))
         builder = open_builder(self.name, self.data_dir, bool(data_config.get("allow_download", False)))
         features = builder.info.features
         self.image_key = data_config.get("image_key", "image")
         if self.image_key not in features:
-            raise ValueError(f"config.data.image_key={self.image_key!r} is not a feature of {self.name!r}; "
+            raise ConfigError(f"config.data.image_key={self.image_key!r} is not a feature of {self.name!r}; "
                              f"features: {sorted(features.keys())}")
         label_key = data_config.get("label_key", "label")
         self.label_key = label_key if label_key and label_key in features else ""
         self.num_classes = int(getattr(features[self.label_key], "num_classes", 0) or 0) if self.label_key else 0
         split = data_config.get("split", "train")
         if split not in builder.info.splits:
-            raise ValueError(f"config.data.split={split!r} is not a split of {self.name!r}; "
+            raise ConfigError(f"config.data.split={split!r} is not a split of {self.name!r}; "
                              f"allowed: {sorted(builder.info.splits.keys())}")
         self.dataset_dir = str(builder.data_dir)
         self.regenerate = (f"tfds build {self.name} --data_dir={self.data_dir} --file_format=array_record "
@@ -131,7 +132,7 @@ class TFDSImageSource:
         if not path:
             return None
         if self.feature_fn is not fid.inception:
-            raise ValueError(f"config.data.fid_reference={path!r} holds Inception statistics; it needs "
+            raise ConfigError(f"config.data.fid_reference={path!r} holds Inception statistics; it needs "
                              "config.data.feature_fn='fdistill.evaluation.fid:inception'")
         return fid.load_statistics(path)
 

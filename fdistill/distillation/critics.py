@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from fdistill import diffusion
+from fdistill.configs import ConfigError
 from fdistill.denoiser import build_denoiser
 from fdistill.distillation import losses, oracle
 
@@ -82,7 +83,7 @@ class LearnedCritic:
         if use_disc and self.disc_on == "teacher" and not teacher.has_features:
             teacher.features(None, None, None)  # raises the explanatory error
         if dc.disc_heads < 1:
-            raise ValueError(f"config.distill.disc_heads must be >= 1, got {dc.disc_heads}")
+            raise ConfigError(f"config.distill.disc_heads must be >= 1, got {dc.disc_heads}")
         self.step_aware = bool(dc.step_aware_critic) and student.num_steps > 1
         self.denoiser = self._fake_denoiser(teacher.net_config, student)
         if self.disc_on == "separate":
@@ -247,10 +248,10 @@ class OracleCritic:
 
     def __init__(self, config, teacher, student, use_disc: bool):
         if config.distill.teacher != "analytic" or len(student.shape) != 1:
-            raise ValueError("config.distill.critic='oracle' needs config.distill.teacher='analytic' (an exact "
+            raise ConfigError("config.distill.critic='oracle' needs config.distill.teacher='analytic' (an exact "
                              "teacher density) and vector data")
         if config.distill.oracle_samples < 1:
-            raise ValueError(f"config.distill.oracle_samples must be >= 1, got {config.distill.oracle_samples}")
+            raise ConfigError(f"config.distill.oracle_samples must be >= 1, got {config.distill.oracle_samples}")
         self.student, self.use_disc = student, use_disc
         self.num_samples = int(config.distill.oracle_samples)
 

@@ -62,11 +62,11 @@ class NoiseLevels:
         self.grid = jnp.flip(diffusion.karras_sigmas(n, d.sigma_min, d.sigma_max, d.rho)[:n])
         self.lo, self.hi = int(dc.gen_index_min), int(dc.gen_index_max)
         if not 0 <= self.lo <= self.hi < n:
-            raise ValueError(f"config.distill.gen_index_min/max=({self.lo}, {self.hi}) must satisfy "
+            raise configs.ConfigError(f"config.distill.gen_index_min/max=({self.lo}, {self.hi}) must satisfy "
                              f"0 <= min <= max < num_sigmas={n}")
         end = int(dc.get("gen_index_max_end", -1))
         if end >= 0 and not self.lo <= end <= self.hi:
-            raise ValueError(f"config.distill.gen_index_max_end={end} must lie in [gen_index_min, gen_index_max] = "
+            raise configs.ConfigError(f"config.distill.gen_index_max_end={end} must lie in [gen_index_min, gen_index_max] = "
                              f"[{self.lo}, {self.hi}] (or be -1: a fixed range)")
         self.hi_end = end if end >= 0 else None
 
@@ -94,11 +94,11 @@ def student_sigmas(num_steps: int, spec, sigma_max: float, sigma_min: float, rho
     try:
         vals = [float(v) for v in (spec.split(",") if isinstance(spec, str) else spec)]
     except (TypeError, ValueError):
-        raise ValueError(f"config.distill.student_sigmas={spec!r} must be one of {list(SIGMA_SCHEDULES)} "
+        raise configs.ConfigError(f"config.distill.student_sigmas={spec!r} must be one of {list(SIGMA_SCHEDULES)} "
                          "or K comma-separated floats") from None
     s = np.asarray(vals, np.float32)
     if len(s) != num_steps or np.any(s <= 0) or np.any(np.diff(s) >= 0):
-        raise ValueError(f"config.distill.student_sigmas={spec!r} must be {num_steps} (= num_student_steps) "
+        raise configs.ConfigError(f"config.distill.student_sigmas={spec!r} must be {num_steps} (= num_student_steps) "
                          "strictly decreasing positive floats")
     return s
 
@@ -121,9 +121,9 @@ def require_data_shaped_latent(distill_config, who: str) -> None:
     one is set (`who` needs a z of the data's shape)."""
     for field in LATENT_FIELDS:
         if distill_config[field]:
-            raise ValueError(f"config.distill.{field} must be 0 for {who} (pass {DATA_SHAPED_FLAGS})")
+            raise configs.ConfigError(f"config.distill.{field} must be 0 for {who} (pass {DATA_SHAPED_FLAGS})")
     if float(distill_config.latent_continuous_scale) != 1.0:
-        raise ValueError(f"config.distill.latent_continuous_scale must be 1 for {who} (pass {DATA_SHAPED_FLAGS})")
+        raise configs.ConfigError(f"config.distill.latent_continuous_scale must be 1 for {who} (pass {DATA_SHAPED_FLAGS})")
 
 
 def importance_weight(mixed: jax.Array, xi: jax.Array) -> jax.Array:
@@ -168,17 +168,17 @@ class OneStep:
         self.sigmas = np.array([self.gen_sigma], np.float32)
         m = int(distill_config.latent_dim)
         if m and (len(self.shape) != 1 or m < self.shape[0]):
-            raise ValueError(f"config.distill.latent_dim={m} needs vector data and at least the data's dimension "
+            raise configs.ConfigError(f"config.distill.latent_dim={m} needs vector data and at least the data's dimension "
                              f"(data shape {self.shape}); 0 = the data's")
         self.categories = int(distill_config.latent_categories)
         if self.categories < 0 or (self.categories and (len(self.shape) != 1 or self.categories == 1)):
-            raise ValueError(f"config.distill.latent_categories={self.categories} must be 0 (none) or >= 2 "
+            raise configs.ConfigError(f"config.distill.latent_categories={self.categories} must be 0 (none) or >= 2 "
                              f"with vector data (data shape {self.shape})")
         continuous = (m,) if m else self.shape
         self.latent_shape = (continuous[0] + 1,) if self.categories else continuous
         self.continuous_scale = float(distill_config.latent_continuous_scale)
         if self.continuous_scale <= 0 or (self.continuous_scale != 1.0 and not self.categories):
-            raise ValueError(f"config.distill.latent_continuous_scale={self.continuous_scale} must be > 0, and "
+            raise configs.ConfigError(f"config.distill.latent_continuous_scale={self.continuous_scale} must be > 0, and "
                              "differ from 1 only with config.distill.latent_categories > 0 (it scales z beside them; "
                              f"a z of the data's shape: {DATA_SHAPED_FLAGS})")
 
@@ -245,7 +245,7 @@ class _KStep(OneStep):
         super().__init__(denoiser, levels, shape, num_classes, conditional, distill_config, diffusion_config)
         K = distill_config.num_student_steps
         if not isinstance(K, (int, np.integer)) or K < 1:
-            raise ValueError(f"config.distill.num_student_steps must be an integer >= 1, got {K!r}")
+            raise configs.ConfigError(f"config.distill.num_student_steps must be an integer >= 1, got {K!r}")
         require_data_shaped_latent(distill_config, "few-step students: every step after the first denoises a "
                                    "data-shaped x_k with the same network")
         self.num_steps = int(K)
@@ -320,7 +320,7 @@ class TrajectorySegments(_KStep):
     def __init__(self, denoiser, levels, shape, num_classes, conditional, distill_config, diffusion_config):
         super().__init__(denoiser, levels, shape, num_classes, conditional, distill_config, diffusion_config)
         if levels.hi_end is not None:
-            raise ValueError("config.distill.gen_index_max_end must be -1 for TDM: its trajectory segments fix "
+            raise configs.ConfigError("config.distill.gen_index_max_end must be -1 for TDM: its trajectory segments fix "
                              "the noise range of each step")
         self.snr_clip = float(distill_config.tdm_snr_clip)
         self.use_is = bool(distill_config.tdm_importance_weight)
@@ -370,11 +370,11 @@ def generator_denoiser(teacher, config, shape) -> Denoiser:
     if not init:
         return teacher.denoiser
     if teacher.starts_students:
-        raise ValueError("config.distill.gen_out_init needs a fresh generator (config.distill.teacher='analytic'); "
+        raise configs.ConfigError("config.distill.gen_out_init needs a fresh generator (config.distill.teacher='analytic'); "
                          "a network teacher's generator copies its weights")
     cfg = teacher.net_config.copy_and_resolve_references()
     if "out_init" not in cfg.model:
-        raise ValueError(f"config.distill.gen_out_init: model {cfg.model.name!r} has no out_init option")
+        raise configs.ConfigError(f"config.distill.gen_out_init: model {cfg.model.name!r} has no out_init option")
     cfg.model.out_init = init
     return build_denoiser(cfg, shape)
 
@@ -383,15 +383,15 @@ def build(objective: str, teacher, levels, shape, num_classes, conditional, conf
     """The student sampler of objective `objective` ('distill', 'dmd2_multistep' or 'tdm')."""
     dc = config.distill
     if objective == "distill" and dc.num_student_steps != 1:
-        raise ValueError(f"config.distill.num_student_steps={dc.num_student_steps} needs a few-step "
+        raise configs.ConfigError(f"config.distill.num_student_steps={dc.num_student_steps} needs a few-step "
                          "objective: config.objective='dmd2_multistep' or 'tdm' ('distill' is one-step)")
     for field in LATENT_FIELDS:
         if dc[field] and teacher.starts_students:
-            raise ValueError(f"config.distill.{field} needs a fresh generator (config.distill.teacher='analytic'); "
+            raise configs.ConfigError(f"config.distill.{field} needs a fresh generator (config.distill.teacher='analytic'); "
                              f"a network teacher's generator copies its weights and input size: pass "
                              f"{DATA_SHAPED_FLAGS}")
     denoiser = generator_denoiser(teacher, config, shape)
     if any(dc[field] for field in LATENT_FIELDS) and type(denoiser) is not Denoiser:
-        raise ValueError("config.distill.latent_dim and latent_categories skip z through the EDM preconditioning: "
+        raise configs.ConfigError("config.distill.latent_dim and latent_categories skip z through the EDM preconditioning: "
                          "they need config.model.parametrisation='edm'")
     return STUDENTS[objective](denoiser, levels, shape, num_classes, conditional, dc, config.diffusion)

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from fdistill import runs
+from fdistill.configs import ConfigError
 from fdistill.denoiser import build_denoiser, sample_chunked
 
 
@@ -24,7 +25,7 @@ class AnalyticTeacher:
 
     def __init__(self, config, source):
         if config.data.name != "gmm":
-            raise ValueError(f"config.distill.teacher='analytic' needs config.data.name='gmm' (got "
+            raise ConfigError(f"config.distill.teacher='analytic' needs config.data.name='gmm' (got "
                              f"{config.data.name!r}); for other data pass the workdir of a finished 'score' run")
         self.source = source
         self.net_config = config
@@ -41,7 +42,7 @@ class AnalyticTeacher:
         return gmm.denoise(x, sigma)
 
     def features(self, frozen_teacher, x_t, sigma, **kw):
-        raise ValueError("config.distill.disc_on='teacher' needs a network teacher (a score run's workdir in "
+        raise ConfigError("config.distill.disc_on='teacher' needs a network teacher (a score run's workdir in "
                          "config.distill.teacher); the analytic mixture has no features")
 
 
@@ -57,7 +58,7 @@ class ScoreRunTeacher:
     def __init__(self, config, source):
         workdir = config.distill.teacher
         if not isinstance(workdir, str) or not os.path.isdir(os.path.expanduser(workdir)):
-            raise ValueError(f"config.distill.teacher={workdir!r} must be 'analytic' or the workdir of a finished "
+            raise ConfigError(f"config.distill.teacher={workdir!r} must be 'analytic' or the workdir of a finished "
                              "'score' run")
         run = runs.open_dependency(config, "distill.teacher")  # finished, same data and diffusion
         self.denoiser = build_denoiser(run.config, source.shape)

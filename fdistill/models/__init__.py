@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fdistill.configs import ConfigError
+
 # name -> (module, class); imported lazily so that optional models cost nothing.
 MODELS = {
     "mlp": ("fdistill.models.mlp", "MLPDenoiserNet"),
@@ -39,7 +41,7 @@ def network_param_count(name: str, params) -> int:
 def compute_dtype(name: str):
     """Activation dtype from `config.train.compute_dtype` (parameters stay float32)."""
     if name not in DTYPES:
-        raise ValueError(f"config.train.compute_dtype={name!r} is not known; allowed: {list(DTYPES)}")
+        raise ConfigError(f"config.train.compute_dtype={name!r} is not known; allowed: {list(DTYPES)}")
     return DTYPES[name]
 
 
@@ -51,7 +53,7 @@ def build(model_config, data_shape: tuple[int, ...], dtype: str = "float32"):
     """
     name = model_config.name
     if name not in MODELS:
-        raise ValueError(f"config.model.name={name!r} is not a known model; allowed: {sorted(MODELS)}")
+        raise ConfigError(f"config.model.name={name!r} is not a known model; allowed: {sorted(MODELS)}")
     module, cls = MODELS[name]
     kwargs = {k: v for k, v in model_config.to_dict().items() if k not in ("name", "parametrisation")}
     if name == "mlp":

@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fdistill.configs import ConfigError
 
 OUT_INITS = {"zeros": nn.initializers.zeros, "lecun": nn.initializers.lecun_normal()}
 
@@ -76,7 +77,7 @@ class MLPDenoiserNet(nn.Module):
             h = ResidualBlock(self.width, self.dropout, dtype=self.dtype)(h, emb, train)
         h = nn.silu(nn.LayerNorm(dtype=self.dtype)(h))
         if self.out_init not in OUT_INITS:
-            raise ValueError(f"config.model.out_init={self.out_init!r} is not known; allowed: {list(OUT_INITS)}")
+            raise ConfigError(f"config.model.out_init={self.out_init!r} is not known; allowed: {list(OUT_INITS)}")
         out = nn.Dense(self.out_dim, dtype=self.dtype, kernel_init=OUT_INITS[self.out_init])(h)
         out = out.astype(jnp.float32)
         return (out, h.astype(jnp.float32)) if features else out

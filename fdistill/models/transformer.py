@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fdistill.configs import ConfigError
+
 NEG_INF = -1e9
 
 
@@ -28,7 +30,7 @@ class CausalSelfAttention(nn.Module):
 
     def setup(self):
         if self.width % self.num_heads:
-            raise ValueError(f"config.model.width={self.width} is not divisible by "
+            raise ConfigError(f"config.model.width={self.width} is not divisible by "
                              f"config.model.num_heads={self.num_heads}")
         self.qkv = nn.Dense(3 * self.width, dtype=self.dtype)
         self.out = nn.Dense(self.width, dtype=self.dtype)

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fdistill.configs import ConfigError
 from fdistill.models.mlp import FourierEmbedding
 
 SKIP_SCALE = float(np.sqrt(0.5))
@@ -68,7 +69,7 @@ class SelfAttention(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, hgt, wid, c = x.shape
         if c % self.num_heads:
-            raise ValueError(f"config.model.num_heads={self.num_heads} must divide the bottleneck width {c}")
+            raise ConfigError(f"config.model.num_heads={self.num_heads} must divide the bottleneck width {c}")
         h = nn.GroupNorm(_groups(c), dtype=self.dtype, epsilon=1e-5)(x).reshape(b, hgt * wid, c)
         h = nn.MultiHeadDotProductAttention(
             num_heads=self.num_heads, dtype=self.dtype, out_kernel_init=nn.initializers.zeros
@@ -107,7 +108,7 @@ class UNet(nn.Module):
             )
         for m in self.channel_mult:
             if (self.channels * m) % 4:
-                raise ValueError(
+                raise ConfigError(
                     f"config.model.channels * channel_mult = {self.channels * m} must be a multiple of 4 (GroupNorm)"
                 )
 

@@ -45,6 +45,7 @@ from typing import Any, Callable
 import numpy as np
 
 from fdistill import placement
+from fdistill.configs import ConfigError
 
 Pytree = Any
 
@@ -72,7 +73,7 @@ def family(name: str) -> str:
     """The config family of objective `name`; unknown names list the allowed ones."""
     _discover()
     if name not in _FAMILY:
-        raise ValueError(f"config.objective={name!r} is not a known objective; allowed: {sorted(_REGISTRY)}")
+        raise ConfigError(f"config.objective={name!r} is not a known objective; allowed: {sorted(_REGISTRY)}")
     return _FAMILY[name]
 
 
@@ -96,7 +97,7 @@ def build(config) -> "Objective":
     _discover()
     name = config.get("objective", None)
     if name not in _REGISTRY:
-        raise ValueError(
+        raise ConfigError(
             f"config.objective={name!r} is not a known objective; allowed: {sorted(_REGISTRY)}"
         )
     if "eval" in config and config.eval.get("inception_weights"):

@@ -35,6 +35,7 @@ import numpy as np
 from fdistill import data as data_lib
 from fdistill import flow
 from fdistill import train_state as ts
+from fdistill.configs import ConfigError
 from fdistill.denoiser import VelocityDenoiser
 from fdistill.distillation import evaluation, teachers
 from fdistill.evaluation.samples import MIN_EVAL_SAMPLES
@@ -122,20 +123,20 @@ class BOSS(Objective):
         dc = config.distill
         self.source = data_lib.build(config.data)
         if dc.teacher in ("analytic", ""):
-            raise ValueError(f"config.distill.teacher={dc.teacher!r}: BOSS straightens a network; pass the workdir of a "
+            raise ConfigError(f"config.distill.teacher={dc.teacher!r}: BOSS straightens a network; pass the workdir of a "
                              "finished flow (or score) run, e.g. python -m experiments.prepare --config "
                              "ml_collections_configs/gmm_boss.py --workdir DIR makes one")
         self.teacher = teachers.build(config, self.source)
         if config.eval.num_samples < MIN_EVAL_SAMPLES:
-            raise ValueError(f"config.eval.num_samples must be >= {MIN_EVAL_SAMPLES}, got {config.eval.num_samples}")
+            raise ConfigError(f"config.eval.num_samples must be >= {MIN_EVAL_SAMPLES}, got {config.eval.num_samples}")
         self.num_steps, self.fine_steps = int(dc.num_student_steps), int(dc.boss_fine_steps)
         if not 1 <= self.num_steps <= self.fine_steps:
-            raise ValueError(f"config.distill.num_student_steps={self.num_steps} must be between 1 and "
+            raise ConfigError(f"config.distill.num_student_steps={self.num_steps} must be between 1 and "
                              f"config.distill.boss_fine_steps={self.fine_steps}")
         if int(dc.boss_cost_samples) < 1:
-            raise ValueError(f"config.distill.boss_cost_samples must be >= 1, got {dc.boss_cost_samples}")
+            raise ConfigError(f"config.distill.boss_cost_samples must be >= 1, got {dc.boss_cost_samples}")
         if int(dc.boss_pool_size) < 1 or int(dc.boss_pool_size) % int(dc.boss_cost_samples):
-            raise ValueError(f"config.distill.boss_pool_size={dc.boss_pool_size} must be a positive multiple of "
+            raise ConfigError(f"config.distill.boss_pool_size={dc.boss_pool_size} must be a positive multiple of "
                              f"config.distill.boss_cost_samples={dc.boss_cost_samples} (it is made in chunks of it)")
         den = self.teacher.denoiser
         self.t_max = 1.0 if isinstance(den, VelocityDenoiser) else float(flow.sigma_to_t(config.diffusion.sigma_max))

@@ -61,6 +61,7 @@ import numpy as np
 from fdistill import data as data_lib
 from fdistill import diffusion
 from fdistill import train_state as ts
+from fdistill.configs import ConfigError
 from fdistill.distillation import evaluation, students, teachers
 from fdistill.evaluation.samples import MIN_EVAL_SAMPLES, by_step_count
 from fdistill.objectives.base import Objective, register
@@ -158,17 +159,17 @@ class ConsistencyObjective(Objective):
                                       ("cm_sigma_sampling", dc.cm_sigma_sampling, SIGMA_SAMPLINGS),
                                       ("cm_schedule", dc.cm_schedule, SCHEDULES)):
             if value not in allowed:
-                raise ValueError(f"config.distill.{field}={value!r} is not known; allowed: {list(allowed)}")
+                raise ConfigError(f"config.distill.{field}={value!r} is not known; allowed: {list(allowed)}")
         self.ect = dc.cm_schedule == "ect"
         if self.ect and (self.name != "ct" or not dc.cm_ect_q > 1 or int(dc.cm_ect_stages) < 1 or dc.cm_ect_k < 0):
-            raise ValueError(f"config.distill.cm_schedule='ect' is consistency training's (objective 'ct', got "
+            raise ConfigError(f"config.distill.cm_schedule='ect' is consistency training's (objective 'ct', got "
                              f"{self.name!r}) and needs config.distill.cm_ect_q > 1 (got {dc.cm_ect_q}), "
                              f"cm_ect_stages >= 1 (got {dc.cm_ect_stages}) and cm_ect_k >= 0 (got {dc.cm_ect_k})")
         self.s0, self.s1 = int(dc.cm_scales_min), int(dc.cm_scales_max)
         if not 1 <= self.s0 <= self.s1:
-            raise ValueError(f"config.distill.cm_scales_min/max=({self.s0}, {self.s1}) must satisfy 1 <= min <= max")
+            raise ConfigError(f"config.distill.cm_scales_min/max=({self.s0}, {self.s1}) must satisfy 1 <= min <= max")
         if config.eval.num_samples < MIN_EVAL_SAMPLES:
-            raise ValueError(f"config.eval.num_samples must be >= {MIN_EVAL_SAMPLES}, got {config.eval.num_samples}")
+            raise ConfigError(f"config.eval.num_samples must be >= {MIN_EVAL_SAMPLES}, got {config.eval.num_samples}")
         self.conditional = bool(self.source.num_classes and self.teacher.net_config.model.num_classes)
         self.cm = ConsistencyFunction(students.generator_denoiser(self.teacher, config, self.source.shape),
                                       d.sigma_min)

@@ -33,6 +33,7 @@ import numpy as np
 
 from fdistill import diffusion, runs
 from fdistill import train_state as ts
+from fdistill.configs import ConfigError
 from fdistill.denoiser import label_kwargs
 from fdistill.objectives import policy_gradient as pg
 from fdistill.objectives.base import register
@@ -63,9 +64,9 @@ class AncestralSampler:
 
     def __init__(self, denoiser, num_steps: int, diffusion_config, eta: float, num_classes: int):
         if num_steps < 2:
-            raise ValueError(f"config.rl.ddpo_steps must be >= 2 (the last step is deterministic), got {num_steps}")
+            raise ConfigError(f"config.rl.ddpo_steps must be >= 2 (the last step is deterministic), got {num_steps}")
         if not eta > 0:
-            raise ValueError(f"config.rl.ddpo_eta must be > 0 (eta = 0 is a deterministic sampler: no policy), got {eta}")
+            raise ConfigError(f"config.rl.ddpo_eta must be > 0 (eta = 0 is a deterministic sampler: no policy), got {eta}")
         self.denoiser, self.num_classes = denoiser, num_classes
         self.sigmas, self.variances = ancestral_levels(num_steps, diffusion_config, eta)
         self.num_steps = int(num_steps)
@@ -135,10 +136,10 @@ class DDPO(pg.RewardObjective):
         super().__init__(config)
         r = config.rl
         if r.inner_updates < 1:
-            raise ValueError(f"config.rl.inner_updates must be >= 1, got {r.inner_updates}")
+            raise ConfigError(f"config.rl.inner_updates must be >= 1, got {r.inner_updates}")
         sampler = pg.open_sampler(config, self.source)
         if not isinstance(sampler, pg.ODESampler):
-            raise ValueError(f"config.rl.sampler={r.sampler!r} holds a {sampler.config.objective!r} run; DDPO fine-tunes "
+            raise ConfigError(f"config.rl.sampler={r.sampler!r} holds a {sampler.config.objective!r} run; DDPO fine-tunes "
                              f"a diffusion network: name a {' or '.join(runs.DIFFUSION_RUNS)} run")
         self.ref_params = sampler.params
         self.latent_shape, self.num_classes = sampler.latent_shape, sampler.num_classes

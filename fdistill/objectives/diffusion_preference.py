@@ -56,11 +56,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from fdistill import data as data_lib
 from fdistill import diffusion, runs
 from fdistill import train_state as ts
+from fdistill.configs import ConfigError
 from fdistill.data import diffusion_preference as prefdata
 from fdistill.denoiser import build_denoiser, edm_dsm_loss, label_kwargs, sample_chunked
 from fdistill.objectives import preference as prefloss
@@ -130,7 +130,7 @@ def validate_config(config) -> None:
     d = config.dpo
     prefloss.check_params(d.method, d.beta, prefloss.params_from(d), section="config.dpo", loss_field="method")
     if d.space not in SPACES:
-        raise ValueError(f"config.dpo.space={d.space!r} is not known; allowed: {list(SPACES)}")
+        raise ConfigError(f"config.dpo.space={d.space!r} is not known; allowed: {list(SPACES)}")
 
 
 @register("diffusion_po")

@@ -39,6 +39,7 @@ import numpy as np
 from fdistill import data as data_lib
 from fdistill import divergences
 from fdistill import train_state as ts
+from fdistill.configs import ConfigError
 from fdistill.distillation import critics, evaluation, losses, students, teachers
 from fdistill.evaluation.samples import MIN_EVAL_SAMPLES
 from fdistill.objectives.base import Objective, register
@@ -59,13 +60,13 @@ class DistillObjective(Objective):
         self.div_end = divergences.from_config(dc, "divergence_end") if dc.divergence_end else None
         self.critic_updates = int(dc.fake_updates_per_gen)
         if self.critic_updates < 1:
-            raise ValueError(f"config.distill.fake_updates_per_gen must be >= 1, got {self.critic_updates}")
+            raise ConfigError(f"config.distill.fake_updates_per_gen must be >= 1, got {self.critic_updates}")
         critics.choice(dc.critic_loop, ("scan", "unroll"), "config.distill.critic_loop")
         critics.choice(dc.ratio_binning, losses.RATIO_BINNINGS, "config.distill.ratio_binning")
         if dc.lambda_gan < 0:
-            raise ValueError(f"config.distill.lambda_gan must be >= 0, got {dc.lambda_gan}")
+            raise ConfigError(f"config.distill.lambda_gan must be >= 0, got {dc.lambda_gan}")
         if config.eval.num_samples < MIN_EVAL_SAMPLES:
-            raise ValueError(f"config.eval.num_samples must be >= {MIN_EVAL_SAMPLES}, got {config.eval.num_samples}")
+            raise ConfigError(f"config.eval.num_samples must be >= {MIN_EVAL_SAMPLES}, got {config.eval.num_samples}")
         # The discriminator is needed for a non-trivial h(r) or for the GAN term; VSD/DMD need neither.
         self.use_disc = self.div.name != "rkl" or (self.div_end is not None and self.div_end.name != "rkl") \
             or dc.lambda_gan > 0

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fdistill import train_state as ts
+from fdistill.configs import ConfigError
 from fdistill.objectives import policy_gradient as pg
 from fdistill.objectives.base import register
 
@@ -122,11 +123,11 @@ class FIND(pg.RewardObjective):
         super().__init__(config)
         r = config.rl
         if r.baseline not in BASELINES:
-            raise ValueError(f"config.rl.baseline={r.baseline!r} is not known; allowed: {list(BASELINES)}")
+            raise ConfigError(f"config.rl.baseline={r.baseline!r} is not known; allowed: {list(BASELINES)}")
         if r.replay < 1:
-            raise ValueError(f"config.rl.replay must be >= 1 (batches the clipped objective sees), got {r.replay}")
+            raise ConfigError(f"config.rl.replay must be >= 1 (batches the clipped objective sees), got {r.replay}")
         if r.kl_weight < 0:
-            raise ValueError(f"config.rl.kl_weight must be >= 0, got {r.kl_weight}")
+            raise ConfigError(f"config.rl.kl_weight must be >= 0, got {r.kl_weight}")
         self.sampler = pg.open_sampler(config, self.source)
         self.latent_shape, self.num_classes = self.sampler.latent_shape, self.sampler.num_classes
         self.num_rows = max(self.num_classes, 1)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fdistill import flow
+from fdistill.configs import ConfigError
 from fdistill.denoiser import VelocityDenoiser, label_kwargs, sample_chunked
 from fdistill.objectives.base import register
 from fdistill.objectives.score import ScoreObjective
@@ -29,7 +30,7 @@ class FlowMatchingObjective(ScoreObjective):
     def __init__(self, config):
         super().__init__(config)
         if not isinstance(self.denoiser, VelocityDenoiser):
-            raise ValueError(f"config.model.parametrisation={config.model.parametrisation!r}: the 'flow' objective "
+            raise ConfigError(f"config.model.parametrisation={config.model.parametrisation!r}: the 'flow' objective "
                              "trains a velocity network; set it to 'velocity'")
         flow.check_t_distribution(config.flow.t_distribution)
 

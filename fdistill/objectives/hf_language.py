@@ -34,6 +34,7 @@ import numpy as np
 
 from fdistill import placement, runs
 from fdistill import train_state as ts
+from fdistill.configs import ConfigError
 from fdistill.models import compute_dtype, llama, param_count
 from fdistill.models.transformer import generate
 from fdistill.objectives import preference as prefloss
@@ -47,7 +48,7 @@ def checkpoint_dir(config) -> str:
     """`config.model.hf_path`, checked to be a checkpoint directory."""
     path = config.model.hf_path
     if not path:
-        raise ValueError("config.model.hf_path is empty: name a Hugging Face checkpoint directory (config.json, "
+        raise ConfigError("config.model.hf_path is empty: name a Hugging Face checkpoint directory (config.json, "
                          "*.safetensors, tokenizer.json), e.g. --config.model.hf_path=/models/Qwen2.5-0.5B-Instruct")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"config.model.hf_path={path!r} is not a Hugging Face checkpoint directory "
@@ -64,7 +65,7 @@ def check_data_path(config) -> None:
     for field in ("path", "test_path"):
         path = config.data[field]
         if field == "path" and not path:
-            raise ValueError("config.data.path is empty: name a local .jsonl or .parquet file in a TRL format")
+            raise ConfigError("config.data.path is empty: name a local .jsonl or .parquet file in a TRL format")
         if path and not os.path.isfile(path):
             raise FileNotFoundError(f"config.data.{field}={path!r} does not exist")
 
@@ -77,7 +78,7 @@ class HFModel:
 
         m = config.model
         if m.param_dtype not in PARAM_DTYPES:
-            raise ValueError(f"config.model.param_dtype={m.param_dtype!r} is not known; allowed: {list(PARAM_DTYPES)}")
+            raise ConfigError(f"config.model.param_dtype={m.param_dtype!r} is not known; allowed: {list(PARAM_DTYPES)}")
         self.path = checkpoint_dir(config)
         self.cfg = llama.read_config(self.path)
         self.module = llama.build(self.cfg, int(config.data.max_length), compute_dtype(config.train.compute_dtype),
@@ -164,7 +165,7 @@ class HFObjective(Objective):
 
     def check_batch_size(self, num_train: int, what: str) -> None:
         if self.config.train.batch_size > num_train:
-            raise ValueError(f"config.train.batch_size={self.config.train.batch_size} exceeds the {num_train} "
+            raise ConfigError(f"config.train.batch_size={self.config.train.batch_size} exceeds the {num_train} "
                              f"training {what} of {self.config.data.path}")
 
     def decode_samples(self, params, tokens: np.ndarray, mask: np.ndarray, key) -> None:

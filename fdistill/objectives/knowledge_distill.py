@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from fdistill import data as data_lib
 from fdistill import diffusion
 from fdistill import train_state as ts
+from fdistill.configs import ConfigError
 from fdistill.distillation import evaluation, students, teachers
 from fdistill.objectives.base import Objective, register
 
@@ -36,7 +37,7 @@ class KnowledgeDistillation(Objective):
         self.student = students.build("distill", self.teacher, levels, self.source.shape, self.source.num_classes,
                                       conditional, config)
         if config.distill.gen_sigma != config.diffusion.sigma_max:
-            raise ValueError(f"config.distill.gen_sigma={config.distill.gen_sigma} must equal config.diffusion."
+            raise ConfigError(f"config.distill.gen_sigma={config.distill.gen_sigma} must equal config.diffusion."
                              f"sigma_max={config.diffusion.sigma_max}: the student maps the ODE's starting noise")
         self.optimizer = ts.Optimizer(ts.OptimizerSettings.from_config(config.train, learning_rate=config.distill.lr_gen))
         self.evaluator = evaluation.Evaluator(config, self.source, self.teacher, self.student, None, "1-step kd")

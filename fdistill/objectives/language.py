@@ -37,6 +37,7 @@ import numpy as np
 
 from fdistill import runs
 from fdistill import train_state as ts
+from fdistill.configs import ConfigError
 from fdistill.data import preference as prefdata
 from fdistill.evaluation import preference as prefeval
 from fdistill.models import param_count
@@ -56,14 +57,14 @@ def build_model(model_config, task: prefdata.SyntheticLanguage, compute_dtype: s
     from fdistill import models
 
     if model_config.name != "transformer":
-        raise ValueError(f"config.model.name={model_config.name!r} is not supported by the language objectives; "
+        raise ConfigError(f"config.model.name={model_config.name!r} is not supported by the language objectives; "
                          f"allowed: ['transformer']")
     kw = {k: int(model_config[k]) for k in MODEL_FIELDS}
     for k, v in kw.items():
         if v <= 0:
-            raise ValueError(f"config.model.{k} must be positive, got {v}")
+            raise ConfigError(f"config.model.{k} must be positive, got {v}")
     if kw["width"] % kw["num_heads"]:
-        raise ValueError(f"config.model.width={kw['width']} is not divisible by config.model.num_heads={kw['num_heads']}")
+        raise ConfigError(f"config.model.width={kw['width']} is not divisible by config.model.num_heads={kw['num_heads']}")
     return TransformerLM(vocab_size=task.vocab_size, max_len=task.seq_len, dtype=models.compute_dtype(compute_dtype),
                          **kw)
 
@@ -221,7 +222,7 @@ def sft_value_and_grad(model, params, batch, num_micro: int = 1):
 
 def _eval_prompts(task, samples_per_prompt: int) -> np.ndarray:
     if samples_per_prompt < 1:
-        raise ValueError(f"config.eval.samples_per_prompt must be >= 1, got {samples_per_prompt}")
+        raise ConfigError(f"config.eval.samples_per_prompt must be >= 1, got {samples_per_prompt}")
     return np.repeat(task.heldout_prompts, samples_per_prompt, axis=0)
 
 
@@ -321,12 +322,12 @@ def validate_po_config(config) -> None:
     po = config.po
     prefloss.check_params(po.loss, po.beta, prefloss.params_from(po), section="config.po")
     if po.reference not in REFERENCES:
-        raise ValueError(f"config.po.reference={po.reference!r} is not known; allowed: {list(REFERENCES)}")
+        raise ConfigError(f"config.po.reference={po.reference!r} is not known; allowed: {list(REFERENCES)}")
     for f in ("num_pairs", "num_test_pairs", "bt_temperature", "sample_temperature"):
         if not po.pairs[f] > 0:
-            raise ValueError(f"config.po.pairs.{f} must be positive, got {po.pairs[f]}")
+            raise ConfigError(f"config.po.pairs.{f} must be positive, got {po.pairs[f]}")
     if config.train.batch_size > int(po.pairs.num_pairs):
-        raise ValueError(f"config.train.batch_size={config.train.batch_size} exceeds "
+        raise ConfigError(f"config.train.batch_size={config.train.batch_size} exceeds "
                          f"config.po.pairs.num_pairs={po.pairs.num_pairs}")
 
 
@@ -530,11 +531,11 @@ class KTOObjective(PreferenceObjective):
     def __init__(self, config):
         po = config.po
         if po.precompute_ref:
-            raise ValueError("config.po.precompute_ref=True is not supported by objective 'kto' (its KL "
+            raise ConfigError("config.po.precompute_ref=True is not supported by objective 'kto' (its KL "
                              "completions change with every batch); set --config.po.precompute_ref=False")
         for f in ("desirable_weight", "undesirable_weight"):
             if not po[f] >= 0:
-                raise ValueError(f"config.po.{f} must be >= 0, got {po[f]}")
+                raise ConfigError(f"config.po.{f} must be >= 0, got {po[f]}")
         super().__init__(config)
         self.loss_name = "kto"
         self.examples = prefdata.UnpairedExamples(self.pairs)

@@ -34,6 +34,7 @@ import numpy as np
 from fdistill import data as data_lib
 from fdistill import diffusion, flow, models
 from fdistill import train_state as ts
+from fdistill.configs import ConfigError
 from fdistill.denoiser import label_kwargs, sample_in_chunks
 from fdistill.evaluation.samples import by_step_count
 from fdistill.evaluation.timing import timed_sampling
@@ -68,17 +69,17 @@ class MeanFlow(Objective):
         super().__init__(config)
         self.source = data_lib.build(config.data)
         if config.model.parametrisation != "velocity":
-            raise ValueError(f"config.model.parametrisation={config.model.parametrisation!r}: MeanFlow's network "
+            raise ConfigError(f"config.model.parametrisation={config.model.parametrisation!r}: MeanFlow's network "
                              "outputs a velocity; set it to 'velocity'")
         f = config.flow
         if not 0.0 <= f.meanflow_ratio <= 1.0:
-            raise ValueError(f"config.flow.meanflow_ratio={f.meanflow_ratio} must be in [0, 1]")
+            raise ConfigError(f"config.flow.meanflow_ratio={f.meanflow_ratio} must be in [0, 1]")
         if f.meanflow_p < 0 or f.meanflow_c <= 0:
-            raise ValueError(f"config.flow.meanflow_p={f.meanflow_p} must be >= 0 and config.flow.meanflow_c="
+            raise ConfigError(f"config.flow.meanflow_p={f.meanflow_p} must be >= 0 and config.flow.meanflow_c="
                              f"{f.meanflow_c} > 0")
         flow.check_t_distribution(f.t_distribution)
         if int(config.eval.num_steps) < 1:
-            raise ValueError(f"config.eval.num_steps={config.eval.num_steps} must be >= 1")
+            raise ConfigError(f"config.eval.num_steps={config.eval.num_steps} must be >= 1")
         self.net = models.build(config.model, self.source.shape, config.train.compute_dtype)
         self.num_classes = config.model.num_classes if self.source.num_classes else 0
         self.optimizer = ts.Optimizer(ts.OptimizerSettings.from_config(config.train))

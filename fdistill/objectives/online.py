@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fdistill import train_state as ts
+from fdistill.configs import ConfigError
 from fdistill.data import preference as prefdata
 from fdistill.models.transformer import generate
 from fdistill.objectives import preference as prefloss
@@ -101,11 +102,11 @@ class OnPolicyObjective(PreferenceObjective):
         po = config.po
         g = int(self.group_size_fixed or po.group_size)
         if g < 2:
-            raise ValueError(f"config.po.group_size must be >= 2 (a group needs a baseline), got {po.group_size}")
+            raise ConfigError(f"config.po.group_size must be >= 2 (a group needs a baseline), got {po.group_size}")
         if not 0 < float(po.clip_eps) < 1:
-            raise ValueError(f"config.po.clip_eps must be in (0, 1), got {po.clip_eps}")
+            raise ConfigError(f"config.po.clip_eps must be in (0, 1), got {po.clip_eps}")
         if int(config.train.grad_accum_steps) != 1:
-            raise ValueError(f"config.train.grad_accum_steps={config.train.grad_accum_steps}: the on-policy objectives "
+            raise ConfigError(f"config.train.grad_accum_steps={config.train.grad_accum_steps}: the on-policy objectives "
                              "sample their batch inside the step and do not accumulate; use 1")
         super().__init__(config)
         self.group_size, self.clip_eps = g, float(po.clip_eps)

@@ -24,6 +24,7 @@ import numpy as np
 
 from fdistill import data as data_lib
 from fdistill import diffusion, runs
+from fdistill.configs import ConfigError
 from fdistill.data import diffusion_preference as prefdata
 from fdistill.denoiser import build_denoiser, label_kwargs, sample_in_chunks
 from fdistill.objectives.base import Objective
@@ -81,11 +82,11 @@ def check_rl_config(config) -> None:
     """Fails at start-up naming the bad `config.rl` field and what it allows."""
     r = config.rl
     if not 0 < r.clip_eps < 1:
-        raise ValueError(f"config.rl.clip_eps must be in (0, 1), got {r.clip_eps}")
+        raise ConfigError(f"config.rl.clip_eps must be in (0, 1), got {r.clip_eps}")
     if r.advantage_norm not in ADVANTAGE_NORMS:
-        raise ValueError(f"config.rl.advantage_norm={r.advantage_norm!r} is not known; allowed: {list(ADVANTAGE_NORMS)}")
+        raise ConfigError(f"config.rl.advantage_norm={r.advantage_norm!r} is not known; allowed: {list(ADVANTAGE_NORMS)}")
     if r.sampler_steps < 0:
-        raise ValueError(f"config.rl.sampler_steps must be >= 0 (0 = the sampler run's eval.num_steps), "
+        raise ConfigError(f"config.rl.sampler_steps must be >= 0 (0 = the sampler run's eval.num_steps), "
                          f"got {r.sampler_steps}")
 
 

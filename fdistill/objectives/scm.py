@@ -67,6 +67,7 @@ import numpy as np
 
 from fdistill import train_state as ts
 from fdistill import trigflow
+from fdistill.configs import ConfigError
 from fdistill.denoiser import Denoiser
 from fdistill.diffusion import expand
 from fdistill.distillation import students
@@ -125,30 +126,30 @@ class ContinuousConsistency(ConsistencyObjective):
     def __init__(self, config):
         dc = config.distill
         if dc.scm_tangent not in TANGENTS:
-            raise ValueError(f"config.distill.scm_tangent={dc.scm_tangent!r} is not known; allowed: {list(TANGENTS)}")
+            raise ConfigError(f"config.distill.scm_tangent={dc.scm_tangent!r} is not known; allowed: {list(TANGENTS)}")
         if int(dc.scm_tangent_warmup) < 0:
-            raise ValueError(f"config.distill.scm_tangent_warmup={dc.scm_tangent_warmup} must be >= 0")
+            raise ConfigError(f"config.distill.scm_tangent_warmup={dc.scm_tangent_warmup} must be >= 0")
         if dc.scm_tangent_norm and not dc.scm_tangent_c > 0:
-            raise ValueError(f"config.distill.scm_tangent_c={dc.scm_tangent_c} must be > 0")
+            raise ConfigError(f"config.distill.scm_tangent_c={dc.scm_tangent_c} must be > 0")
         if dc.scm_time_conditioning not in TIME_CONDITIONINGS:
-            raise ValueError(f"config.distill.scm_time_conditioning={dc.scm_time_conditioning!r} is not known; "
+            raise ConfigError(f"config.distill.scm_time_conditioning={dc.scm_time_conditioning!r} is not known; "
                              f"allowed: {list(TIME_CONDITIONINGS)}")
         self.time_scale = float(dc.scm_time_scale) if dc.scm_time_conditioning == "trigflow" else None
         if self.time_scale is not None and not self.time_scale > 0:
-            raise ValueError(f"config.distill.scm_time_scale={dc.scm_time_scale} must be > 0")
+            raise ConfigError(f"config.distill.scm_time_scale={dc.scm_time_scale} must be > 0")
         if not dc.cm_p_std > 0:
-            raise ValueError(f"config.distill.cm_p_std={dc.cm_p_std} must be > 0")
+            raise ConfigError(f"config.distill.cm_p_std={dc.cm_p_std} must be > 0")
         if not (isinstance(dc.student_sigmas, str) and dc.student_sigmas.strip() == "karras"):
-            raise ValueError(f"config.distill.student_sigmas={dc.student_sigmas!r}: scm samples on TrigFlow times "
+            raise ConfigError(f"config.distill.student_sigmas={dc.student_sigmas!r}: scm samples on TrigFlow times "
                              "(config.distill.scm_mid_t); leave it at 'karras'")
         self.t_max = math.atan(float(dc.gen_sigma) / float(config.diffusion.sigma_data))
         if not 0.0 < dc.scm_mid_t < self.t_max:
-            raise ValueError(f"config.distill.scm_mid_t={dc.scm_mid_t} must be in (0, {self.t_max:.4f}) "
+            raise ConfigError(f"config.distill.scm_mid_t={dc.scm_mid_t} must be in (0, {self.t_max:.4f}) "
                              "(arctan(gen_sigma / sigma_data))")
         self.weight_net = TimeWeight()
         super().__init__(config)
         if self.time_scale is not None and (self.teacher.starts_students or type(self.cm.denoiser) is not Denoiser):
-            raise ValueError("config.distill.scm_time_conditioning='trigflow' conditions a fresh EDM-parametrised "
+            raise ConfigError("config.distill.scm_time_conditioning='trigflow' conditions a fresh EDM-parametrised "
                              "network on t (config.model.parametrisation='edm', config.distill.teacher='analytic'); "
                              "a network teacher's weights need 'edm'")
         self.trajectory_fields = ()  # no discretisation curriculum

@@ -18,6 +18,7 @@ import numpy as np
 from fdistill import data as data_lib
 from fdistill import diffusion, runs
 from fdistill import train_state as ts
+from fdistill.configs import ConfigError
 from fdistill.denoiser import Denoiser, build_denoiser, denoiser_errors, edm_dsm_loss, label_kwargs, sample_chunked
 from fdistill.evaluation.timing import timed_sampling
 from fdistill.objectives.base import Objective, register
@@ -33,7 +34,7 @@ class ScoreObjective(Objective):
         self.denoiser = build_denoiser(config, self.source.shape)
         self.optimizer = ts.Optimizer(ts.OptimizerSettings.from_config(config.train))
         if config.eval.sampler not in diffusion.SAMPLERS:
-            raise ValueError(f"config.eval.sampler={config.eval.sampler!r} is not known; "
+            raise ConfigError(f"config.eval.sampler={config.eval.sampler!r} is not known; "
                              f"allowed: {list(diffusion.SAMPLERS)}")
         self.num_micro = ts.check_grad_accum(config.train.grad_accum_steps, config.train.batch_size)
         self.num_classes = config.model.num_classes if self.source.num_classes else 0
