@@ -3,13 +3,13 @@ the 35-NFE teacher's (issue "The main job's student is a curve"; results in
 `experiments/results/digits_curve.md`).
 
     python -m experiments.studies.digits_curve --workdir runs/digits_curve --teacher runs/digits_score \
-        [--runs js,js_cosine] [--num_steps 2400] [--eval_every 200]
+        [--runs js,js_cosine] [--num_steps N] [--eval_every 200]
 
 Each run is `ml_collections_configs/digits_fdistill.py` (the best one-step digits setting of the
 digits table: JS, lambda_gan 3e-3, discriminator on the fake score's bottleneck) with the overrides
-in RUNS, trained for `--num_steps` generator updates with an evaluation of the student (4096
-samples: fd_digits, precision, recall, class entropy) every `--eval_every` updates, in
-`WORKDIR/<run>` (re-running resumes or reuses finished runs). Writes `WORKDIR/curve.md`,
+in RUNS, trained for the run's generator updates in RUNS (or `--num_steps`) with an evaluation of
+the student (4096 samples: fd_digits, precision, recall, class entropy) and a checkpoint every
+`--eval_every` updates, in `WORKDIR/<run>` (re-running resumes or reuses finished runs). Writes `WORKDIR/curve.md`,
 `WORKDIR/curve.json` (every evaluation) and `WORKDIR/curve.png` (fd_digits against updates, with the
 teacher's and the goal's levels).
 """
@@ -24,12 +24,18 @@ from absl import app, flags, logging
 from experiments.tables.common import check_choices, eval_curve, run_config, train_row
 from fdistill import configs
 
-# run -> (what it changes, overrides of digits_fdistill.py)
+# run -> (what it changes, overrides of digits_fdistill.py, generator updates unless --num_steps)
+COSINE_EMA = {"distill.gen_lr_schedule": "cosine", "distill.gen_ema_decay": 0.995}
 RUNS = {
-    "js": ("digits_fdistill.py as it is (constant learning rates)", {}),
-    "js_cosine": ("generator learning rate decays to 0 (cosine)", {"distill.gen_lr_schedule": "cosine"}),
+    "js": ("digits_fdistill.py as it is (constant learning rates)", {}, 2400),
+    "js_cosine": ("generator learning rate decays to 0 (cosine)", {"distill.gen_lr_schedule": "cosine"}, 2400),
     "js_cosine_ema": ("cosine, and the student evaluated with an EMA of the generator (decay 0.995)",
-                      {"distill.gen_lr_schedule": "cosine", "distill.gen_ema_decay": 0.995}),
+                      COSINE_EMA, 4800),
+    "js_cosine_ema_ttur5": ("cosine + EMA, 5 critic updates per generator update (DMD2's TTUR; 2 in the config)",
+                            {**COSINE_EMA, "distill.fake_updates_per_gen": 5}, 2400),
+    "js_cosine_ema_gan1e-2": ("cosine + EMA, GAN weight 1e-2 (3e-3 in the config)",
+                              {**COSINE_EMA, "distill.lambda_gan": 1e-2}, 2400),
+    "js_cosine_ema_gan3e-2": ("cosine + EMA, GAN weight 3e-2", {**COSINE_EMA, "distill.lambda_gan": 3e-2}, 2400),
 }
 GOAL = 1.5  # times the teacher's fd_digits
 
@@ -37,7 +43,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (one sub-workd
 _TEACHER = flags.DEFINE_string("teacher", None, "Workdir of the finished digits score teacher "
                                "(default: digits_fdistill.py's runs/digits_score).")
 _RUNS = flags.DEFINE_list("runs", ["js"], f"Runs to train; allowed: {list(RUNS)}.")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", 2400, "Generator updates per run.")
+_NUM_STEPS = flags.DEFINE_integer("num_steps", None, "Generator updates per run (default: each run's own, RUNS).")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 200, "Updates between evaluations.")
 flags.mark_flags_as_required(["workdir"])
 
@@ -47,8 +53,8 @@ def run_of(name: str):
     overrides = dict(RUNS[name][1])
     if _TEACHER.value:
         overrides["distill.teacher"] = os.path.abspath(_TEACHER.value)
-    c = run_config(configs.load("digits_fdistill"), 0, _NUM_STEPS.value, overrides)
-    c.train.eval_every = _EVAL_EVERY.value
+    c = run_config(configs.load("digits_fdistill"), 0, _NUM_STEPS.value or RUNS[name][2], overrides)
+    c.train.eval_every = c.train.checkpoint_every = _EVAL_EVERY.value  # an hour-long run resumes
     return c
 
 
@@ -78,7 +84,7 @@ def main(argv):
     check_choices("runs", _RUNS.value, RUNS)
     if _TEACHER.value and not os.path.exists(os.path.join(_TEACHER.value, "config.json")):
         raise app.UsageError(f"--teacher={_TEACHER.value!r} is not a finished run's workdir (no config.json)")
-    if _NUM_STEPS.value < 1 or _EVAL_EVERY.value < 1:
+    if (_NUM_STEPS.value is not None and _NUM_STEPS.value < 1) or _EVAL_EVERY.value < 1:
         raise app.UsageError(f"--num_steps={_NUM_STEPS.value} and --eval_every={_EVAL_EVERY.value} must be >= 1")
     logging.set_verbosity(logging.WARNING)
     workdir = os.path.abspath(_WORKDIR.value)
