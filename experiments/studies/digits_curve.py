@@ -3,7 +3,7 @@ the 35-NFE teacher's (issue "The main job's student is a curve"; results in
 `experiments/results/digits_curve.md`).
 
     python -m experiments.studies.digits_curve --workdir runs/digits_curve --teacher runs/digits_score \
-        [--runs js,js_cosine] [--num_steps N] [--eval_every 200]
+        [--runs js,js_cosine] [--num_steps N] [--eval_every 200] [--seed 0]
 
 Each run is `ml_collections_configs/digits_fdistill.py` (the best one-step digits setting of the
 digits table: JS, lambda_gan 3e-3, discriminator on the fake score's bottleneck) with the overrides
@@ -36,6 +36,7 @@ RUNS = {
     "js_cosine_ema_gan1e-2": ("cosine + EMA, GAN weight 1e-2 (3e-3 in the config)",
                               {**COSINE_EMA, "distill.lambda_gan": 1e-2}, 2400),
     "js_cosine_ema_gan3e-2": ("cosine + EMA, GAN weight 3e-2", {**COSINE_EMA, "distill.lambda_gan": 3e-2}, 2400),
+    "js_cosine_ema_gan1e-1": ("cosine + EMA, GAN weight 1e-1", {**COSINE_EMA, "distill.lambda_gan": 1e-1}, 2400),
     "js_cosine_ema_ttur5_gan1e-2": ("cosine + EMA, 5 critic updates, GAN weight 1e-2",
                                     {**COSINE_EMA, "distill.fake_updates_per_gen": 5, "distill.lambda_gan": 1e-2}, 2400),
 }
@@ -47,6 +48,7 @@ _TEACHER = flags.DEFINE_string("teacher", None, "Workdir of the finished digits 
 _RUNS = flags.DEFINE_list("runs", ["js"], f"Runs to train; allowed: {list(RUNS)}.")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", None, "Generator updates per run (default: each run's own, RUNS).")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 200, "Updates between evaluations.")
+_SEED = flags.DEFINE_integer("seed", 0, "Training seed (a seed other than 0 trains in WORKDIR/<run>_seed<N>).")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -55,9 +57,14 @@ def run_of(name: str):
     overrides = dict(RUNS[name][1])
     if _TEACHER.value:
         overrides["distill.teacher"] = os.path.abspath(_TEACHER.value)
-    c = run_config(configs.load("digits_fdistill"), 0, _NUM_STEPS.value or RUNS[name][2], overrides)
+    c = run_config(configs.load("digits_fdistill"), _SEED.value, _NUM_STEPS.value or RUNS[name][2], overrides)
     c.train.eval_every = c.train.checkpoint_every = _EVAL_EVERY.value  # an hour-long run resumes
     return c
+
+
+def describe(label: str) -> str:
+    """What run `label` (a RUNS name, with `_seed<N>` for a seed other than 0) changes."""
+    return RUNS[label.split("_seed")[0]][0]
 
 
 def plot(path: str, curves: dict, teacher_fd: float) -> None:
@@ -66,9 +73,9 @@ def plot(path: str, curves: dict, teacher_fd: float) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = plt.subplots(figsize=(13, 4.5))
     for name, rows in curves.items():
-        ax.plot([r["step"] for r in rows], [r["fd_digits"] for r in rows], "o-", ms=3, label=f"{name}: {RUNS[name][0]}")
+        ax.plot([r["step"] for r in rows], [r["fd_digits"] for r in rows], "o-", ms=3, label=f"{name}: {describe(name)}")
     ax.axhline(teacher_fd, color="k", lw=1, label=f"teacher, 35 NFE ({teacher_fd:.2f})")
     ax.axhline(GOAL * teacher_fd, color="k", ls="--", lw=1, label=f"goal, {GOAL:g} x teacher ({GOAL * teacher_fd:.2f})")
     ax.set_yscale("log")
@@ -94,18 +101,19 @@ def main(argv):
     t0 = time.perf_counter()
     curves, teacher = {}, {}
     for name in _RUNS.value:
-        sub = os.path.join(workdir, name)
+        label = name + (f"_seed{_SEED.value}" if _SEED.value else "")
+        sub = os.path.join(workdir, label)
         print(f"[digits_curve] {name} -> {sub}", flush=True)
         results = train_row(run_of(name), sub, name)
         teacher.update({k: v for k, v in results.items() if k.startswith("teacher/")})
-        curves[name] = eval_curve(sub, "fd_digits")
+        curves[label] = eval_curve(sub, "fd_digits")
     teacher_fd = teacher["teacher/fd_digits"]
     lines = ["# One-step digits students: fd_digits against generator updates", "",
              f"Teacher (35-NFE Heun): fd_digits {teacher_fd:.2f}; goal {GOAL:g} x teacher = {GOAL * teacher_fd:.2f}. "
              f"Wall time {(time.perf_counter() - t0) / 60:.1f} min.", ""]
     for name, rows in curves.items():
         best = min(rows, key=lambda r: r["fd_digits"])
-        lines += [f"## {name}: {RUNS[name][0]}", "",
+        lines += [f"## {name}: {describe(name)}", "",
                   f"Best: fd_digits {best['fd_digits']:.2f} at {best['step']} updates "
                   f"({best['fd_digits'] / teacher_fd:.1f} x teacher).", "",
                   "| updates | fd_digits | precision | recall | class entropy |", "|---|---|---|---|---|"]
