@@ -9,9 +9,9 @@ Each run is `ml_collections_configs/digits_fdistill.py` (the best one-step digit
 digits table: JS, lambda_gan 3e-3, discriminator on the fake score's bottleneck) with the overrides
 in RUNS, trained for the run's generator updates in RUNS (or `--num_steps`) with an evaluation of
 the student (4096 samples: fd_digits, precision, recall, class entropy) and a checkpoint every
-`--eval_every` updates, in `WORKDIR/<run>` (re-running resumes or reuses finished runs). Writes `WORKDIR/curve.md`,
-`WORKDIR/curve.json` (every evaluation) and `WORKDIR/curve.png` (fd_digits against updates, with the
-teacher's and the goal's levels).
+`--eval_every` updates, in `WORKDIR/<run>` (`<run>_seed<N>` for `--seed N` > 0; re-running resumes or
+reuses finished runs). Writes `WORKDIR/curve.md`, `WORKDIR/curve.json` (every evaluation) and
+`WORKDIR/curve.png` (fd_digits against updates, with the teacher's and the goal's levels).
 """
 from __future__ import annotations
 
