@@ -37,8 +37,10 @@ RUNS = {
                               {**COSINE_EMA, "distill.lambda_gan": 1e-2}, 2400),
     "js_cosine_ema_gan3e-2": ("cosine + EMA, GAN weight 3e-2", {**COSINE_EMA, "distill.lambda_gan": 3e-2}, 2400),
     "js_cosine_ema_gan1e-1": ("cosine + EMA, GAN weight 1e-1", {**COSINE_EMA, "distill.lambda_gan": 1e-1}, 2400),
-    "js_cosine_ema_ttur5_gan1e-2": ("cosine + EMA, 5 critic updates, GAN weight 1e-2",
-                                    {**COSINE_EMA, "distill.fake_updates_per_gen": 5, "distill.lambda_gan": 1e-2}, 2400),
+    "js_cosine_ema_ttur5_gan3e-2": ("cosine + EMA, 5 critic updates, GAN weight 3e-2",
+                                    {**COSINE_EMA, "distill.fake_updates_per_gen": 5, "distill.lambda_gan": 3e-2}, 2400),
+    "js_cosine_ema_ttur5_gan1e-1": ("cosine + EMA, 5 critic updates, GAN weight 1e-1",
+                                    {**COSINE_EMA, "distill.fake_updates_per_gen": 5, "distill.lambda_gan": 1e-1}, 2400),
 }
 GOAL = 1.5  # times the teacher's fd_digits
 
