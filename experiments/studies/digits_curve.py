@@ -37,6 +37,8 @@ RUNS = {
                               {**COSINE_EMA, "distill.lambda_gan": 1e-2}, 2400),
     "js_cosine_ema_gan3e-2": ("cosine + EMA, GAN weight 3e-2", {**COSINE_EMA, "distill.lambda_gan": 3e-2}, 2400),
     "js_cosine_ema_gan1e-1": ("cosine + EMA, GAN weight 1e-1", {**COSINE_EMA, "distill.lambda_gan": 1e-1}, 2400),
+    "js_cosine_ema_batch64": ("cosine + EMA, batch 64 (32 in the config; about the cost of 5 critic updates)",
+                              {**COSINE_EMA, "train.batch_size": 64}, 2400),
     "js_cosine_ema_ttur5_gan3e-2": ("cosine + EMA, 5 critic updates, GAN weight 3e-2",
                                     {**COSINE_EMA, "distill.fake_updates_per_gen": 5, "distill.lambda_gan": 3e-2}, 2400),
     "js_cosine_ema_ttur5_gan1e-1": ("cosine + EMA, 5 critic updates, GAN weight 1e-1",
