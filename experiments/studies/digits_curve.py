@@ -113,13 +113,13 @@ def main(argv):
         curves[label] = eval_curve(sub, "fd_digits")
     teacher_fd = teacher["teacher/fd_digits"]
     lines = ["# One-step digits students: fd_digits against generator updates", "",
-             f"Teacher (35-NFE Heun): fd_digits {teacher_fd:.2f}; goal {GOAL:g} x teacher = {GOAL * teacher_fd:.2f}. "
-             f"Wall time {(time.perf_counter() - t0) / 60:.1f} min.", ""]
+             (f"Teacher (35-NFE Heun): fd_digits {teacher_fd:.2f}; goal {GOAL:g} x teacher = {GOAL * teacher_fd:.2f}. "
+              f"Wall time {(time.perf_counter() - t0) / 60:.1f} min."), ""]
     for name, rows in curves.items():
         best = min(rows, key=lambda r: r["fd_digits"])
         lines += [f"## {name}: {describe(name)}", "",
-                  f"Best: fd_digits {best['fd_digits']:.2f} at {best['step']} updates "
-                  f"({best['fd_digits'] / teacher_fd:.1f} x teacher).", "",
+                  (f"Best: fd_digits {best['fd_digits']:.2f} at {best['step']} updates "
+                   f"({best['fd_digits'] / teacher_fd:.1f} x teacher)."), "",
                   "| updates | fd_digits | precision | recall | class entropy |", "|---|---|---|---|---|"]
         lines += [f"| {r['step']} | {r['fd_digits']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | "
                   f"{r['class_entropy']:.3f} |" for r in rows]
