@@ -97,3 +97,22 @@ def test_an_invalid_value_found_while_building_the_objective_is_a_config_error(t
     with pytest.raises(configs.ConfigError, match=r"latent_continuous_scale=0\.1 .*--config\.distill\.latent_dim=0"):
         train.train_and_evaluate(config, str(tmp_path / "w"))
     assert not (tmp_path / "w" / "checkpoints").exists() or not os.listdir(tmp_path / "w" / "checkpoints")
+
+
+def test_every_digits_curve_run_is_a_valid_config():
+    """Each run of the hour-long digits curve study (`experiments/studies/digits_curve.py`) applies to
+    `digits_fdistill.py` (a misspelt field fails here, not when the run starts), and `describe`
+    strips only a trailing `_seed<N>`. In a subprocess: the study defines absl flags on import."""
+    script = (
+        "from experiments.studies import digits_curve as d\n"
+        "from experiments.tables.common import run_config\n"
+        "from fdistill import configs\n"
+        "for name, (_, overrides, steps) in d.RUNS.items():\n"
+        "    c = configs.complete(run_config(configs.load('digits_fdistill'), 0, steps, overrides))\n"
+        "    assert c.train.num_steps == steps and all(c[k.split('.')[0]][k.split('.')[1]] == v\n"
+        "                                              for k, v in overrides.items()), name\n"
+        "    assert d.describe(name + '_seed3') == d.describe(name) == d.RUNS[name][0]\n"
+        "print(len(d.RUNS))\n")
+    out = subprocess.run([sys.executable, "-c", script], check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.split()[-1]) >= 10

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 
 from absl import app, flags, logging
@@ -39,6 +40,10 @@ RUNS = {
     "js_cosine_ema_gan1e-1": ("cosine + EMA, GAN weight 1e-1", {**COSINE_EMA, "distill.lambda_gan": 1e-1}, 2400),
     "js_cosine_ema_batch64": ("cosine + EMA, batch 64 (32 in the config; about the cost of 5 critic updates)",
                               {**COSINE_EMA, "train.batch_size": 64}, 2400),
+    "js_cosine_ema_batch64_long": ("cosine + EMA, batch 64, twice the generator updates",
+                                   {**COSINE_EMA, "train.batch_size": 64}, 4800),
+    "js_cosine_ema_batch128": ("cosine + EMA, batch 128 (the samples of batch 64 over 4800 updates)",
+                               {**COSINE_EMA, "train.batch_size": 128}, 2400),
     "js_cosine_ema_ttur5_gan3e-2": ("cosine + EMA, 5 critic updates, GAN weight 3e-2",
                                     {**COSINE_EMA, "distill.fake_updates_per_gen": 5, "distill.lambda_gan": 3e-2}, 2400),
     "js_cosine_ema_ttur5_gan1e-1": ("cosine + EMA, 5 critic updates, GAN weight 1e-1",
@@ -68,7 +73,7 @@ def run_of(name: str):
 
 def describe(label: str) -> str:
     """What run `label` (a RUNS name, with `_seed<N>` for a seed other than 0) changes."""
-    return RUNS[label.split("_seed")[0]][0]
+    return RUNS[re.sub(r"_seed\d+$", "", label)][0]
 
 
 def plot(path: str, curves: dict, teacher_fd: float) -> None:
