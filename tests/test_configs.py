@@ -113,6 +113,7 @@ def test_every_digits_curve_run_is_a_valid_config():
         "                                              for k, v in overrides.items()), name\n"
         "    assert d.describe(name + '_seed3') == d.describe(name) == d.RUNS[name][0]\n"
         "print(len(d.RUNS))\n")
-    out = subprocess.run([sys.executable, "-c", script], check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", script], check=False, cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout.split()[-1]) >= 10
