@@ -105,10 +105,10 @@ def test_every_digits_curve_run_is_a_valid_config():
     strips only a trailing `_seed<N>`. In a subprocess: the study defines absl flags on import."""
     script = (
         "from experiments.studies import digits_curve as d\n"
-        "from experiments.tables.common import run_config\n"
         "from fdistill import configs\n"
+        "d.flags.FLAGS(['digits_curve', '--workdir', 'unused'])\n"
         "for name, (_, overrides, steps) in d.RUNS.items():\n"
-        "    c = configs.complete(run_config(configs.load('digits_fdistill'), 0, steps, overrides))\n"
+        "    c = configs.complete(d.run_of(name))\n"
         "    assert c.train.num_steps == steps and all(c[k.split('.')[0]][k.split('.')[1]] == v\n"
         "                                              for k, v in overrides.items()), name\n"
         "    assert d.describe(name + '_seed3') == d.describe(name) == d.RUNS[name][0]\n"
