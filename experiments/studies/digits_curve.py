@@ -27,6 +27,7 @@ from fdistill import configs
 
 # run -> (what it changes, overrides of digits_fdistill.py, generator updates unless --num_steps)
 COSINE_EMA = {"distill.gen_lr_schedule": "cosine", "distill.gen_ema_decay": 0.995}
+BATCH64 = {**COSINE_EMA, "train.batch_size": 64}
 RUNS = {
     "js": ("digits_fdistill.py as it is (constant learning rates)", {}, 2400),
     "js_cosine": ("generator learning rate decays to 0 (cosine)", {"distill.gen_lr_schedule": "cosine"}, 2400),
@@ -39,9 +40,9 @@ RUNS = {
     "js_cosine_ema_gan3e-2": ("cosine + EMA, GAN weight 3e-2", {**COSINE_EMA, "distill.lambda_gan": 3e-2}, 2400),
     "js_cosine_ema_gan1e-1": ("cosine + EMA, GAN weight 1e-1", {**COSINE_EMA, "distill.lambda_gan": 1e-1}, 2400),
     "js_cosine_ema_batch64": ("cosine + EMA, batch 64 (32 in the config; about the cost of 5 critic updates)",
-                              {**COSINE_EMA, "train.batch_size": 64}, 2400),
+                              BATCH64, 2400),
     "js_cosine_ema_batch64_long": ("cosine + EMA, batch 64, twice the generator updates",
-                                   {**COSINE_EMA, "train.batch_size": 64}, 4800),
+                                   BATCH64, 4800),
     "js_cosine_ema_batch128": ("cosine + EMA, batch 128 (the samples of batch 64 over 4800 updates)",
                                {**COSINE_EMA, "train.batch_size": 128}, 2400),
     "js_cosine_ema_ttur5_gan3e-2": ("cosine + EMA, 5 critic updates, GAN weight 3e-2",
