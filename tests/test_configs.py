@@ -101,8 +101,9 @@ def test_an_invalid_value_found_while_building_the_objective_is_a_config_error(t
 
 def test_every_digits_curve_run_is_a_valid_config():
     """Each run of the hour-long digits curve study (`experiments/studies/digits_curve.py`) applies to
-    `digits_fdistill.py` (a misspelt field fails here, not when the run starts), and `describe`
-    strips only a trailing `_seed<N>`. In a subprocess: the study defines absl flags on import."""
+    `digits_fdistill.py` (a misspelt field fails here, not when the run starts), `describe` strips
+    only a trailing `_seed<N>`, and the goal is judged on fd_digits_inf only when the teacher and
+    every run have it. In a subprocess: the study defines absl flags on import."""
     script = (
         "from experiments.studies import digits_curve as d\n"
         "from fdistill import configs\n"
@@ -112,6 +113,12 @@ def test_every_digits_curve_run_is_a_valid_config():
         "    assert c.train.num_steps == steps and all(c[k.split('.')[0]][k.split('.')[1]] == v\n"
         "                                              for k, v in overrides.items()), name\n"
         "    assert d.describe(name + '_seed3') == d.describe(name) == d.RUNS[name][0]\n"
+        "    assert c.eval.num_samples == 4096\n"
+        "new = {'a': [{'fd_digits': 5.0}, {'fd_digits': 4.0, 'fd_digits_inf': 3.0}]}\n"
+        "both = {'teacher/fd_digits': 2.0, 'teacher/fd_digits_inf': 1.0}\n"
+        "assert d.judged_metric(new, both) == 'fd_digits_inf'\n"
+        "assert d.judged_metric({**new, 'b': [{'fd_digits': 5.0}]}, both) == 'fd_digits'\n"
+        "assert d.judged_metric(new, {'teacher/fd_digits': 2.0}) == 'fd_digits'\n"
         "print(len(d.RUNS))\n")
     out = subprocess.run([sys.executable, "-c", script], check=False, cwd=REPO, capture_output=True, text=True,
                          timeout=300)

@@ -3,15 +3,21 @@ the 35-NFE teacher's (issue "The main job's student is a curve"; results in
 `experiments/results/digits_curve.md`).
 
     python -m experiments.studies.digits_curve --workdir runs/digits_curve --teacher runs/digits_score \
-        [--runs js,js_cosine] [--num_steps N] [--eval_every 200] [--seed 0]
+        [--runs js,js_cosine] [--num_steps N] [--eval_every 200] [--num_samples 4096] [--seed 0]
 
 Each run is `ml_collections_configs/digits_fdistill.py` (the best one-step digits setting of the
 digits table: JS, lambda_gan 3e-3, discriminator on the fake score's bottleneck) with the overrides
 in RUNS, trained for the run's generator updates in RUNS (or `--num_steps`) with an evaluation of
-the student (4096 samples: fd_digits, precision, recall, class entropy) and a checkpoint every
-`--eval_every` updates, in `WORKDIR/<run>` (`<run>_seed<N>` for `--seed N` > 0; re-running resumes or
-reuses finished runs). Writes `WORKDIR/curve.md`, `WORKDIR/curve.json` (every evaluation) and
-`WORKDIR/curve.png` (fd_digits against updates, with the teacher's and the goal's levels).
+the student (`--num_samples` samples, 4096 by default: fd_digits_inf, fd_digits, precision, recall,
+class entropy) and a checkpoint every `--eval_every` updates, in `WORKDIR/<run>` (`<run>_seed<N>` for
+`--seed N` > 0; re-running resumes or reuses finished runs). Writes `WORKDIR/curve.md`, `WORKDIR/curve.json` (every evaluation) and
+`WORKDIR/curve.png` (fd_digits_inf against updates, with the teacher's and the goal's levels).
+
+The goal is judged on FD-infinity (`fd_digits_inf`, Chong & Forsyth's bias-corrected Frechet distance):
+the plug-in fd_digits of n samples is biased upward by c / n with a larger c for the teacher, so on
+4096 samples it flatters every student (`digits_curve.md`, ninth-session section). Runs evaluated
+before `fd_digits_inf` existed fall back to fd_digits; a new `--num_samples` re-evaluates a finished
+run's last checkpoint, which then has it.
 """
 from __future__ import annotations
 
@@ -45,12 +51,14 @@ RUNS = {
                                    BATCH64, 4800),
     "js_cosine_ema_batch128": ("cosine + EMA, batch 128 (the samples of batch 64 over 4800 updates)",
                                {**COSINE_EMA, "train.batch_size": 128}, 2400),
+    "js_cosine_ema_batch256": ("cosine + EMA, batch 256 (twice batch 128's samples)",
+                               {**COSINE_EMA, "train.batch_size": 256}, 2400),
     "js_cosine_ema_ttur5_gan3e-2": ("cosine + EMA, 5 critic updates, GAN weight 3e-2",
                                     {**COSINE_EMA, "distill.fake_updates_per_gen": 5, "distill.lambda_gan": 3e-2}, 2400),
     "js_cosine_ema_ttur5_gan1e-1": ("cosine + EMA, 5 critic updates, GAN weight 1e-1",
                                     {**COSINE_EMA, "distill.fake_updates_per_gen": 5, "distill.lambda_gan": 1e-1}, 2400),
 }
-GOAL = 1.5  # times the teacher's fd_digits
+GOAL = 1.5  # times the teacher's fd_digits_inf (fd_digits for runs evaluated before FD-infinity existed)
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (one sub-workdir per run).")
 _TEACHER = flags.DEFINE_string("teacher", None, "Workdir of the finished digits score teacher "
@@ -58,6 +66,8 @@ _TEACHER = flags.DEFINE_string("teacher", None, "Workdir of the finished digits 
 _RUNS = flags.DEFINE_list("runs", ["js"], f"Runs to train; allowed: {list(RUNS)}.")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", None, "Generator updates per run (default: each run's own, RUNS).")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 200, "Updates between evaluations.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 4096, "Samples per evaluation (student and teacher); "
+                                    "changing it on a finished run re-evaluates its last checkpoint.")
 _SEED = flags.DEFINE_integer("seed", 0, "Training seed (a seed other than 0 trains in WORKDIR/<run>_seed<N>).")
 flags.mark_flags_as_required(["workdir"])
 
@@ -69,6 +79,7 @@ def run_of(name: str):
         overrides["distill.teacher"] = os.path.abspath(_TEACHER.value)
     c = run_config(configs.load("digits_fdistill"), _SEED.value, _NUM_STEPS.value or RUNS[name][2], overrides)
     c.train.eval_every = c.train.checkpoint_every = _EVAL_EVERY.value  # an hour-long run resumes
+    c.eval.num_samples = _NUM_SAMPLES.value
     return c
 
 
@@ -77,7 +88,20 @@ def describe(label: str) -> str:
     return RUNS[re.sub(r"_seed\d+$", "", label)][0]
 
 
-def plot(path: str, curves: dict, teacher_fd: float) -> None:
+def judged_metric(curves: dict, teacher: dict) -> str:
+    """`fd_digits_inf` (FD-infinity: the plug-in FD's finite-sample bias is larger for the teacher, so
+    plug-in ratios flatter a student) when the teacher and at least one evaluation of every run have it,
+    else `fd_digits` (runs evaluated before FD-infinity was added)."""
+    if "teacher/fd_digits_inf" in teacher and all(any("fd_digits_inf" in r for r in rows) for rows in curves.values()):
+        return "fd_digits_inf"
+    return "fd_digits"
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def plot(path: str, curves: dict, teacher_fd: float, metric: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,12 +109,13 @@ def plot(path: str, curves: dict, teacher_fd: float) -> None:
 
     fig, ax = plt.subplots(figsize=(13, 4.5))
     for name, rows in curves.items():
-        ax.plot([r["step"] for r in rows], [r["fd_digits"] for r in rows], "o-", ms=3, label=f"{name}: {describe(name)}")
+        rows = [r for r in rows if metric in r]
+        ax.plot([r["step"] for r in rows], [r[metric] for r in rows], "o-", ms=3, label=f"{name}: {describe(name)}")
     ax.axhline(teacher_fd, color="k", lw=1, label=f"teacher, 35 NFE ({teacher_fd:.2f})")
     ax.axhline(GOAL * teacher_fd, color="k", ls="--", lw=1, label=f"goal, {GOAL:g} x teacher ({GOAL * teacher_fd:.2f})")
     ax.set_yscale("log")
     ax.set_xlabel("generator updates")
-    ax.set_ylabel("fd_digits (1-step student, 4096 samples)")
+    ax.set_ylabel(f"{metric} (1-step student, {_NUM_SAMPLES.value} samples)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -105,6 +130,8 @@ def main(argv):
         raise app.UsageError(f"--teacher={_TEACHER.value!r} is not a finished run's workdir (no config.json)")
     if (_NUM_STEPS.value is not None and _NUM_STEPS.value < 1) or _EVAL_EVERY.value < 1:
         raise app.UsageError(f"--num_steps={_NUM_STEPS.value} and --eval_every={_EVAL_EVERY.value} must be >= 1")
+    if _NUM_SAMPLES.value < 64:
+        raise app.UsageError(f"--num_samples={_NUM_SAMPLES.value} must be >= 64 (FD of 64-dimensional features)")
     logging.set_verbosity(logging.WARNING)
     workdir = os.path.abspath(_WORKDIR.value)
     os.makedirs(workdir, exist_ok=True)
@@ -117,24 +144,29 @@ def main(argv):
         results = train_row(run_of(name), sub, name)
         teacher.update({k: v for k, v in results.items() if k.startswith("teacher/")})
         curves[label] = eval_curve(sub, "fd_digits")
-    teacher_fd = teacher["teacher/fd_digits"]
-    lines = ["# One-step digits students: fd_digits against generator updates", "",
-             (f"Teacher (35-NFE Heun): fd_digits {teacher_fd:.2f}; goal {GOAL:g} x teacher = {GOAL * teacher_fd:.2f}. "
-              f"Wall time {(time.perf_counter() - t0) / 60:.1f} min."), ""]
+    metric = judged_metric(curves, teacher)
+    teacher_fd = teacher[f"teacher/{metric}"]
+    lines = [f"# One-step digits students: {metric} against generator updates", "",
+             (f"Teacher (35-NFE Heun): {metric} {teacher_fd:.2f} (plug-in fd_digits {teacher['teacher/fd_digits']:.2f}, "
+              f"{_NUM_SAMPLES.value} samples); goal {GOAL:g} x teacher = {GOAL * teacher_fd:.2f} in {metric}. "
+              f"Wall time {(time.perf_counter() - t0) / 60:.1f} min. Rows without fd_digits_inf are evaluations "
+              "from before it existed, possibly on another sample count."), ""]
     for name, rows in curves.items():
-        best = min(rows, key=lambda r: r["fd_digits"])
+        best = min((r for r in rows if metric in r), key=lambda r: r[metric])
         lines += [f"## {name}: {describe(name)}", "",
-                  (f"Best: fd_digits {best['fd_digits']:.2f} at {best['step']} updates "
-                   f"({best['fd_digits'] / teacher_fd:.1f} x teacher)."), "",
-                  "| updates | fd_digits | precision | recall | class entropy |", "|---|---|---|---|---|"]
-        lines += [f"| {r['step']} | {r['fd_digits']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | "
-                  f"{r['class_entropy']:.3f} |" for r in rows]
+                  (f"Best: {metric} {best[metric]:.2f} at {best['step']} updates "
+                   f"({best[metric] / teacher_fd:.2f} x teacher)."), "",
+                  "| updates | fd_digits_inf | fd_digits | precision | recall | class entropy |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['step']} | {_fmt(r.get('fd_digits_inf'))} | {r['fd_digits']:.2f} | "
+                  f"{r['precision']:.3f} | {r['recall']:.3f} | {r['class_entropy']:.3f} |" for r in rows]
         lines.append("")
     with open(os.path.join(workdir, "curve.md"), "w") as f:
         f.write("\n".join(lines))
     with open(os.path.join(workdir, "curve.json"), "w") as f:
-        json.dump({"teacher": teacher, "curves": curves, "goal": GOAL * teacher_fd}, f, indent=2, default=float)
-    plot(os.path.join(workdir, "curve.png"), curves, teacher_fd)
+        json.dump({"teacher": teacher, "curves": curves, "metric": metric, "goal": GOAL * teacher_fd}, f, indent=2,
+                  default=float)
+    plot(os.path.join(workdir, "curve.png"), curves, teacher_fd, metric)
     print("\n".join(lines), flush=True)
 
 

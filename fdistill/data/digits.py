@@ -16,6 +16,8 @@ labels; batches follow `fdistill.data.images.EpochShuffler` (deterministic in (s
 pipeline's position is the step saved in every checkpoint). `evaluate_samples` scores samples in the
 features of the in-project digits classifier (`fdistill.evaluation.digits_classifier`, trained once
 on the train split and cached in the data_dir): `fd_digits` (Frechet distance to the train split),
+`fd_digits_inf` (the same extrapolated to infinitely many samples, FID-infinity: compare models on this one,
+since the plug-in value's finite-sample bias differs between models),
 k-NN `precision`/`recall` (k = 3), `class_entropy` (nats; log 10 = 2.303 for uniform classes) and,
 for class-conditional samples, `label_accuracy`.
 """
@@ -173,7 +175,7 @@ class DigitsSource:
         return self._reference_features
 
     def evaluate_samples(self, x, labels=None) -> dict[str, float]:
-        """fd_digits, precision, recall (k = 3, against the train split), class_entropy, nonfinite_frac
+        """fd_digits, fd_digits_inf, precision, recall (k = 3, against the train split), class_entropy, nonfinite_frac
         (and label_accuracy when `labels` are the classes the samples were conditioned on)."""
         x = np.asarray(x, np.float32)
         if x.shape[1:] != self.shape:

@@ -1,4 +1,5 @@
-"""Sample metrics in a feature space: Frechet distance, k-NN precision/recall, class entropy.
+"""Sample metrics in a feature space: Frechet distance (plug-in and FD-infinity), k-NN precision/recall,
+class entropy.
 
 * Precision / recall (Kynkaanniemi et al. 2019, arXiv 1904.06991, eqs. 1-2): the real manifold is
   the union of balls around each real feature with radius its distance to its k-th nearest real
@@ -57,10 +58,15 @@ def class_entropy(predicted: np.ndarray, num_classes: int) -> float:
 
 def feature_sample_metrics(real_features, fake_features, k: int = 3, max_pr: int | None = None,
                            prefix: str = "fd") -> dict[str, float]:
-    """{prefix: FD, 'precision', 'recall'}; precision/recall use at most `max_pr` fake features
-    (default: as many as real ones, since the k-NN radii shrink with the set size)."""
+    """{prefix: FD, prefix_inf: FD-infinity, 'precision', 'recall'}.
+
+    FD is the plug-in value on all fake features, biased upward by a model-dependent c / n; FD-infinity
+    (`frechet.frechet_distance_infinity`) removes that bias and is the one to compare models with.
+    Precision/recall use at most `max_pr` fake features (default: as many as real ones, since the
+    k-NN radii shrink with the set size)."""
     real = np.asarray(real_features, np.float64)
     fake = np.asarray(fake_features, np.float64)
     n = min(len(fake), max_pr or len(real))
     precision, recall = precision_recall(real, fake[:n], k)
-    return {prefix: frechet.frechet_distance_features(real, fake), "precision": precision, "recall": recall}
+    return {prefix: frechet.frechet_distance_features(real, fake),
+            f"{prefix}_inf": frechet.frechet_distance_infinity(real, fake)[0], "precision": precision, "recall": recall}
