@@ -113,7 +113,7 @@ def test_every_digits_curve_run_is_a_valid_config():
         "    assert c.train.num_steps == steps and all(c[k.split('.')[0]][k.split('.')[1]] == v\n"
         "                                              for k, v in overrides.items()), name\n"
         "    assert d.describe(name + '_seed3') == d.describe(name) == d.RUNS[name][0]\n"
-        "    assert c.eval.num_samples == 4096\n"
+        "    assert c.eval.num_samples == 16384\n"
         "new = {'a': [{'fd_digits': 5.0}, {'fd_digits': 4.0, 'fd_digits_inf': 3.0}]}\n"
         "both = {'teacher/fd_digits': 2.0, 'teacher/fd_digits_inf': 1.0}\n"
         "assert d.judged_metric(new, both) == 'fd_digits_inf'\n"
