@@ -114,9 +114,12 @@ def test_fd_infinity_removes_the_finite_sample_bias():
     assert abs(inf.mean()) < 3 * se_inf < plain.mean()
 
 
-def test_fd_infinity_is_deterministic_and_names_too_few_samples():
+def test_fd_infinity_is_deterministic_and_needs_ten_samples_per_dimension():
     rng = np.random.default_rng(3)
     real, fake = rng.normal(size=(500, 4)), rng.normal(0.3, 1.0, size=(400, 4))
     assert frechet.frechet_distance_infinity(real, fake) == frechet.frechet_distance_infinity(real, fake)
-    with pytest.raises(ValueError, match="subset sizes"):
-        frechet.frechet_distance_infinity(real, fake[:2])
+    with pytest.raises(ValueError, match=r"at least 10 x dim fake features \[n, dim\]; got shape \(39, 4\)"):
+        frechet.frechet_distance_infinity(real, fake[:39])
+    frechet.frechet_distance_infinity(real, fake[:40])
+    assert "fd_inf" in feature_metrics.feature_sample_metrics(real, fake[:40])
+    assert "fd_inf" not in feature_metrics.feature_sample_metrics(real, fake[:39])

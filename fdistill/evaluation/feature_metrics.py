@@ -60,13 +60,16 @@ def feature_sample_metrics(real_features, fake_features, k: int = 3, max_pr: int
                            prefix: str = "fd") -> dict[str, float]:
     """{prefix: FD, prefix_inf: FD-infinity, 'precision', 'recall'}.
 
-    FD is the plug-in value on all fake features, biased upward by a model-dependent c / n; FD-infinity
-    (`frechet.frechet_distance_infinity`) removes that bias and is the one to compare models with.
-    Precision/recall use at most `max_pr` fake features (default: as many as real ones, since the
-    k-NN radii shrink with the set size)."""
+    FD is the plug-in value on all fake features, biased upward by about c / n; FD-infinity
+    (`frechet.frechet_distance_infinity`) removes that bias and is the one to compare models with, on
+    equal and large sample counts. It is left out below `frechet.FD_INF_SAMPLES_PER_DIM` x dim fake
+    features, where the extrapolation is not valid. Precision/recall use at most `max_pr` fake
+    features (default: as many as real ones, since the k-NN radii shrink with the set size)."""
     real = np.asarray(real_features, np.float64)
     fake = np.asarray(fake_features, np.float64)
     n = min(len(fake), max_pr or len(real))
     precision, recall = precision_recall(real, fake[:n], k)
-    return {prefix: frechet.frechet_distance_features(real, fake),
-            f"{prefix}_inf": frechet.frechet_distance_infinity(real, fake)[0], "precision": precision, "recall": recall}
+    metrics = {prefix: frechet.frechet_distance_features(real, fake), "precision": precision, "recall": recall}
+    if len(fake) >= frechet.FD_INF_SAMPLES_PER_DIM * fake.shape[1]:
+        metrics[f"{prefix}_inf"] = frechet.frechet_distance_infinity(real, fake)[0]
+    return metrics
