@@ -105,21 +105,21 @@ def test_fd_infinity_removes_the_finite_sample_bias():
     for seed in range(30):
         fake = np.random.default_rng(seed + 1).normal(size=(1000, d)) * np.sqrt(b)
         plain.append(frechet.frechet_distance_features(real, fake) - exact)
-        fd_inf, slope = frechet.frechet_distance_infinity(real, fake, seed=seed)
-        inf.append(fd_inf - exact)
-        assert slope > 0
+        fit = frechet.frechet_distance_infinity(real, fake, seed=seed)
+        inf.append(fit.value - exact)
+        assert fit.slope > 0 and fit.sizes[0] == 160 and fit.sizes[-1] == 1000 and len(fit.fds) == 15
     plain, inf = np.array(plain), np.array(inf)
     se_plain, se_inf = plain.std() / np.sqrt(30), inf.std() / np.sqrt(30)
     assert plain.mean() > 5 * se_plain
     assert abs(inf.mean()) < 3 * se_inf < plain.mean()
 
 
-def test_fd_infinity_is_deterministic_and_needs_ten_samples_per_dimension():
+def test_fd_infinity_is_deterministic_and_needs_twenty_samples_per_dimension():
     rng = np.random.default_rng(3)
     real, fake = rng.normal(size=(500, 4)), rng.normal(0.3, 1.0, size=(400, 4))
-    assert frechet.frechet_distance_infinity(real, fake) == frechet.frechet_distance_infinity(real, fake)
-    with pytest.raises(ValueError, match=r"at least 10 x dim fake features \[n, dim\]; got shape \(39, 4\)"):
-        frechet.frechet_distance_infinity(real, fake[:39])
-    frechet.frechet_distance_infinity(real, fake[:40])
-    assert "fd_inf" in feature_metrics.feature_sample_metrics(real, fake[:40])
-    assert "fd_inf" not in feature_metrics.feature_sample_metrics(real, fake[:39])
+    assert frechet.frechet_distance_infinity(real, fake)[:2] == frechet.frechet_distance_infinity(real, fake)[:2]
+    with pytest.raises(ValueError, match=r"at least 20 x dim fake features \[n, dim\]; got shape \(79, 4\)"):
+        frechet.frechet_distance_infinity(real, fake[:79])
+    frechet.frechet_distance_infinity(real, fake[:80])
+    assert "fd_inf" in feature_metrics.feature_sample_metrics(real, fake[:80])
+    assert "fd_inf" not in feature_metrics.feature_sample_metrics(real, fake[:79])

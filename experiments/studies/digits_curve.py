@@ -133,9 +133,9 @@ def main(argv):
         raise app.UsageError(f"--teacher={_TEACHER.value!r} is not a finished run's workdir (no config.json)")
     if (_NUM_STEPS.value is not None and _NUM_STEPS.value < 1) or _EVAL_EVERY.value < 1:
         raise app.UsageError(f"--num_steps={_NUM_STEPS.value} and --eval_every={_EVAL_EVERY.value} must be >= 1")
-    if _NUM_SAMPLES.value < 640:
-        raise app.UsageError(f"--num_samples={_NUM_SAMPLES.value} must be >= 640 (fd_digits_inf, which judges the goal, "
-                             "needs 10 x the 64 feature dimensions)")
+    if _NUM_SAMPLES.value < 1280:
+        raise app.UsageError(f"--num_samples={_NUM_SAMPLES.value} must be >= 1280 (fd_digits_inf, which judges the "
+                             "goal, needs 20 x the 64 feature dimensions)")
     logging.set_verbosity(logging.WARNING)
     workdir = os.path.abspath(_WORKDIR.value)
     os.makedirs(workdir, exist_ok=True)

@@ -16,7 +16,7 @@ labels; batches follow `fdistill.data.images.EpochShuffler` (deterministic in (s
 pipeline's position is the step saved in every checkpoint). `evaluate_samples` scores samples in the
 features of the in-project digits classifier (`fdistill.evaluation.digits_classifier`, trained once
 on the train split and cached in the data_dir): `fd_digits` (Frechet distance to the train split),
-`fd_digits_inf` (the same extrapolated to infinitely many samples, FID-infinity; from 640 samples on: compare
+`fd_digits_inf` (the same extrapolated to infinitely many samples, FID-infinity; from 1280 samples on: compare
 models on this one, on equal sample counts),
 k-NN `precision`/`recall` (k = 3), `class_entropy` (nats; log 10 = 2.303 for uniform classes) and,
 for class-conditional samples, `label_accuracy`.

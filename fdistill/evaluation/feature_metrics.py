@@ -71,5 +71,5 @@ def feature_sample_metrics(real_features, fake_features, k: int = 3, max_pr: int
     precision, recall = precision_recall(real, fake[:n], k)
     metrics = {prefix: frechet.frechet_distance_features(real, fake), "precision": precision, "recall": recall}
     if len(fake) >= frechet.FD_INF_SAMPLES_PER_DIM * fake.shape[1]:
-        metrics[f"{prefix}_inf"] = frechet.frechet_distance_infinity(real, fake)[0]
+        metrics[f"{prefix}_inf"] = frechet.frechet_distance_infinity(real, fake).value
     return metrics
