@@ -103,7 +103,11 @@ def main(argv):
         path = os.path.join(workdir, "config.json")
         if not os.path.exists(os.path.join(workdir, "results.json")):
             raise app.UsageError(f"--runs: {workdir!r} is not a finished run's workdir (no results.json)")
-        run_configs[os.path.basename(os.path.normpath(workdir))] = (workdir, configs.load_json(path))
+        config = configs.load_json(path)
+        if config.objective != "distill" or config.data.name != "digits":
+            raise app.UsageError(f"--runs: {workdir!r} holds a {config.objective!r} run on {config.data.name!r} data; "
+                                 "expected a digits distillation run (digits_fdistill.py and variants)")
+        run_configs[os.path.basename(os.path.normpath(workdir))] = (workdir, config)
     teachers = {os.path.abspath(c.distill.teacher) for _, c in run_configs.values()}
     if len(teachers) != 1:
         raise app.UsageError(f"--runs must share one teacher (config.distill.teacher); they name {sorted(teachers)}")
