@@ -111,6 +111,7 @@ def test_classifier_metrics_on_real_and_bad_samples(data_dir):
     assert "fd_digits_inf" not in real  # 297 test digits < 20 x 64 feature dimensions
     one_class = src.evaluate_samples(x_te[y_te == 3])
     assert one_class["class_entropy"] < 0.5 and one_class["recall"] < real["recall"]
+    assert real["class_tv"] < 0.15 and one_class["class_tv"] > 0.85  # one class: 1 - its frequency (~0.1)
     nan = src.evaluate_samples(np.concatenate([x_te[:8], np.full((8, 8, 8, 1), np.nan, np.float32)]))
     assert nan["nonfinite_frac"] == 0.5
 

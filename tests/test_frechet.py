@@ -123,3 +123,11 @@ def test_fd_infinity_is_deterministic_and_needs_twenty_samples_per_dimension():
     frechet.frechet_distance_infinity(real, fake[:80])
     assert "fd_inf" in feature_metrics.feature_sample_metrics(real, fake[:80])
     assert "fd_inf" not in feature_metrics.feature_sample_metrics(real, fake[:79])
+
+
+def test_class_tv_against_hand_computed_values():
+    data = np.array([0, 0, 1, 1])  # q = (0.5, 0.5, 0)
+    assert feature_metrics.class_tv(np.array([0, 0, 1, 1]), data, 3) == 0.0
+    assert feature_metrics.class_tv(np.array([2, 2, 2, 2]), data, 3) == pytest.approx(1.0)
+    # p = (0.75, 0, 0.25): 1/2 (0.25 + 0.5 + 0.25) = 0.5
+    assert feature_metrics.class_tv(np.array([0, 0, 0, 2]), data, 3) == pytest.approx(0.5)

@@ -8,9 +8,13 @@ one teacher. Draws `--num_samples` samples of each student (its EMA generator at
 and of the teacher (`config.eval.num_steps` Heun steps of the teacher's EMA denoiser),
 and reports the plug-in Frechet distance (fd_digits) and FD-infinity (fd_digits_inf, with the slope c
 of FD(n) = FD_inf + c / n; `fdistill.evaluation.frechet`) on all samples and on `--sets` disjoint
-sets, with each student's ratio to the teacher. Writes DIR/fd_sample_sets.md, .json and .png (the
-subset FDs against 1/n with the fitted lines, all samples and set 1). The teacher's 16384 35-NFE
-samples take about 7 minutes on one CPU core.
+sets, with each student's ratio to the teacher. A second table splits the distance: `class_tv` (the
+classifier's class histogram of the samples against the train split's class frequencies) and
+FD-infinity of the largest subset of all samples whose predicted classes have the train split's
+frequencies ("class-balanced": what is left when the class weights are right). Writes
+DIR/fd_sample_sets.md, .json and .png (the subset FDs against 1/n with the fitted lines, all samples
+and set 1), and keeps each model's samples in DIR/samples_<model>_<n>.npy: a re-run reuses them. The
+teacher's 16384 35-NFE samples take about 7 minutes on one CPU core.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from absl import app, flags
 from experiments.tables.common import final_samples
 from fdistill import configs, objectives
 from fdistill.denoiser import sample_chunked
-from fdistill.evaluation import frechet
+from fdistill.evaluation import feature_metrics, frechet
 from fdistill.objectives.score import load_teacher
 
 _RUNS = flags.DEFINE_list("runs", None, "Workdirs of finished digits distillation runs (one teacher).")
@@ -46,12 +50,43 @@ def fd_rows(reference, features: np.ndarray, sets: int) -> list[dict]:
     return rows
 
 
+def class_balanced(predicted: np.ndarray, data_classes: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Indices of the largest subset whose classes in `predicted` have the frequencies of `data_classes`
+    (drawn without replacement within each class)."""
+    num_classes = int(max(predicted.max(), data_classes.max())) + 1
+    target = feature_metrics.class_histogram(data_classes, num_classes)
+    counts = np.bincount(predicted, minlength=num_classes)
+    total = np.min(counts[target > 0] / target[target > 0])
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.choice(np.flatnonzero(predicted == k), int(target[k] * total), replace=False)
+                           for k in range(num_classes)])
+
+
+def class_rows(reference, features, predicted, data_classes) -> dict:
+    balanced = class_balanced(predicted, data_classes)
+    return {"class_tv": feature_metrics.class_tv(predicted, data_classes, int(data_classes.max()) + 1),
+            "fd_digits_inf": frechet.frechet_distance_infinity(reference, features).value,
+            "balanced_n": len(balanced),
+            "balanced_fd_digits_inf": frechet.frechet_distance_infinity(reference, features[balanced]).value}
+
+
 def teacher_samples(config, shape, n: int) -> np.ndarray:
     """n samples of the teacher's EMA denoiser with the run's evaluation sampler (`config.eval`)."""
     denoiser, params, tconfig = load_teacher(config.distill.teacher)
     e = config.eval
     return np.asarray(sample_chunked(denoiser, params, shape, jax.random.PRNGKey(1), n, int(e.num_steps),
                                      str(e.sampler), tconfig.diffusion, int(e.chunk), tconfig.model.num_classes))
+
+
+def class_table(classes: dict) -> list[str]:
+    t = classes["teacher"]
+    lines = ["| model | class_tv | fd_digits_inf | / teacher | class-balanced fd_digits_inf (samples) | / teacher |",
+             "|---|---|---|---|---|---|"]
+    for model, r in classes.items():
+        lines.append(f"| {model} | {r['class_tv']:.3f} | {r['fd_digits_inf']:.2f} | "
+                     f"{r['fd_digits_inf'] / t['fd_digits_inf']:.2f} | {r['balanced_fd_digits_inf']:.2f} "
+                     f"({r['balanced_n']}) | {r['balanced_fd_digits_inf'] / t['balanced_fd_digits_inf']:.2f} |")
+    return lines
 
 
 def table(results: dict) -> list[str]:
@@ -107,7 +142,10 @@ def main(argv):
         if config.objective != "distill" or config.data.name != "digits":
             raise app.UsageError(f"--runs: {workdir!r} holds a {config.objective!r} run on {config.data.name!r} data; "
                                  "expected a digits distillation run (digits_fdistill.py and variants)")
-        run_configs[os.path.basename(os.path.normpath(workdir))] = (workdir, config)
+        name = os.path.basename(os.path.normpath(workdir))
+        if name in run_configs or name == "teacher":
+            raise app.UsageError(f"--runs: two runs are named {name!r} (the workdirs' last components must differ)")
+        run_configs[name] = (workdir, config)
     teachers = {os.path.abspath(c.distill.teacher) for _, c in run_configs.values()}
     if len(teachers) != 1:
         raise app.UsageError(f"--runs must share one teacher (config.distill.teacher); they name {sorted(teachers)}")
@@ -115,21 +153,33 @@ def main(argv):
     source = objectives.build(first).source
     reference = source.reference_features()
 
-    def features(x):
-        return source.classifier.features(np.clip(np.nan_to_num(np.asarray(x, np.float32)), -1.0, 1.0))
-
-    print(f"[fd_sample_sets] teacher {teachers.pop()}: {_NUM_SAMPLES.value} samples", flush=True)
-    results = {"teacher": fd_rows(reference, features(teacher_samples(first, source.shape, _NUM_SAMPLES.value)), _SETS.value)}
-    for name, (workdir, config) in run_configs.items():
-        print(f"[fd_sample_sets] {name}: {_NUM_SAMPLES.value} samples", flush=True)
-        x = final_samples(objectives.build(config), workdir, _NUM_SAMPLES.value)
-        results[name] = fd_rows(reference, features(x), _SETS.value)
     os.makedirs(_OUT.value, exist_ok=True)
-    lines = [f"# fd_digits on {_NUM_SAMPLES.value} samples and on {_SETS.value} disjoint sets", ""] + table(results)
+    n = _NUM_SAMPLES.value
+
+    def samples(name, draw):
+        path = os.path.join(_OUT.value, f"samples_{name}_{n}.npy")
+        if not os.path.exists(path):
+            print(f"[fd_sample_sets] {name}: {n} samples", flush=True)
+            np.save(path + ".tmp.npy", np.asarray(draw(), np.float32))
+            os.replace(path + ".tmp.npy", path)  # a killed run leaves no half-written samples
+        x = np.load(path)
+        return source.classifier.features_and_probs(np.clip(np.nan_to_num(x), -1.0, 1.0))
+
+    print(f"[fd_sample_sets] teacher {teachers.pop()}", flush=True)
+    draws = {"teacher": lambda: teacher_samples(first, source.shape, n)}
+    for name, (workdir, config) in run_configs.items():
+        draws[name] = lambda workdir=workdir, config=config: final_samples(objectives.build(config), workdir, n)
+    results, classes = {}, {}
+    for name, draw in draws.items():
+        feats, probs = samples(name, draw)
+        results[name] = fd_rows(reference, feats, _SETS.value)
+        classes[name] = class_rows(reference, feats, probs.argmax(1), source.labels)
+    lines = ([f"# fd_digits on {n} samples and on {_SETS.value} disjoint sets", ""] + table(results) +
+             ["", "## Class weights against the rest", ""] + class_table(classes))
     with open(os.path.join(_OUT.value, "fd_sample_sets.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(_OUT.value, "fd_sample_sets.json"), "w") as f:
-        json.dump(results, f, indent=1)
+        json.dump({"sets": results, "classes": classes}, f, indent=1)
     plot(os.path.join(_OUT.value, "fd_sample_sets.png"), results)
     print("\n".join(lines), flush=True)
 

@@ -18,7 +18,9 @@ features of the in-project digits classifier (`fdistill.evaluation.digits_classi
 on the train split and cached in the data_dir): `fd_digits` (Frechet distance to the train split),
 `fd_digits_inf` (the same extrapolated to infinitely many samples, FID-infinity; from 1280 samples on: compare
 models on this one, on equal sample counts),
-k-NN `precision`/`recall` (k = 3), `class_entropy` (nats; log 10 = 2.303 for uniform classes) and,
+k-NN `precision`/`recall` (k = 3), `class_entropy` (nats; log 10 = 2.303 for uniform classes),
+`class_tv` (total variation between the classifier's class histogram of the samples and the train
+split's class frequencies: the digits' mode-weight TV) and,
 for class-conditional samples, `label_accuracy`.
 """
 from __future__ import annotations
@@ -175,8 +177,9 @@ class DigitsSource:
         return self._reference_features
 
     def evaluate_samples(self, x, labels=None) -> dict[str, float]:
-        """fd_digits, fd_digits_inf, precision, recall (k = 3, against the train split), class_entropy, nonfinite_frac
-        (and label_accuracy when `labels` are the classes the samples were conditioned on)."""
+        """fd_digits, fd_digits_inf, precision, recall (k = 3, against the train split), class_entropy,
+        class_tv, nonfinite_frac (and label_accuracy when `labels` are the classes the samples were
+        conditioned on)."""
         x = np.asarray(x, np.float32)
         if x.shape[1:] != self.shape:
             raise ValueError(f"samples have shape {x.shape[1:]}, the digits source has {self.shape}")
@@ -186,6 +189,7 @@ class DigitsSource:
         metrics = feature_metrics.feature_sample_metrics(self.reference_features(), feats, prefix="fd_digits")
         pred = probs.argmax(1)
         metrics["class_entropy"] = feature_metrics.class_entropy(pred, NUM_CLASSES)
+        metrics["class_tv"] = feature_metrics.class_tv(pred, self.labels, NUM_CLASSES)
         metrics["nonfinite_frac"] = float(1.0 - finite.mean())
         if labels is not None:
             metrics["label_accuracy"] = float(np.mean(pred == np.asarray(labels)))

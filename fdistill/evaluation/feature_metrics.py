@@ -7,6 +7,8 @@ class entropy.
   recall the fraction of real features inside the generated manifold (built the same way).
 * Class entropy: entropy (nats) of the histogram of a classifier's argmax predictions on samples;
   log(num_classes) when every class is produced equally often, 0 when one class is produced.
+* Class TV: total variation 1/2 sum_k |p_k - q_k| between that histogram p and the data's class
+  frequencies q (the image analogue of the mixture's mode-weight TV).
 """
 from __future__ import annotations
 
@@ -49,11 +51,21 @@ def precision_recall(real_features, fake_features, k: int = 3) -> tuple[float, f
     return float(precision), float(recall)
 
 
+def class_histogram(classes: np.ndarray, num_classes: int) -> np.ndarray:
+    """Frequencies [num_classes] of the class indices."""
+    return np.bincount(np.asarray(classes, np.int64), minlength=num_classes) / max(len(classes), 1)
+
+
 def class_entropy(predicted: np.ndarray, num_classes: int) -> float:
     """Entropy (nats) of the histogram of predicted class indices."""
-    p = np.bincount(np.asarray(predicted, np.int64), minlength=num_classes) / max(len(predicted), 1)
+    p = class_histogram(predicted, num_classes)
     p = p[p > 0]
     return float(-(p * np.log(p)).sum())
+
+
+def class_tv(predicted: np.ndarray, data_classes: np.ndarray, num_classes: int) -> float:
+    """Total variation between the histograms of predicted classes and of the data's classes."""
+    return float(0.5 * np.abs(class_histogram(predicted, num_classes) - class_histogram(data_classes, num_classes)).sum())
 
 
 def feature_sample_metrics(real_features, fake_features, k: int = 3, max_pr: int | None = None,
