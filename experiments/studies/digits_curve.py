@@ -151,7 +151,8 @@ def main(argv):
     metric = judged_metric(curves, teacher)
     teacher_fd = teacher[f"teacher/{metric}"]
     lines = [f"# One-step digits students: {metric} against generator updates", "",
-             (f"Teacher (35-NFE Heun): {metric} {teacher_fd:.2f} (plug-in fd_digits {teacher['teacher/fd_digits']:.2f}, "
+             (f"Teacher (35-NFE Heun): {metric} {teacher_fd:.2f} "
+              f"(plug-in fd_digits {teacher['teacher/fd_digits']:.2f}, "
               f"{_NUM_SAMPLES.value} samples); goal {GOAL:g} x teacher = {GOAL * teacher_fd:.2f} in {metric}. "
               f"Wall time {(time.perf_counter() - t0) / 60:.1f} min. Rows without fd_digits_inf are evaluations "
               "from before it existed, possibly on another sample count."), ""]

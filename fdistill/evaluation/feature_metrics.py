@@ -1,5 +1,5 @@
 """Sample metrics in a feature space: Frechet distance (plug-in and FD-infinity), k-NN precision/recall,
-class entropy.
+class entropy and class TV.
 
 * Precision / recall (Kynkaanniemi et al. 2019, arXiv 1904.06991, eqs. 1-2): the real manifold is
   the union of balls around each real feature with radius its distance to its k-th nearest real
@@ -65,7 +65,8 @@ def class_entropy(predicted: np.ndarray, num_classes: int) -> float:
 
 def class_tv(predicted: np.ndarray, data_classes: np.ndarray, num_classes: int) -> float:
     """Total variation between the histograms of predicted classes and of the data's classes."""
-    return float(0.5 * np.abs(class_histogram(predicted, num_classes) - class_histogram(data_classes, num_classes)).sum())
+    p, q = class_histogram(predicted, num_classes), class_histogram(data_classes, num_classes)
+    return float(0.5 * np.abs(p - q).sum())
 
 
 def feature_sample_metrics(real_features, fake_features, k: int = 3, max_pr: int | None = None,
