@@ -33,6 +33,8 @@ from absl import app, flags, logging
 
 from experiments.tables.common import check_choices, eval_curve, run_config, train_row
 from fdistill import configs
+from fdistill.evaluation import frechet
+from fdistill.evaluation.digits_classifier import FEATURE_DIM
 
 # run -> (what it changes, overrides of digits_fdistill.py, generator updates unless --num_steps)
 COSINE_EMA = {"distill.gen_lr_schedule": "cosine", "distill.gen_ema_decay": 0.995}
@@ -62,6 +64,7 @@ RUNS = {
                                     {**COSINE_EMA, "distill.fake_updates_per_gen": 5, "distill.lambda_gan": 1e-1}, 2400),
 }
 GOAL = 1.5  # times the teacher's fd_digits_inf (fd_digits for runs evaluated before FD-infinity existed)
+MIN_SAMPLES = frechet.FD_INF_SAMPLES_PER_DIM * FEATURE_DIM  # the fewest samples with an fd_digits_inf
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (one sub-workdir per run).")
 _TEACHER = flags.DEFINE_string("teacher", None, "Workdir of the finished digits score teacher "
@@ -92,9 +95,9 @@ def describe(label: str) -> str:
 
 
 def judged_metric(curves: dict, teacher: dict) -> str:
-    """`fd_digits_inf` (FD-infinity: the plug-in FD's finite-sample bias is larger for the teacher, so
-    plug-in ratios flatter a student) when the teacher and at least one evaluation of every run have it,
-    else `fd_digits` (runs evaluated before FD-infinity was added)."""
+    """`fd_digits_inf` (FD-infinity: without the plug-in FD's c / n bias, which pulls the ratio of two
+    models toward 1) when the teacher and at least one evaluation of every run have it, else
+    `fd_digits` (runs evaluated before FD-infinity was added)."""
     if "teacher/fd_digits_inf" in teacher and all(any("fd_digits_inf" in r for r in rows) for rows in curves.values()):
         return "fd_digits_inf"
     return "fd_digits"
@@ -133,9 +136,10 @@ def main(argv):
         raise app.UsageError(f"--teacher={_TEACHER.value!r} is not a finished run's workdir (no config.json)")
     if (_NUM_STEPS.value is not None and _NUM_STEPS.value < 1) or _EVAL_EVERY.value < 1:
         raise app.UsageError(f"--num_steps={_NUM_STEPS.value} and --eval_every={_EVAL_EVERY.value} must be >= 1")
-    if _NUM_SAMPLES.value < 1280:
-        raise app.UsageError(f"--num_samples={_NUM_SAMPLES.value} must be >= 1280 (fd_digits_inf, which judges the "
-                             "goal, needs 20 x the 64 feature dimensions)")
+    if _NUM_SAMPLES.value < MIN_SAMPLES:
+        raise app.UsageError(f"--num_samples={_NUM_SAMPLES.value} must be >= {MIN_SAMPLES} (fd_digits_inf, which "
+                             f"judges the goal, needs {frechet.FD_INF_SAMPLES_PER_DIM} x the {FEATURE_DIM} feature "
+                             "dimensions)")
     logging.set_verbosity(logging.WARNING)
     workdir = os.path.abspath(_WORKDIR.value)
     os.makedirs(workdir, exist_ok=True)

@@ -27,8 +27,11 @@ from absl import app, flags
 
 from experiments.tables.common import final_samples
 from fdistill import configs, objectives
+from fdistill import data as data_lib
+from fdistill.data.digits import NUM_CLASSES
 from fdistill.denoiser import sample_chunked
 from fdistill.evaluation import feature_metrics, frechet
+from fdistill.evaluation.digits_classifier import FEATURE_DIM
 from fdistill.objectives.score import load_teacher
 
 _RUNS = flags.DEFINE_list("runs", None, "Workdirs of finished digits distillation runs (one teacher).")
@@ -36,6 +39,7 @@ _OUT = flags.DEFINE_string("out", None, "Output directory.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 16384, "Samples per model.")
 _SETS = flags.DEFINE_integer("sets", 4, "Disjoint sample sets (each num_samples / sets).")
 flags.mark_flags_as_required(["runs", "out"])
+MIN_SAMPLES = frechet.FD_INF_SAMPLES_PER_DIM * FEATURE_DIM  # per set: the fewest samples with an FD-infinity
 
 
 def fd_rows(reference, features: np.ndarray, sets: int) -> list[dict]:
@@ -53,19 +57,19 @@ def fd_rows(reference, features: np.ndarray, sets: int) -> list[dict]:
 def class_balanced(predicted: np.ndarray, data_classes: np.ndarray, seed: int = 0) -> np.ndarray:
     """Indices of the largest subset whose classes in `predicted` have the frequencies of `data_classes`
     (drawn without replacement within each class)."""
-    num_classes = int(max(predicted.max(), data_classes.max())) + 1
-    target = feature_metrics.class_histogram(data_classes, num_classes)
-    counts = np.bincount(predicted, minlength=num_classes)
+    target = feature_metrics.class_histogram(data_classes, NUM_CLASSES)
+    counts = np.bincount(predicted, minlength=NUM_CLASSES)
     total = np.min(counts[target > 0] / target[target > 0])
     rng = np.random.default_rng(seed)
     return np.concatenate([rng.choice(np.flatnonzero(predicted == k), int(target[k] * total), replace=False)
-                           for k in range(num_classes)])
+                           for k in range(NUM_CLASSES)])
 
 
-def class_rows(reference, features, predicted, data_classes) -> dict:
+def class_rows(reference, features, predicted, data_classes, fd_inf_all: float) -> dict:
+    """class_tv, FD-infinity of all samples (`fd_inf_all`, from `fd_rows`) and of the class-balanced subset."""
     balanced = class_balanced(predicted, data_classes)
-    return {"class_tv": feature_metrics.class_tv(predicted, data_classes, int(data_classes.max()) + 1),
-            "fd_digits_inf": frechet.frechet_distance_infinity(reference, features).value,
+    return {"class_tv": feature_metrics.class_tv(predicted, data_classes, NUM_CLASSES),
+            "fd_digits_inf": fd_inf_all,
             "balanced_n": len(balanced),
             "balanced_fd_digits_inf": frechet.frechet_distance_infinity(reference, features[balanced]).value}
 
@@ -130,9 +134,9 @@ def plot(path: str, results: dict) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _SETS.value < 1 or _NUM_SAMPLES.value < 1280 * _SETS.value:
-        raise app.UsageError(f"--num_samples={_NUM_SAMPLES.value} must be >= 1280 x --sets={_SETS.value} "
-                             "(FD-infinity needs 20 x the 64 feature dimensions per set)")
+    if _SETS.value < 1 or _NUM_SAMPLES.value < MIN_SAMPLES * _SETS.value:
+        raise app.UsageError(f"--num_samples={_NUM_SAMPLES.value} must be >= {MIN_SAMPLES} x --sets={_SETS.value} "
+                             f"(FD-infinity needs {frechet.FD_INF_SAMPLES_PER_DIM} x the feature dimension per set)")
     run_configs = {}
     for workdir in _RUNS.value:
         path = os.path.join(workdir, "config.json")
@@ -150,7 +154,7 @@ def main(argv):
     if len(teachers) != 1:
         raise app.UsageError(f"--runs must share one teacher (config.distill.teacher); they name {sorted(teachers)}")
     first = next(iter(run_configs.values()))[1]
-    source = objectives.build(first).source
+    source = data_lib.build(first.data)
     reference = source.reference_features()
 
     os.makedirs(_OUT.value, exist_ok=True)
@@ -173,7 +177,7 @@ def main(argv):
     for name, draw in draws.items():
         feats, probs = samples(name, draw)
         results[name] = fd_rows(reference, feats, _SETS.value)
-        classes[name] = class_rows(reference, feats, probs.argmax(1), source.labels)
+        classes[name] = class_rows(reference, feats, probs.argmax(1), source.labels, results[name][0]["fd_digits_inf"])
     lines = ([f"# fd_digits on {n} samples and on {_SETS.value} disjoint sets", ""] + table(results) +
              ["", "## Class weights against the rest", ""] + class_table(classes))
     with open(os.path.join(_OUT.value, "fd_sample_sets.md"), "w") as f:
