@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from typing import Any
 
 import jax
@@ -119,11 +120,15 @@ def _structure_differences(stored: dict, expected: dict) -> tuple[list[str], lis
 
 
 class Checkpointer:
-    """Saves every `save_every` steps into `directory`, keeping the latest `keep`."""
+    """Saves every `save_every` steps into `directory`, keeping the latest `keep`; with
+    `save_every_secs` > 0 also when that much wall time has passed since the last save (or since
+    it was created), so that a killed hour-long run loses minutes, not an eval interval."""
 
-    def __init__(self, directory: str, keep: int = 2, save_every: int = 1000):
+    def __init__(self, directory: str, keep: int = 2, save_every: int = 1000, save_every_secs: float = 0.0):
         self.directory = os.path.abspath(directory)
         self.save_every = int(save_every)
+        self.save_every_secs = float(save_every_secs)
+        self._last_save = time.monotonic()
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True,
@@ -140,6 +145,11 @@ class Checkpointer:
 
     def should_save(self, step: int) -> bool:
         return self.save_every > 0 and step % self.save_every == 0
+
+    def time_due(self) -> bool:
+        """True when `save_every_secs` > 0 and that much wall time has passed since the last save.
+        Each process has its own clock: a multi-process loop must agree on it (`sharding.any_process`)."""
+        return self.save_every_secs > 0 and time.monotonic() - self._last_save >= self.save_every_secs
 
     def save(self, step: int, state: Any) -> None:
         """Saves `state` at `step` (asynchronously); a step already on disk is left alone. Raises
@@ -161,6 +171,7 @@ class Checkpointer:
             raise OSError(errno.ENOSPC, f"saving step {step} needs about {need / 2**20:.2f} MiB, "
                           f"{usage.free / 2**20:.2f} MiB free", self.directory)
         self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        self._last_save = time.monotonic()
 
     def raise_if_failed(self) -> None:
         """Raises the error of a background save that failed (cheap; called every step)."""

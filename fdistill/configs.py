@@ -158,6 +158,7 @@ def train() -> ConfigDict:
         log_every=100,
         eval_every=0,  # 0 = only at the end
         checkpoint_every=1000,
+        checkpoint_every_secs=1800.0,  # also save when this much wall time has passed since the last save (0 = never)
         keep_checkpoints=2,
         learning_rate=1e-3,
         lr_schedule="constant",  # constant | cosine (to 0 at num_steps, which then fixes the trajectory)

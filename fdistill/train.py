@@ -7,6 +7,8 @@ resumes from the latest checkpoint; raising `config.train.num_steps` continues t
 a field that changes what is trained is refused, changing an evaluation setting re-evaluates. A
 NaN/inf metric or state stops training with an error naming the step and the metric, before it can
 be checkpointed. SIGTERM or Ctrl-C saves a checkpoint and raises `Stopped` (exit status 143/130).
+Checkpoints are saved every `train.checkpoint_every` steps and whenever `train.checkpoint_every_secs`
+of wall time have passed since the last save, so a kill -9 loses at most that much training.
 """
 from __future__ import annotations
 
@@ -69,6 +71,9 @@ def validate_config(config) -> None:
     for field in ("num_steps", "batch_size", "log_every"):
         if int(config.train[field]) <= 0:
             raise configs.ConfigError(f"config.train.{field} must be positive, got {config.train[field]}")
+    for field in ("checkpoint_every", "checkpoint_every_secs"):
+        if float(config.train[field]) < 0:
+            raise configs.ConfigError(f"config.train.{field} must be >= 0 (0 = never), got {config.train[field]}")
     for field, minimum in EVAL_MINIMA.items():
         if "eval" in config and field in config.eval and int(config.eval[field]) < minimum:
             raise configs.ConfigError(f"config.eval.{field}={config.eval[field]} is below the minimum {minimum}: the "
@@ -257,7 +262,8 @@ def _train_and_evaluate(config, wd: workdir_lib.Workdir, mesh, rules, stop: _Sto
     placement, frozen = placement_lib.on_mesh(objective, init_key, mesh, rules)
     _log(is_main, placement.describe())
 
-    ckpt = ckpt_lib.Checkpointer(wd.checkpoints, keep=tc.keep_checkpoints, save_every=tc.checkpoint_every)
+    ckpt = ckpt_lib.Checkpointer(wd.checkpoints, keep=tc.keep_checkpoints, save_every=tc.checkpoint_every,
+                                 save_every_secs=tc.checkpoint_every_secs)
     writer, ok = None, False
     try:
         restored = ckpt.restore_latest(placement.abstract_state)
@@ -310,11 +316,14 @@ def _train_and_evaluate(config, wd: workdir_lib.Workdir, mesh, rules, stop: _Sto
                 step += 1
                 bar.update(1)
                 stop_signal = stop.signum  # read once: the signal may arrive at any moment
+                time_due = ckpt.time_due()
                 if pcount > 1:
-                    # All processes must stop at the same step, or the others block forever in
-                    # the next step's collectives: agree on log steps (already host-synchronous).
-                    stop_signal = sharding.max_over_processes(stop_signal) if step % tc.log_every == 0 else 0
-                save_now = ckpt.should_save(step) or step == num_steps or stop_signal
+                    # All processes must stop and save at the same step, or the others block forever
+                    # in the next step's collectives: agree on log steps (already host-synchronous).
+                    on_log = step % tc.log_every == 0
+                    stop_signal = sharding.max_over_processes(stop_signal) if on_log else 0
+                    time_due = sharding.any_process(time_due) if on_log else False
+                save_now = ckpt.should_save(step) or time_due or step == num_steps or stop_signal
                 if step % tc.log_every == 0 or save_now:
                     ckpt.raise_if_failed()  # a background save that failed stops the run before more writes
                     values = _to_floats(metrics)

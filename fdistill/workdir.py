@@ -42,7 +42,8 @@ from fdistill import configs
 
 # Fields a resumed run may change: they change neither what is trained nor how it is evaluated.
 MAY_CHANGE = (
-    "train.num_steps", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.num_steps", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.checkpoint_every_secs",
+    "train.keep_checkpoints",
     # where inputs are found and what may be read, not what they are
     "data.data_dir", "data.allow_download", "distill.allow_unfinished_teacher",
     "po.data_dir", "pairs.dir",

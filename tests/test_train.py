@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fdistill import checkpoint, objectives, sharding, train
+from fdistill import checkpoint, configs, objectives, sharding, train
 from tests.helpers import REPO, tiny_score_config
 
 
@@ -106,6 +106,35 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path, capsys):
     assert "falling back to the previous checkpoint" in capsys.readouterr().out
     assert not os.path.exists(latest) and os.path.isdir(latest + ".corrupt")  # set aside: step 20 is saved again
     assert train.train_and_evaluate(tiny_score_config(20), wd)["step"] == 20
+
+
+def test_a_checkpoint_is_due_after_checkpoint_every_secs_of_wall_time(tmp_path):
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), save_every=1000, save_every_secs=600)
+    assert not ckpt.time_due()  # the clock starts when the run starts
+    ckpt._last_save = time.monotonic() - 599
+    assert not ckpt.time_due()
+    ckpt._last_save = time.monotonic() - 601
+    assert ckpt.time_due()
+    ckpt.save(1, {"w": jnp.zeros(3)})
+    assert not ckpt.time_due()  # a save restarts the clock
+    ckpt.wait()
+    ckpt.close()
+    never = checkpoint.Checkpointer(str(tmp_path / "never"), save_every_secs=0)
+    never._last_save -= 10**6
+    assert not never.time_due()  # 0 = no time-based saves
+    never.close()
+
+
+def test_time_based_checkpoints_are_saved_between_step_based_ones(tmp_path):
+    # A due time on every step (1 ns) saves every step; keep=2 leaves the last two. Without it, only
+    # the final step: checkpoint_every is out of reach.
+    timed, untimed = str(tmp_path / "timed"), str(tmp_path / "untimed")
+    train.train_and_evaluate(tiny_score_config(12, checkpoint_every=10**6, checkpoint_every_secs=1e-9), timed)
+    train.train_and_evaluate(tiny_score_config(12, checkpoint_every=10**6, checkpoint_every_secs=0), untimed)
+    assert sorted(os.listdir(os.path.join(timed, "checkpoints"))) == ["11", "12"]
+    assert sorted(os.listdir(os.path.join(untimed, "checkpoints"))) == ["12"]
+    with pytest.raises(configs.ConfigError, match="config.train.checkpoint_every_secs must be >= 0"):
+        train.train_and_evaluate(tiny_score_config(12, checkpoint_every_secs=-1), str(tmp_path / "bad"))
 
 
 def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):

@@ -9,8 +9,8 @@ Each run is `ml_collections_configs/digits_fdistill.py` (the best one-step digit
 digits table: JS, lambda_gan 3e-3, discriminator on the fake score's bottleneck) with the overrides
 in RUNS, trained for the run's generator updates in RUNS (or `--num_steps`) with an evaluation of
 the student (`--num_samples` samples, 16384 by default: fd_digits_inf, fd_digits, precision, recall,
-class entropy) and a checkpoint every `--eval_every` updates, in `WORKDIR/<run>` (`<run>_seed<N>` for
-`--seed N` > 0; re-running resumes or reuses finished runs). Writes `WORKDIR/curve.md`,
+class entropy) and a checkpoint every `--eval_every` updates (and every 10 minutes), in
+`WORKDIR/<run>` (`<run>_seed<N>` for `--seed N` > 0; re-running resumes or reuses finished runs). Writes `WORKDIR/curve.md`,
 `WORKDIR/curve.json` (every evaluation) and `WORKDIR/curve.png` (fd_digits_inf against updates, with
 the teacher's and the goal's levels).
 
@@ -54,6 +54,9 @@ RUNS = {
                               BATCH64, 2400),
     "js_cosine_ema_batch64_long": ("cosine + EMA, batch 64, twice the generator updates",
                                    BATCH64, 4800),
+    "js_cosine_ema_batch64_lr2x": ("cosine + EMA, batch 64, every learning rate doubled (generator 2e-4, critics 4e-4)",
+                                   {**BATCH64, "distill.lr_gen": 2e-4, "distill.lr_fake": 4e-4,
+                                    "distill.lr_disc": 4e-4}, 2400),
     "js_cosine_ema_batch128": ("cosine + EMA, batch 128 (the samples of batch 64 over 4800 updates)",
                                {**COSINE_EMA, "train.batch_size": 128}, 2400),
     "js_cosine_ema_batch256": ("cosine + EMA, batch 256 (twice batch 128's samples)",
@@ -85,6 +88,7 @@ def run_of(name: str):
         overrides["distill.teacher"] = os.path.abspath(_TEACHER.value)
     c = run_config(configs.load("digits_fdistill"), _SEED.value, _NUM_STEPS.value or RUNS[name][2], overrides)
     c.train.eval_every = c.train.checkpoint_every = _EVAL_EVERY.value  # an hour-long run resumes
+    c.train.checkpoint_every_secs = 600  # and a killed one loses at most 10 minutes
     c.eval.num_samples = _NUM_SAMPLES.value
     return c
 
