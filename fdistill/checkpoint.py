@@ -122,13 +122,14 @@ def _structure_differences(stored: dict, expected: dict) -> tuple[list[str], lis
 class Checkpointer:
     """Saves every `save_every` steps into `directory`, keeping the latest `keep`; with
     `save_every_secs` > 0 also when that much wall time has passed since the last save (or since
-    it was created), so that a killed hour-long run loses minutes, not an eval interval."""
+    the first `time_due` check, i.e. the first trained step: compiling does not count), so that a
+    killed hour-long run loses minutes, not an eval interval."""
 
     def __init__(self, directory: str, keep: int = 2, save_every: int = 1000, save_every_secs: float = 0.0):
         self.directory = os.path.abspath(directory)
         self.save_every = int(save_every)
         self.save_every_secs = float(save_every_secs)
-        self._last_save = time.monotonic()
+        self._last_save = None  # the clock starts at the first time_due()
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True,
@@ -149,6 +150,8 @@ class Checkpointer:
     def time_due(self) -> bool:
         """True when `save_every_secs` > 0 and that much wall time has passed since the last save.
         Each process has its own clock: a multi-process loop must agree on it (`sharding.any_process`)."""
+        if self._last_save is None:
+            self._last_save = time.monotonic()
         return self.save_every_secs > 0 and time.monotonic() - self._last_save >= self.save_every_secs
 
     def save(self, step: int, state: Any) -> None:
