@@ -150,9 +150,11 @@ class Checkpointer:
     def time_due(self) -> bool:
         """True when `save_every_secs` > 0 and that much wall time has passed since the last save.
         Each process has its own clock: a multi-process loop must agree on it (`sharding.any_process`)."""
+        if self.save_every_secs <= 0:
+            return False
         if self._last_save is None:
             self._last_save = time.monotonic()
-        return self.save_every_secs > 0 and time.monotonic() - self._last_save >= self.save_every_secs
+        return time.monotonic() - self._last_save >= self.save_every_secs
 
     def save(self, step: int, state: Any) -> None:
         """Saves `state` at `step` (asynchronously); a step already on disk is left alone. Raises

@@ -10,9 +10,9 @@ digits table: JS, lambda_gan 3e-3, discriminator on the fake score's bottleneck)
 in RUNS, trained for the run's generator updates in RUNS (or `--num_steps`) with an evaluation of
 the student (`--num_samples` samples, 16384 by default: fd_digits_inf, fd_digits, precision, recall,
 class entropy) and a checkpoint every `--eval_every` updates (and every 10 minutes), in
-`WORKDIR/<run>` (`<run>_seed<N>` for `--seed N` > 0; re-running resumes or reuses finished runs). Writes `WORKDIR/curve.md`,
-`WORKDIR/curve.json` (every evaluation) and `WORKDIR/curve.png` (fd_digits_inf against updates, with
-the teacher's and the goal's levels).
+`WORKDIR/<run>` (`<run>_seed<N>` for `--seed N` > 0; re-running resumes or reuses finished runs).
+Writes `WORKDIR/curve.md`, `WORKDIR/curve.json` (every evaluation) and `WORKDIR/curve.png`
+(fd_digits_inf against updates, with the teacher's and the goal's levels).
 
 The goal is judged on FD-infinity (`fd_digits_inf`, Chong & Forsyth's bias-corrected Frechet distance)
 of 16384 samples. On 4096 samples (the earlier default) both the plug-in fd_digits and FD-infinity
