@@ -57,8 +57,8 @@ RUNS = {
     "js_cosine_ema_batch64_lr2x": ("cosine + EMA, batch 64, every learning rate doubled (generator 2e-4, critics 4e-4)",
                                    {**BATCH64, "distill.lr_gen": 2e-4, "distill.lr_fake": 4e-4,
                                     "distill.lr_disc": 4e-4}, 2400),
-    "js_cosine_ema_batch64_index100_600": ("cosine + EMA, batch 64, distillation noise indices 100..600 of the "
-                                           "Karras grid (sigma 0.017..5.9; 20..980, sigma 0.003..72, in the config)",
+    "js_cosine_ema_batch64_index100_600": (("cosine + EMA, batch 64, distillation noise indices 100..600 of the "
+                                            "Karras grid (sigma 0.017..5.9; 20..980, sigma 0.003..72, in the config)"),
                                            {**BATCH64, "distill.gen_index_min": 100, "distill.gen_index_max": 600},
                                            2400),
     "js_cosine_ema_batch128": ("cosine + EMA, batch 128 (the samples of batch 64 over 4800 updates)",
