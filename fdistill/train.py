@@ -2,7 +2,7 @@
 
 `train_and_evaluate(config, workdir)` writes into `workdir` (see `fdistill.workdir` for what each
 file guarantees): config.json, runs.jsonl, checkpoints/, metrics.jsonl, tb/ (TensorBoard events),
-plots/, results.json. It holds the workdir's lock while it runs. Re-running the same command
+plots/, cache/ (evaluation results reused by later invocations), results.json. It holds the workdir's lock while it runs. Re-running the same command
 resumes from the latest checkpoint; raising `config.train.num_steps` continues training; changing
 a field that changes what is trained is refused, changing an evaluation setting re-evaluates. A
 NaN/inf metric or state stops training with an error naming the step and the metric, before it can
@@ -31,6 +31,7 @@ from fdistill import objectives
 from fdistill import placement as placement_lib
 from fdistill import sharding
 from fdistill import workdir as workdir_lib
+from fdistill.evaluation import cache as eval_cache
 
 # Steps dispatched ahead of the host. A deep queue of collective programs deadlocks XLA's CPU
 # runtime with several (simulated or multi-process) CPU devices: the all-reduce rendezvous times
@@ -242,6 +243,7 @@ def _disk_full_error(e: BaseException, wd: workdir_lib.Workdir) -> workdir_lib.D
 def _train_and_evaluate(config, wd: workdir_lib.Workdir, mesh, rules, stop: _StopFlag, force_new: bool) -> dict:
     is_main = wd.is_main
     objective = objectives.build(config)  # a teacher run's architecture is adopted into `config` here
+    objective.cache = eval_cache.ResultCache(wd.cache, writes=is_main)
     trajectory = tuple(objective.trajectory_fields)
     if config.train.lr_schedule != "constant":  # the learning rate depends on how long the run trains
         trajectory += ("train.num_steps",)

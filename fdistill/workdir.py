@@ -13,6 +13,8 @@
                  settings it used (`evaluated_with`); removed as soon as a run trains or re-evaluates,
                  so a workdir with results.json is a finished run
   tb/, plots/    TensorBoard events, figures
+  cache/         evaluation results that are pure functions of their inputs, e.g. a frozen teacher's
+                 sample metrics (`fdistill.evaluation.cache`), reused by later invocations
 
 A resumed run must have the config that trained the checkpoints: every field except those in
 `MAY_CHANGE` (how long it trains, how often it logs, evaluates and saves, where inputs are found)
@@ -159,7 +161,7 @@ def trim_metrics(path: str, step: int, drop_evaluation_at_step: bool = False) ->
 # ----- the lock ------------------------------------------------------------------------------------
 
 
-def _now() -> str:
+def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -210,7 +212,7 @@ class Lock:
         if previous:
             print(f"WARNING: took over the stale lock {self.path} of {describe_holder(previous)}: that process "
                   "no longer holds it (it ended without releasing it, e.g. killed)", flush=True)
-        holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": _now(), "command": _command()}
+        holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": utc_now(), "command": _command()}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
         self._fd = fd
@@ -336,6 +338,7 @@ class Workdir:
         self.results_path = os.path.join(self.path, "results.json")
         self.checkpoints = os.path.join(self.path, "checkpoints")
         self.plots = os.path.join(self.path, "plots")
+        self.cache = os.path.join(self.path, "cache")
         self._lock = Lock(self.path)
 
     @staticmethod
@@ -412,7 +415,7 @@ class Workdir:
         if not os.path.exists(self.config_path):
             write_json(self.config_path, config.to_dict())
         append_jsonl(self.history_path, {
-            "time": _now(), "host": socket.gethostname(), "pid": os.getpid(), "command": _command(),
+            "time": utc_now(), "host": socket.gethostname(), "pid": os.getpid(), "command": _command(),
             "start_step": start_step, "changes": {k: list(v) for k, v in changes.items()},
             "fingerprint": fingerprint(config, trajectory_fields)})
 

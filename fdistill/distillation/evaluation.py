@@ -2,15 +2,15 @@
 
 `Evaluator.evaluate` gives the student sampler's metrics on the data source (`nfe` = the student's
 steps, `samples_per_sec`), the teacher's deterministic ODE sampler's (`teacher/...`, computed once
-per process: the teacher is frozen), the `speedup`, and on the mixture `ratio_spearman`: the
-Spearman correlation between the discriminator's logit and the exact log p_sigma / q_sigma on
-held-out noised points (half data, half fresh student samples), q_sigma being the noised mixture of
-a batch of student samples (`fdistill.evaluation.ratio`), sigma log-uniform in
-[distill.ratio_eval_sigma_min, distill.ratio_eval_sigma_max].
+per run and kept in the workdir's `cache/`, `fdistill.evaluation.cache`: the teacher is frozen),
+the `speedup`, and on the mixture `ratio_spearman`: the Spearman correlation between the
+discriminator's logit and the exact log p_sigma / q_sigma on held-out noised points (half data,
+half fresh student samples), q_sigma being the noised mixture of a batch of student samples
+(`fdistill.evaluation.ratio`), sigma log-uniform in [distill.ratio_eval_sigma_min,
+distill.ratio_eval_sigma_max].
 """
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -20,11 +20,9 @@ import numpy as np
 from fdistill import diffusion
 from fdistill.denoiser import sample_in_chunks
 from fdistill.distillation import teachers
+from fdistill.evaluation import cache as eval_cache
 from fdistill.evaluation import ratio as ratio_lib
 from fdistill.evaluation.timing import timed_sampling
-
-_TEACHER_METRICS: dict = {}  # computed once per process (the teacher is frozen)
-
 
 class Evaluator:
     """Scores a student sampler against its teacher (and its critic's ratio, when it has a
@@ -56,23 +54,32 @@ class Evaluator:
         x, labs = sample_in_chunks(fn, gen_params, key, n, chunk, s.latent_shape, s.num_classes, labels)
         return x, (labs if s.conditional else None)
 
-    def teacher_metrics(self, frozen, key, labels) -> dict[str, float]:
-        e = self.config.eval
-        cache_key = json.dumps([str(self.teacher.name), self.config.data.to_dict(), e.num_samples, e.num_steps,
-                                e.sampler], sort_keys=True, default=str)
-        if cache_key in _TEACHER_METRICS:
-            return _TEACHER_METRICS[cache_key]
+    def teacher_metrics(self, frozen, key, labels, cache: eval_cache.ResultCache | None = None
+                        ) -> dict[str, float]:
+        """The teacher sampler's metrics (`teacher/...`). They depend only on the frozen teacher, the
+        evaluation key and labels and the settings, so they come from `cache` (in memory, and in the
+        workdir's `cache/` during training) when it has them: each eval of a run draws the same samples."""
+        e, c = self.config.eval, self.config
+        cache = cache or eval_cache.ResultCache()
         num_classes = self.student.num_classes if self.student.conditional else 0
+        settings = {"teacher": str(self.teacher.name),
+                    "teacher_params": eval_cache.tree_fingerprint(frozen["teacher"]), "data": c.data.to_dict(), "eval": e.to_dict(), "diffusion": c.diffusion.to_dict(),
+                    "model": c.model.to_dict(), "compute_dtype": c.train.compute_dtype,
+                    "shape": list(self.student.shape), "num_classes": num_classes, "devices": eval_cache.devices()}
+        fp = eval_cache.fingerprint(settings, {"key": key, "labels": labels})
+        found = cache.get("teacher_metrics", fp)
+        if found is not None:
+            return found
 
         def run(n):
             return teachers.sample(self.teacher, frozen["teacher"], self.student.shape, key, n, e,
-                                   self.config.diffusion, num_classes, labels)
+                                   c.diffusion, num_classes, labels)
 
         x, per_sec = timed_sampling(run, e.num_samples)
         m = {f"teacher/{k}": float(v) for k, v in self.source.evaluate_samples(x, labels).items()}
         m["teacher/nfe"] = float(diffusion.nfe(e.num_steps, e.sampler))
         m["teacher/samples_per_sec"] = per_sec
-        _TEACHER_METRICS[cache_key] = m
+        cache.put("teacher_metrics", fp, m, settings)
         return m
 
     def ratio_spearman(self, params, frozen, key, n_batch: int = 4096, n_points: int = 4096) -> float:
@@ -92,16 +99,17 @@ class Evaluator:
         exact = ratio_lib.exact_log_ratio(self.source.gmm, batch, y, sigma)
         return ratio_lib.spearman(np.asarray(logits), np.asarray(exact))
 
-    def evaluate(self, params, gen_params, frozen, key) -> dict[str, float]:
+    def evaluate(self, params, gen_params, frozen, key, cache: eval_cache.ResultCache | None = None
+                 ) -> dict[str, float]:
         """Student, teacher and critic metrics (module docstring); `gen_params` is what samples (the
-        generator's EMA when it keeps one)."""
+        generator's EMA when it keeps one); `cache` keeps the teacher's metrics (`teacher_metrics`)."""
         e = self.config.eval
         k_s, k_t, k_r = jax.random.split(key, 3)
         (x, labels), per_sec = timed_sampling(lambda n: self.samples(gen_params, k_s, n), e.num_samples)
         metrics = dict(self.source.evaluate_samples(x, labels))
         metrics["nfe"] = float(self.student.num_steps)
         metrics["samples_per_sec"] = per_sec
-        metrics.update(self.teacher_metrics(frozen, k_t, labels))
+        metrics.update(self.teacher_metrics(frozen, k_t, labels, cache))
         metrics["speedup"] = metrics["samples_per_sec"] / metrics["teacher/samples_per_sec"]
         if hasattr(self.source, "gmm") and getattr(self.critic, "learned", False) and self.critic.use_disc:
             metrics["ratio_spearman"] = self.ratio_spearman(params, frozen, k_r)

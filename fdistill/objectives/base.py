@@ -29,6 +29,7 @@ Conventions:
     processes follow the same trajectory and a resumed run sees the same data.
   * Randomness inside the step comes from `jax.random.fold_in(state.rng, state.step)`.
   * `metrics` is a flat dict of scalar arrays; training rows must contain `loss`.
+  * `evaluate` may keep results that do not change during a run in `self.cache` (set by the loop).
   * An objective whose training reads an evaluation field (`config.eval.*`) lists it in
     `trajectory_fields`, so that a resumed run cannot change it (see `fdistill.workdir`).
 
@@ -46,6 +47,7 @@ import numpy as np
 
 from fdistill import placement
 from fdistill.configs import ConfigError
+from fdistill.evaluation.cache import ResultCache
 
 Pytree = Any
 
@@ -119,6 +121,10 @@ class Objective(abc.ABC):
     # the loop places them to create the state, then drops them, so they hold no device memory
     # while training (and are never passed to `train_step`).
     init_only: tuple[str, ...] = ()
+    # Where `evaluate` may keep results that are pure functions of their inputs (a frozen teacher's
+    # sample metrics): in memory by default; the training loop replaces it by one that also keeps
+    # them in the workdir's `cache/` (`fdistill.evaluation.cache`), so a resumed run reuses them.
+    cache: ResultCache = ResultCache()
 
     def __init__(self, config):
         self.config = config

@@ -214,10 +214,11 @@ class BOSS(Objective):
         out = {}
         for name, gen in (("uniform", {"net": frozen["teacher"], "times": uniform}),
                           ("schedule", {"net": frozen["teacher"], "times": times})):
-            m = self.evaluator.evaluate(None, gen, frozen, key)
+            m = self.evaluator.evaluate(None, gen, frozen, key, self.cache)
             out.update({f"{name}/{k}": v for k, v in m.items() if not k.startswith("teacher/")})
         # last, so that the plot shows the refined student's samples
-        out.update(self.evaluator.evaluate(None, {"net": ts.eval_params(state), "times": times}, frozen, key))
+        refined = {"net": ts.eval_params(state), "times": times}
+        out.update(self.evaluator.evaluate(None, refined, frozen, key, self.cache))
         out.update({f"boss_t{k}": float(t) for k, t in enumerate(np.asarray(times))})
         return out
 

@@ -258,7 +258,7 @@ class ConsistencyObjective(Objective):
         gen = ts.eval_params(state)
 
         def metrics_at(k):
-            m = self.evaluators[k].evaluate(state.params, gen, frozen, key)
+            m = self.evaluators[k].evaluate(state.params, gen, frozen, key, self.cache)
             return m if k == self.num_steps else {n: v for n, v in m.items() if not n.startswith("teacher/")}
 
         return by_step_count(self.num_steps, metrics_at, EVAL_STEPS)

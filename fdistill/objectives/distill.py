@@ -213,7 +213,7 @@ class DistillObjective(Objective):
         return ts.eval_params(state, "gen")
 
     def evaluate(self, state, frozen, key):
-        m = self.evaluator.evaluate(state.params, self.sampling_params(state), frozen, key)
+        m = self.evaluator.evaluate(state.params, self.sampling_params(state), frozen, key, self.cache)
         if self.student.num_steps > 1:
             m["num_student_steps"] = float(self.student.num_steps)
         return m

@@ -77,7 +77,7 @@ class KnowledgeDistillation(Objective):
         return self.source.batch(step, self.config.train.batch_size, process_index, process_count)
 
     def evaluate(self, state, frozen, key):
-        return self.evaluator.evaluate(state.params, ts.eval_params(state), frozen, key)
+        return self.evaluator.evaluate(state.params, ts.eval_params(state), frozen, key, self.cache)
 
     def plot(self, state, frozen, plot_dir, step):
         return self.evaluator.plot(ts.eval_params(state), plot_dir, step)

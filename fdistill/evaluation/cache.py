@@ -1,0 +1,149 @@
+"""Evaluation results that are pure functions of their inputs, computed once per workdir.
+
+A frozen teacher's sample metrics are the same at every evaluation of a run (same parameters, same
+evaluation key and labels, same settings), yet drawing them takes minutes (16384 digits samples
+with a 35-step sampler: ~7 min on one CPU core), and every invocation of a resumed run used to draw
+them again. `ResultCache` keeps such results in memory and, when the training loop gives it the
+workdir's `cache/` directory, in one JSON file per result there, named by a SHA-256 fingerprint of
+everything the result depends on: the settings (a JSON-able dict), the parameters
+(`tree_fingerprint`), keys and labels, and the devices (a result that includes a throughput is
+only reused on the same kind and number of devices).
+
+Only process 0 writes; a result is reused only when every process finds it (a collective, so that
+all processes either skip the computation or join it). A file that cannot be read is ignored with
+a warning and rewritten; a failed write is reported and the run goes on. Deleting `cache/`
+recomputes everything (after a change to the code that computes the metrics, say).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fdistill import sharding
+from fdistill import workdir as workdir_lib
+
+_MEMORY: dict[tuple[str, str], dict] = {}  # (kind, fingerprint) -> result, shared by every cache of the process
+
+
+def _mix(bits, seed: int):
+    """A 32-bit hash of each element and its position (the murmur3 finalizer of bits ^ position);
+    summed mod 2^32 over a leaf, the order of the elements matters and the sum does not depend on
+    how the leaf is sharded."""
+    idx = jnp.arange(bits.size, dtype=jnp.uint32).reshape(bits.shape)
+    v = bits ^ (idx * jnp.uint32(0x9E3779B1) + jnp.uint32(seed))
+    v = (v ^ (v >> 16)) * jnp.uint32(0x85EBCA6B)
+    v = (v ^ (v >> 13)) * jnp.uint32(0xC2B2AE35)
+    return v ^ (v >> 16)
+
+
+def _leaf_hashes(leaf):
+    x = jnp.asarray(leaf)
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32)  # 8-byte types gain a last axis of 2
+    return jnp.stack([jnp.sum(_mix(bits, seed), dtype=jnp.uint32) for seed in (0, 0x27D4EB2F)])
+
+
+_tree_hashes = jax.jit(lambda leaves: [_leaf_hashes(x) for x in leaves])
+
+
+def tree_fingerprint(tree) -> str:
+    """A hex fingerprint of a pytree's structure, shapes, dtypes and the exact bits of its values.
+    The values are hashed on their devices (jitted), so sharded and multi-process arrays are never
+    gathered; the result is the same for any sharding."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    h = hashlib.sha256(str(treedef).encode())
+    for leaf, pair in zip(leaves, _tree_hashes(leaves)):
+        dtype = leaf.dtype if hasattr(leaf, "dtype") else jnp.result_type(leaf)
+        h.update(f"{np.shape(leaf)}{dtype}".encode())
+        h.update(np.asarray(pair).tobytes())
+    return h.hexdigest()
+
+
+def fingerprint(settings: dict[str, Any], arrays: dict[str, Any] | None = None) -> str:
+    """SHA-256 of `settings` (JSON, keys sorted) and of the exact bytes of each host array in
+    `arrays` (None allowed; a JAX PRNG key is hashed through its key data)."""
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for name in sorted(arrays or {}):
+        value = arrays[name]
+        if value is not None and jnp.issubdtype(getattr(value, "dtype", np.float32), jax.dtypes.prng_key):
+            value = jax.random.key_data(value)
+        a = None if value is None else np.ascontiguousarray(np.asarray(value))
+        h.update(f"{name}:{None if a is None else (a.shape, str(a.dtype))}".encode())
+        if a is not None:
+            h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def devices() -> dict[str, Any]:
+    """What a measured throughput depends on."""
+    return {"platform": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+            "device_count": jax.device_count(), "process_count": jax.process_count()}
+
+
+class ResultCache:
+    """Results by fingerprint, in memory and (when `directory` is set) in `directory/<kind>-<fp>.json`.
+    Only a cache with `writes=True` (process 0's) writes files."""
+
+    def __init__(self, directory: str | None = None, writes: bool = True):
+        self.directory, self.writes = directory, writes
+
+    def _path(self, kind: str, fp: str) -> str:
+        return os.path.join(self.directory, f"{kind}-{fp[:24]}.json")
+
+    def _find(self, kind: str, fp: str) -> dict | None:
+        if (kind, fp) in _MEMORY:
+            return _MEMORY[kind, fp]
+        if self.directory is None:
+            return None
+        path = self._path(kind, fp)
+        try:
+            stored = workdir_lib.read_json(path)
+            if stored is None:
+                return None
+            if stored.get("fingerprint") != fp or not isinstance(stored.get("result"), dict):
+                raise ValueError("it holds another fingerprint or no 'result'")
+            return {k: float(v) for k, v in stored["result"].items()}
+        except (OSError, ValueError, TypeError, AttributeError) as e:
+            print(f"[fdistill] WARNING: ignoring the unreadable cache file {path} ({e}); computing it again",
+                  file=sys.stderr, flush=True)
+            return None
+
+    def get(self, kind: str, fp: str) -> dict | None:
+        """The result stored under `fp`, or None when any process lacks it (a collective)."""
+        found = self._find(kind, fp)
+        if sharding.any_process(found is None):
+            return None
+        _MEMORY[kind, fp] = found
+        return found
+
+    def put(self, kind: str, fp: str, result: dict[str, float], described: dict[str, Any]) -> None:
+        """Stores `result` under `fp`; `described` (what it was computed from, JSON-able) is written
+        beside it for whoever reads the file."""
+        _MEMORY[kind, fp] = result
+        if self.directory is None or not self.writes:
+            return
+        path = self._path(kind, fp)
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            workdir_lib.write_json(path, {
+                "fingerprint": fp, "result": result, "computed_from": described,
+                "time": workdir_lib.utc_now()})
+        except OSError as e:
+            print(f"[fdistill] WARNING: could not write the cache file {path} ({e}); the run goes on without it",
+                  file=sys.stderr, flush=True)
+
+
+def forget_in_memory() -> None:
+    """Empties the process's in-memory results (tests; a changed metric implementation)."""
+    _MEMORY.clear()
