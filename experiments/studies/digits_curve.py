@@ -20,7 +20,7 @@ vary too much between sample sets to judge a 1.5 x ratio: the teacher's plug-in 
 1.93-2.72 and its FD-infinity over 0.94-1.81 on four disjoint sets of 4096 (`digits_curve.md`, tenth
 session). Runs evaluated before `fd_digits_inf` existed fall back to fd_digits; a new `--num_samples`
 re-evaluates a finished run's last checkpoint, which then has it. The teacher's 16384 samples take
-about 7 minutes on one core, once per invocation.
+about 7 minutes on one core, once per run: later invocations read its metrics from the run's cache/.
 """
 from __future__ import annotations
 
