@@ -65,6 +65,8 @@ RUNS = {
                                {**COSINE_EMA, "train.batch_size": 128}, 2400),
     "js_cosine_ema_batch256": ("cosine + EMA, batch 256 (twice batch 128's samples)",
                                {**COSINE_EMA, "train.batch_size": 256}, 2400),
+    "js_cosine_ema_batch512": ("cosine + EMA, batch 512 (twice batch 256's samples)",
+                               {**COSINE_EMA, "train.batch_size": 512}, 2400),
     "js_cosine_ema_ttur5_gan3e-2": ("cosine + EMA, 5 critic updates, GAN weight 3e-2",
                                     {**COSINE_EMA, "distill.fake_updates_per_gen": 5, "distill.lambda_gan": 3e-2}, 2400),
     "js_cosine_ema_ttur5_gan1e-1": ("cosine + EMA, 5 critic updates, GAN weight 1e-1",
