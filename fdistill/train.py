@@ -2,13 +2,14 @@
 
 `train_and_evaluate(config, workdir)` writes into `workdir` (see `fdistill.workdir` for what each
 file guarantees): config.json, runs.jsonl, checkpoints/, metrics.jsonl, tb/ (TensorBoard events),
-plots/, cache/ (evaluation results reused by later invocations), results.json. It holds the workdir's lock while it runs. Re-running the same command
-resumes from the latest checkpoint; raising `config.train.num_steps` continues training; changing
-a field that changes what is trained is refused, changing an evaluation setting re-evaluates. A
-NaN/inf metric or state stops training with an error naming the step and the metric, before it can
-be checkpointed. SIGTERM or Ctrl-C saves a checkpoint and raises `Stopped` (exit status 143/130).
-Checkpoints are saved every `train.checkpoint_every` steps and whenever `train.checkpoint_every_secs`
-of wall time have passed since the last save, so a kill -9 loses at most that much training.
+plots/, cache/ (evaluation results reused by later invocations), results.json. It holds the
+workdir's lock while it runs. Re-running the same command resumes from the latest checkpoint;
+raising `config.train.num_steps` continues training; changing a field that changes what is trained
+is refused, changing an evaluation setting re-evaluates. A NaN/inf metric or state stops training
+with an error naming the step and the metric, before it can be checkpointed. SIGTERM or Ctrl-C
+saves a checkpoint and raises `Stopped` (exit status 143/130). Checkpoints are saved every
+`train.checkpoint_every` steps and whenever `train.checkpoint_every_secs` of wall time have passed
+since the last save, so a kill -9 loses at most that much training.
 """
 from __future__ import annotations
 

@@ -100,9 +100,14 @@ def naming(path: str) -> Iterator[None]:
 def write_json(path: str, obj: Any) -> None:
     """Writes JSON atomically (temporary file + rename)."""
     tmp = path + ".tmp"
-    with naming(path), open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    try:
+        with naming(path), open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)  # a half-written file (disk full, an object that is not JSON)
+        raise
 
 
 def append_jsonl(path: str, row: dict) -> None:

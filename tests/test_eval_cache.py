@@ -50,9 +50,15 @@ def test_tree_fingerprint_sees_every_bit_order_dtype_and_structure():
     t["extra"] = np.zeros(())
     assert eval_cache.tree_fingerprint(t) != base
 
+    flags = np.array([True, False, False])
+    assert eval_cache.tree_fingerprint(flags) != eval_cache.tree_fingerprint(flags[::-1].copy())
+    keys = jax.random.split(jax.random.key(0), 3)  # typed keys: hashed through their key data
+    assert eval_cache.tree_fingerprint(keys) == eval_cache.tree_fingerprint(jax.random.split(jax.random.key(0), 3))
+    assert eval_cache.tree_fingerprint(keys) != eval_cache.tree_fingerprint(jax.random.split(jax.random.key(1), 3))
 
+
+@pytest.mark.skipif(jax.device_count() != 8, reason="needs the 8 simulated devices of tests/conftest.py")
 def test_tree_fingerprint_does_not_depend_on_the_sharding():
-    assert jax.device_count() == 8
     mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("a", "b"))
     t = _tree()
     sharded = {"w": jax.device_put(t["w"], NamedSharding(mesh, P("a", "b"))),
@@ -62,17 +68,18 @@ def test_tree_fingerprint_does_not_depend_on_the_sharding():
 
 
 def test_fingerprint_of_settings_keys_and_labels():
-    settings = {"eval": {"num_samples": 16}, "devices": eval_cache.devices()}
+    settings = {"eval": {"num_samples": 16}, "devices": eval_cache.device_signature()}
     labels = np.arange(4, dtype=np.int32)
-    base = eval_cache.fingerprint(settings, {"key": jax.random.PRNGKey(1), "labels": labels})
-    assert eval_cache.fingerprint(dict(reversed(settings.items())), {"labels": labels, "key": jax.random.PRNGKey(1)}) \
-        == base
-    assert eval_cache.fingerprint(settings, {"key": jax.random.key(1), "labels": labels}) == base  # typed key
-    assert eval_cache.fingerprint(settings, {"key": jax.random.PRNGKey(2), "labels": labels}) != base
-    assert eval_cache.fingerprint(settings, {"key": jax.random.PRNGKey(1), "labels": None}) != base
-    assert eval_cache.fingerprint(settings, {"key": jax.random.PRNGKey(1), "labels": labels[::-1]}) != base
-    assert eval_cache.fingerprint({**settings, "eval": {"num_samples": 32}},
-                                  {"key": jax.random.PRNGKey(1), "labels": labels}) != base
+    base = eval_cache.inputs_fingerprint(settings, {"key": jax.random.PRNGKey(1), "labels": labels})
+    swapped = eval_cache.inputs_fingerprint(dict(reversed(settings.items())),
+                                            {"labels": labels, "key": jax.random.PRNGKey(1)})
+    assert swapped == base
+    assert eval_cache.inputs_fingerprint(settings, {"key": jax.random.key(1), "labels": labels}) == base  # typed key
+    assert eval_cache.inputs_fingerprint(settings, {"key": jax.random.PRNGKey(2), "labels": labels}) != base
+    assert eval_cache.inputs_fingerprint(settings, {"key": jax.random.PRNGKey(1), "labels": None}) != base
+    assert eval_cache.inputs_fingerprint(settings, {"key": jax.random.PRNGKey(1), "labels": labels[::-1]}) != base
+    assert eval_cache.inputs_fingerprint({**settings, "eval": {"num_samples": 32}},
+                                         {"key": jax.random.PRNGKey(1), "labels": labels}) != base
 
 
 def test_result_cache_round_trip_and_bad_files(tmp_path, capsys):
@@ -82,17 +89,22 @@ def test_result_cache_round_trip_and_bad_files(tmp_path, capsys):
     (path,) = [os.path.join(d, n) for n in os.listdir(d)]
     with open(path) as f:
         assert json.load(f)["computed_from"] == {"what": "a test"}
+    assert not [n for n in os.listdir(d) if n.endswith(".tmp")]
 
     eval_cache.forget_in_memory()  # a new process
     assert eval_cache.ResultCache(d).get("teacher_metrics", "ab" * 32) == result
     assert eval_cache.ResultCache(d).get("teacher_metrics", "cd" * 32) is None
     assert eval_cache.ResultCache(None).get("teacher_metrics", "ab" * 32) == result  # remembered in memory
 
-    for bad in ("{not json", json.dumps({"fingerprint": "ef" * 32, "result": result}), json.dumps([1, 2])):
+    required = ("teacher/nfe",)
+    for bad in ("{not json", json.dumps({"fingerprint": "ef" * 32, "result": result}), json.dumps([1, 2]),
+                json.dumps({"fingerprint": "ab" * 32, "result": {"teacher/fd": 1.25}}),  # no teacher/nfe
+                json.dumps({"fingerprint": "ab" * 32, "result": {**result, "teacher/fd": "x"}}),
+                json.dumps({"fingerprint": "ab" * 32, "result": [1.0]})):
         eval_cache.forget_in_memory()
         with open(path, "w") as f:
             f.write(bad)
-        assert eval_cache.ResultCache(d).get("teacher_metrics", "ab" * 32) is None
+        assert eval_cache.ResultCache(d).get("teacher_metrics", "ab" * 32, required) is None, bad
         assert "ignoring the unreadable cache file " + path in capsys.readouterr().err
     eval_cache.ResultCache(d).put("teacher_metrics", "ab" * 32, result, {})  # rewritten
     eval_cache.forget_in_memory()
@@ -102,10 +114,52 @@ def test_result_cache_round_trip_and_bad_files(tmp_path, capsys):
     eval_cache.ResultCache(other, writes=False).put("teacher_metrics", "ab" * 32, result, {})
     assert not os.path.exists(other)  # only process 0 writes
 
+    eval_cache.forget_in_memory()
+    nan = str(tmp_path / "nan")
+    eval_cache.ResultCache(nan).put("teacher_metrics", "ab" * 32, {**result, "teacher/fd": float("nan")}, {})
+    assert not os.path.exists(nan) and eval_cache.ResultCache(None).get("teacher_metrics", "ab" * 32) is None
+
     blocked = tmp_path / "a_file"
     blocked.write_text("")
     eval_cache.ResultCache(str(blocked / "cache")).put("teacher_metrics", "ab" * 32, result, {})  # no exception
     assert "could not write the cache file" in capsys.readouterr().err
+
+
+def test_a_result_in_memory_is_written_to_a_new_directory_and_every_process_must_have_it(tmp_path, monkeypatch):
+    result = {"teacher/fd": 2.5}
+    eval_cache.ResultCache(str(tmp_path / "run1")).put("teacher_metrics", "ab" * 32, result, {})
+    second = str(tmp_path / "run2")  # the next run of a table script, in the same process
+    assert eval_cache.ResultCache(second).get("teacher_metrics", "ab" * 32) == result
+    assert os.listdir(second) == os.listdir(tmp_path / "run1")
+
+    from fdistill import sharding
+
+    monkeypatch.setattr(sharding, "any_process", lambda flag: True)  # another process lacks it
+    assert eval_cache.ResultCache(second).get("teacher_metrics", "ab" * 32) is None
+
+
+def test_the_teacher_is_sampled_again_when_its_parameters_or_the_code_change(monkeypatch):
+    from fdistill import objectives
+
+    calls = []
+    real_sample = teachers.sample
+    monkeypatch.setattr(teachers, "sample", lambda *a, **k: calls.append(a[4]) or real_sample(*a, **k))
+    c = tiny_distill_config("gmm_fdistill", divergence="js")
+    obj = objectives.build(c)
+    _, frozen = obj.init(jax.random.PRNGKey(0))
+    key = jax.random.PRNGKey(3)
+    first = obj.evaluator.teacher_metrics(frozen, key, None)
+    assert obj.evaluator.teacher_metrics(frozen, key, None) == first and len(calls) == 2  # warm-up + timed
+
+    leaves, treedef = jax.tree_util.tree_flatten(frozen["teacher"])
+    moved = jax.tree_util.tree_unflatten(treedef, [leaves[0] * 1.5] + leaves[1:])
+    obj.evaluator.teacher_metrics({**frozen, "teacher": moved}, key, None)
+    assert len(calls) == 4
+    obj.evaluator.teacher_metrics(frozen, jax.random.PRNGKey(4), None)  # another evaluation key
+    assert len(calls) == 6
+    monkeypatch.setattr(eval_cache, "code_fingerprint", lambda: "edited")
+    obj.evaluator.teacher_metrics(frozen, key, None)
+    assert len(calls) == 8
 
 
 def test_a_resumed_distillation_reuses_its_teachers_metrics_from_the_workdir(tmp_path, monkeypatch):

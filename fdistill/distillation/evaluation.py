@@ -18,11 +18,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from fdistill import diffusion
+from fdistill import workdir as workdir_lib
 from fdistill.denoiser import sample_in_chunks
 from fdistill.distillation import teachers
 from fdistill.evaluation import cache as eval_cache
 from fdistill.evaluation import ratio as ratio_lib
 from fdistill.evaluation.timing import timed_sampling
+
+TEACHER_METRICS = "teacher_metrics"  # the cache's name for them
+# The config sections that define the teacher's samples and their metrics (besides train.compute_dtype).
+TEACHER_SAMPLING_SECTIONS = ("data", "eval", "diffusion", "model")
+
 
 class Evaluator:
     """Scores a student sampler against its teacher (and its critic's ratio, when it has a
@@ -32,6 +38,7 @@ class Evaluator:
         self.config, self.source, self.teacher, self.student, self.critic = config, source, teacher, student, critic
         self.label = label  # e.g. "1-step distill (js)"
         self._jitted = {}
+        self._teacher_fp = None  # (the frozen teacher it was computed from, its fingerprint)
         self.last_samples = None
 
     def _jit(self, name, fn):
@@ -54,20 +61,29 @@ class Evaluator:
         x, labs = sample_in_chunks(fn, gen_params, key, n, chunk, s.latent_shape, s.num_classes, labels)
         return x, (labs if s.conditional else None)
 
+    def _teacher_fingerprint(self, teacher_params) -> str:
+        """`tree_fingerprint` of the frozen teacher, computed once per teacher object."""
+        if self._teacher_fp is None or self._teacher_fp[0] is not teacher_params:
+            self._teacher_fp = (teacher_params, eval_cache.tree_fingerprint(teacher_params))
+        return self._teacher_fp[1]
+
     def teacher_metrics(self, frozen, key, labels, cache: eval_cache.ResultCache | None = None
                         ) -> dict[str, float]:
-        """The teacher sampler's metrics (`teacher/...`). They depend only on the frozen teacher, the
-        evaluation key and labels and the settings, so they come from `cache` (in memory, and in the
-        workdir's `cache/` during training) when it has them: each eval of a run draws the same samples."""
+        """The teacher sampler's metrics (`teacher/...`), taken from `cache` when it has them: the
+        samples depend only on the frozen teacher, the evaluation key and labels, the settings and
+        the code, so every evaluation of a run draws the same ones (`teacher/samples_per_sec` is the
+        throughput of the first evaluation on these devices, `fdistill.evaluation.cache`)."""
         e, c = self.config.eval, self.config
-        cache = cache or eval_cache.ResultCache()
+        cache = eval_cache.ResultCache() if cache is None else cache
         num_classes = self.student.num_classes if self.student.conditional else 0
-        settings = {"teacher": str(self.teacher.name),
-                    "teacher_params": eval_cache.tree_fingerprint(frozen["teacher"]), "data": c.data.to_dict(), "eval": e.to_dict(), "diffusion": c.diffusion.to_dict(),
-                    "model": c.model.to_dict(), "compute_dtype": c.train.compute_dtype,
-                    "shape": list(self.student.shape), "num_classes": num_classes, "devices": eval_cache.devices()}
-        fp = eval_cache.fingerprint(settings, {"key": key, "labels": labels})
-        found = cache.get("teacher_metrics", fp)
+        fields = {k: v for k, v in workdir_lib.flatten(c).items()
+                  if (k.split(".")[0] in TEACHER_SAMPLING_SECTIONS or k == "train.compute_dtype")
+                  and workdir_lib.kind_of(k) != "may_change"}  # not where the data are found
+        settings = {"teacher": str(self.teacher.name), "teacher_params": self._teacher_fingerprint(frozen["teacher"]),
+                    "config": fields, "shape": list(self.student.shape), "num_classes": num_classes,
+                    "code": eval_cache.code_fingerprint(), "devices": eval_cache.device_signature()}
+        fp = eval_cache.inputs_fingerprint(settings, {"key": key, "labels": labels})
+        found = cache.get(TEACHER_METRICS, fp, required=("teacher/nfe", "teacher/samples_per_sec"))
         if found is not None:
             return found
 
@@ -79,7 +95,7 @@ class Evaluator:
         m = {f"teacher/{k}": float(v) for k, v in self.source.evaluate_samples(x, labels).items()}
         m["teacher/nfe"] = float(diffusion.nfe(e.num_steps, e.sampler))
         m["teacher/samples_per_sec"] = per_sec
-        cache.put("teacher_metrics", fp, m, settings)
+        cache.put(TEACHER_METRICS, fp, m, settings)
         return m
 
     def ratio_spearman(self, params, frozen, key, n_batch: int = 4096, n_points: int = 4096) -> float:

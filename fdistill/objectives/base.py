@@ -122,9 +122,9 @@ class Objective(abc.ABC):
     # while training (and are never passed to `train_step`).
     init_only: tuple[str, ...] = ()
     # Where `evaluate` may keep results that are pure functions of their inputs (a frozen teacher's
-    # sample metrics): in memory by default; the training loop replaces it by one that also keeps
-    # them in the workdir's `cache/` (`fdistill.evaluation.cache`), so a resumed run reuses them.
-    cache: ResultCache = ResultCache()
+    # sample metrics): None = in memory only; the training loop sets one that also keeps them in the
+    # workdir's `cache/` (`fdistill.evaluation.cache`), so a resumed run reuses them.
+    cache: ResultCache | None = None
 
     def __init__(self, config):
         self.config = config
