@@ -255,12 +255,19 @@ def max_over_processes(value: int) -> int:
     same point). Used to stop all processes at the same step when any of them got a signal (the
     value is the signal number, 0 for none); with one process it returns `value` without
     communicating."""
+    return maxima_over_processes((value,))[0]
+
+
+def maxima_over_processes(values: tuple[int, ...]) -> tuple[int, ...]:
+    """The elementwise largest of `values` over all processes, in one collective (like
+    `max_over_processes`): the training loop agrees on its stop signal and on a due checkpoint
+    with a single exchange per log step."""
     if jax.process_count() == 1:
-        return int(value)
+        return tuple(int(v) for v in values)
     from jax.experimental import multihost_utils
 
-    values = multihost_utils.process_allgather(np.array([int(value)], np.int32))
-    return int(np.max(values))
+    gathered = multihost_utils.process_allgather(np.array([int(v) for v in values], np.int32))
+    return tuple(int(v) for v in np.max(np.asarray(gathered).reshape(-1, len(values)), axis=0))
 
 
 def any_process(flag: bool) -> bool:

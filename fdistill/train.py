@@ -323,9 +323,11 @@ def _train_and_evaluate(config, wd: workdir_lib.Workdir, mesh, rules, stop: _Sto
                 if pcount > 1:
                     # All processes must stop and save at the same step, or the others block forever
                     # in the next step's collectives: agree on log steps (already host-synchronous).
-                    on_log = step % tc.log_every == 0
-                    stop_signal = sharding.max_over_processes(stop_signal) if on_log else 0
-                    time_due = sharding.any_process(time_due) if on_log else False
+                    if step % tc.log_every == 0:
+                        stop_signal, due = sharding.maxima_over_processes((stop_signal, int(time_due)))
+                        time_due = bool(due)
+                    else:
+                        stop_signal, time_due = 0, False
                 save_now = ckpt.should_save(step) or time_due or step == num_steps or stop_signal
                 if step % tc.log_every == 0 or save_now:
                     ckpt.raise_if_failed()  # a background save that failed stops the run before more writes
