@@ -149,7 +149,8 @@ class Checkpointer:
 
     def time_due(self) -> bool:
         """True when `save_every_secs` > 0 and that much wall time has passed since the last save.
-        Each process has its own clock: a multi-process loop must agree on it (`sharding.any_process`)."""
+        Each process has its own clock: a multi-process loop must agree on it
+        (`sharding.maxima_over_processes`)."""
         if self.save_every_secs <= 0:
             return False
         if self._last_save is None:

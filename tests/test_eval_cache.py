@@ -24,6 +24,20 @@ def _empty_memory():
     eval_cache.forget_in_memory()
 
 
+@pytest.fixture
+def teacher_calls(monkeypatch):
+    """The sample counts `n` of every `teachers.sample` call (the teacher's sampling, counted)."""
+    calls = []
+    real_sample = teachers.sample
+
+    def counting_sample(*args, **kwargs):
+        calls.append(args[4])
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(teachers, "sample", counting_sample)
+    return calls
+
+
 def _tree():
     rng = np.random.default_rng(0)
     return {"w": rng.normal(size=(8, 16)).astype(np.float32), "b": np.zeros(16, jnp.bfloat16),
@@ -138,57 +152,46 @@ def test_a_result_in_memory_is_written_to_a_new_directory_and_every_process_must
     assert eval_cache.ResultCache(second).get("teacher_metrics", "ab" * 32) is None
 
 
-def test_the_teacher_is_sampled_again_when_its_parameters_or_the_code_change(monkeypatch):
+def test_the_teacher_is_sampled_again_when_its_parameters_or_the_code_change(teacher_calls, monkeypatch):
     from fdistill import objectives
 
-    calls = []
-    real_sample = teachers.sample
-    monkeypatch.setattr(teachers, "sample", lambda *a, **k: calls.append(a[4]) or real_sample(*a, **k))
     c = tiny_distill_config("gmm_fdistill", divergence="js")
     obj = objectives.build(c)
     _, frozen = obj.init(jax.random.PRNGKey(0))
     key = jax.random.PRNGKey(3)
     first = obj.evaluator.teacher_metrics(frozen, key, None)
-    assert obj.evaluator.teacher_metrics(frozen, key, None) == first and len(calls) == 2  # warm-up + timed
+    assert obj.evaluator.teacher_metrics(frozen, key, None) == first and len(teacher_calls) == 2  # warm-up + timed
 
     leaves, treedef = jax.tree_util.tree_flatten(frozen["teacher"])
     moved = jax.tree_util.tree_unflatten(treedef, [leaves[0] * 1.5] + leaves[1:])
     obj.evaluator.teacher_metrics({**frozen, "teacher": moved}, key, None)
-    assert len(calls) == 4
+    assert len(teacher_calls) == 4
     obj.evaluator.teacher_metrics(frozen, jax.random.PRNGKey(4), None)  # another evaluation key
-    assert len(calls) == 6
+    assert len(teacher_calls) == 6
     monkeypatch.setattr(eval_cache, "code_fingerprint", lambda: "edited")
     obj.evaluator.teacher_metrics(frozen, key, None)
-    assert len(calls) == 8
+    assert len(teacher_calls) == 8
 
 
-def test_a_resumed_distillation_reuses_its_teachers_metrics_from_the_workdir(tmp_path, monkeypatch):
+def test_a_resumed_distillation_reuses_its_teachers_metrics_from_the_workdir(tmp_path, teacher_calls):
     """Each invocation is a new process for the cache (its memory is emptied): the first samples the
     teacher once, for the evaluation at step 2 and the final one (same key, labels and teacher); the
     second, resumed to step 6, never samples it and reports the same teacher metrics."""
-    calls = []
-    real_sample = teachers.sample
-
-    def counting_sample(*args, **kwargs):
-        calls.append(args[4])  # n
-        return real_sample(*args, **kwargs)
-
-    monkeypatch.setattr(teachers, "sample", counting_sample)
     c = tiny_distill_config("gmm_fdistill", divergence="js")
     c.eval.num_samples = 4096  # the least a distillation evaluates
     c.train.num_steps, c.train.eval_every, c.train.checkpoint_every = 4, 2, 2
     c.distill.gen_lr_schedule = "constant"  # so that a resumed run may train longer
     wd = str(tmp_path / "run")
     first = train.train_and_evaluate(c, wd, num_devices=1)
-    assert len(calls) == 2  # the warm-up call of the timing and the timed one, once in the run
+    assert len(teacher_calls) == 2  # the warm-up call of the timing and the timed one, once in the run
     (name,) = os.listdir(os.path.join(wd, "cache"))
     assert name.startswith("teacher_metrics-")
 
     eval_cache.forget_in_memory()
-    calls.clear()
+    teacher_calls.clear()
     c.train.num_steps = 6
     second = train.train_and_evaluate(c, wd, num_devices=1)
-    assert calls == []
+    assert teacher_calls == []
     teacher = {k: v for k, v in first.items() if k.startswith("teacher/")}
     assert teacher and teacher == {k: v for k, v in second.items() if k.startswith("teacher/")}
     assert second["step"] == 6 and second["mmd"] != first["mmd"]  # the student did train on
@@ -196,5 +199,5 @@ def test_a_resumed_distillation_reuses_its_teachers_metrics_from_the_workdir(tmp
     eval_cache.forget_in_memory()
     c.eval.num_samples = 8192  # an evaluation setting: the teacher is sampled again, once
     third = train.train_and_evaluate(c, wd, num_devices=1)
-    assert len(calls) == 2 and len(os.listdir(os.path.join(wd, "cache"))) == 2
+    assert len(teacher_calls) == 2 and len(os.listdir(os.path.join(wd, "cache"))) == 2
     assert third["step"] == 6

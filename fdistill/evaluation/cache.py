@@ -161,14 +161,12 @@ class ResultCache:
         """The result stored under `fp`, or None when any process lacks it (a collective). A result
         found in memory is also written to this cache's directory when that lacks it."""
         entry = _MEMORY.get((kind, fp))
-        on_disk = self.directory is not None and os.path.exists(self._path(kind, fp))
         if entry is None and self.directory is not None:
             entry = self._read(kind, fp, required)
-            on_disk = entry is not None
         if sharding.any_process(entry is None):
             return None
         _MEMORY[kind, fp] = entry
-        if not on_disk:
+        if self.writes and self.directory is not None and not os.path.exists(self._path(kind, fp)):
             self._write(kind, fp, entry)
         return dict(entry["result"])
 
