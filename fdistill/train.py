@@ -14,6 +14,7 @@ since the last save, so a kill -9 loses at most that much training.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import math
 import os
@@ -157,15 +158,19 @@ class _StopFlag:
 
     While the loop has progress that is not yet saved (`deferred`), the first signal is recorded in
     `signum`: the loop saves a checkpoint at the next step and raises `Stopped`; a repeated SIGTERM
-    is ignored and a second Ctrl-C aborts at once without saving. Elsewhere (setting up, compiling,
-    the final evaluation after the last checkpoint was written) nothing would be lost, and a signal
-    raises `Stopped` at once."""
+    is ignored and a second Ctrl-C aborts at once without saving. While the step compiles
+    (`compiling`) a signal is recorded too and `Stopped` raised when XLA has finished: JAX lets a
+    signal interrupt the wait for a compilation, but XLA goes on compiling in its own thread, and a
+    process that exits before that thread is done dies of a segmentation fault (status 139 instead
+    of 143/130). Elsewhere (setting up, the final evaluation after the last checkpoint was written)
+    nothing would be lost, and a signal raises `Stopped` at once."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.signum = 0
         self.deferred = False
+        self.in_compilation = False
         self._previous = {}
 
     def __enter__(self):
@@ -176,8 +181,30 @@ class _StopFlag:
                 pass
         return self
 
+    @contextlib.contextmanager
+    def compiling(self):
+        """Defers a signal until the compilation inside the block has finished (see the class)."""
+        self.in_compilation = True
+        try:
+            yield
+        finally:
+            self.in_compilation = False
+        if self.signum:
+            message = (f"stopped by {signal.Signals(self.signum).name} after compiling; nothing trained was lost; "
+                       "re-running the same command resumes")
+            tqdm.write(f"[fdistill] {message}")
+            raise Stopped(self.signum, message)
+
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
+        if self.in_compilation and not self.signum:
+            self.signum = signum
+            tqdm.write(f"[fdistill] {name}: stopping once XLA has finished compiling the step (a compilation "
+                       "cannot be interrupted safely)" + (" - press Ctrl-C again to abort at once"
+                                                           if signum == signal.SIGINT else ""))
+            return
+        if self.in_compilation and signum != signal.SIGINT:
+            return  # already stopping
         if self.deferred and not self.signum:
             self.signum = signum
             if signum == signal.SIGINT:
@@ -186,7 +213,7 @@ class _StopFlag:
             return
         if self.deferred and signum != signal.SIGINT:
             return  # already stopping
-        if self.deferred:
+        if self.deferred or self.in_compilation:
             message = ("aborted by a second Ctrl-C without saving; re-running the same command resumes from the "
                        "latest checkpoint")
         else:
@@ -299,7 +326,8 @@ def _train_and_evaluate(config, wd: workdir_lib.Workdir, mesh, rules, stop: _Sto
         if step < num_steps:
             batch = sharding.shard_batch(objective.batch(step, pidx, pcount), mesh)
             t0 = time.perf_counter()
-            compiled = placement.jit_step(objective).lower(state, frozen, batch).compile()
+            with stop.compiling():
+                compiled = placement.jit_step(objective).lower(state, frozen, batch).compile()
             _log(is_main, f"compiled the {objective.name} step in {time.perf_counter() - t0:.1f}s; "
                  + _describe_compiled(compiled))
 

@@ -212,6 +212,38 @@ def test_a_signal_stops_at_once_outside_the_loop_and_a_second_ctrl_c_aborts(tmp_
     assert signal.getsignal(signal.SIGINT) is previous
 
 
+COMPILE_AND_SIGTERM = """
+import os, signal, threading, time, jax, jax.numpy as jnp
+from fdistill import train
+
+def chain(x):  # thousands of ops: seconds of XLA compilation
+    for i in range(4000):
+        x = jnp.sin(x) * 1.0001 + i
+    return x
+
+with train._StopFlag() as stop:
+    lowered = jax.jit(chain).lower(jnp.ones(3))
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    t0 = time.perf_counter()
+    with stop.compiling():
+        lowered.compile()
+    print("not stopped", time.perf_counter() - t0)
+"""
+
+
+def test_a_signal_during_compilation_stops_once_xla_has_finished_without_a_crash():
+    """JAX lets a signal interrupt the wait for a compilation while XLA goes on compiling in its own
+    thread; a process that then exits dies of a segmentation fault (status 139). Under
+    `_StopFlag.compiling` the signal waits for the compilation and the status is 143."""
+    env = dict(cli_env(), JAX_ENABLE_COMPILATION_CACHE="false")  # a cached executable would not compile
+    proc = subprocess.run([sys.executable, "-c", COMPILE_AND_SIGTERM], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=TIMEOUT_S)
+    out = proc.stdout + proc.stderr
+    assert "SIGTERM: stopping once XLA has finished compiling" in out, out[-3000:]  # it arrived while compiling
+    assert proc.returncode == 143 and "stopped by SIGTERM after compiling" in str(out), out[-3000:]
+    assert "not stopped" not in out and "Fatal Python error" not in out
+
+
 # ----- 6. clear errors -----------------------------------------------------------------------------------
 
 
