@@ -219,6 +219,8 @@ def distill() -> ConfigDict:
         divergence_end="",  # '' = none; else h moves linearly from divergence's to this one's over training
         lambda_gan=1e-3,  # generator GAN loss weight
         teacher_error_norm=True,  # DMD weight w = 1 / mean|x - D_real|
+        lambda_reg=0.0,  # DMD's regression loss weight (one-step 'distill' only): MSE to the teacher's ODE endpoint
+        reg_batch_size=16,  # lambda_reg > 0: fresh noises per generator update whose ODE endpoints are computed
         num_sigmas=1000,  # Karras grid of the distillation noise levels
         gen_index_min=20,
         gen_index_max=980,

@@ -1,4 +1,6 @@
-"""Small configs shared by the tests, and the command line and environment of subprocess runs."""
+"""Small configs shared by the tests, the command line and environment of subprocess runs, and a
+run's logged metrics."""
+import json
 import os
 import sys
 
@@ -88,3 +90,9 @@ def score_cli(workdir: str, config) -> list[str]:
     path = os.path.join(REPO, "ml_collections_configs/gmm_score.py")
     return [sys.executable, "-m", "experiments.run", "--config", path, "--workdir", workdir,
             *config_flags(config, load_config("gmm_score"))]
+
+
+def logged_rows(workdir, metric: str | None = None) -> list[dict]:
+    """The rows of `workdir`'s metrics.jsonl (those that hold `metric`, when given)."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [row for row in map(json.loads, f) if metric is None or metric in row]

@@ -2,7 +2,6 @@
 the step costs against a NumPy double loop, and a short schedule search + straightening run on a
 small flow teacher."""
 import itertools
-import json
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +11,7 @@ import pytest
 from fdistill import objectives, train
 from fdistill.objectives import boss
 
-from tests.helpers import tiny_distill_config
+from tests.helpers import logged_rows, tiny_distill_config
 from tests.test_flow import tiny_flow_config
 
 
@@ -86,7 +85,7 @@ def test_schedule_search_and_straightening(tmp_path):
     assert times[0] == 1.0 and times[-1] == 0.0 and np.all(np.diff(times) < 0), times
     assert all(np.isclose(np.asarray(times) * 30, np.round(np.asarray(times) * 30), atol=1e-4))  # on the fine grid
     assert res["nfe"] == 3 and res["uniform/nfe"] == 3 and res["schedule/nfe"] == 3
-    rows = [json.loads(line) for line in open(tmp_path / "boss" / "metrics.jsonl") if '"loss"' in line]
+    rows = logged_rows(tmp_path / "boss", "loss")
     assert rows[-1]["loss"] < rows[0]["loss"], (rows[0]["loss"], rows[-1]["loss"])
     # the pool holds the teacher's trajectories at the schedule's times: re-made from the same key
     obj = objectives.build(c)

@@ -1,7 +1,6 @@
 """Consistency distillation and training (fdistill/objectives/consistency.py): the boundary condition,
 iCT's curriculum and level sampling against hand-computed values, the losses written out in NumPy,
 the CD target as a hand-written Heun step of the exact teacher, and a short run."""
-import json
 import math
 
 import jax
@@ -13,7 +12,7 @@ from scipy.stats import norm
 from fdistill import diffusion, objectives, train
 from fdistill.objectives import consistency as cm
 
-from tests.helpers import tiny_distill_config
+from tests.helpers import logged_rows, tiny_distill_config
 
 
 def tiny(name="gmm_cd", **distill):
@@ -116,7 +115,7 @@ def test_short_cd_run_learns_and_reports_every_step_count(tmp_path):
     c.model.width, c.model.depth = 64, 2
     c.train.num_steps, c.train.log_every = 400, 50
     res = train.train_and_evaluate(c, str(tmp_path), num_devices=1)
-    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"loss"' in line]
+    rows = logged_rows(tmp_path, "loss")
     assert np.isfinite([r["loss"] for r in rows]).all()
     assert res["nfe"] == 1 and res["steps2/nfe"] == 2 and res["steps4/nfe"] == 4 and "teacher/mmd" in res
     obj = objectives.build(c)  # the same student before training

@@ -1,7 +1,6 @@
 """Flow matching (fdistill/flow.py, objectives/flow_matching.py): the exact mixture velocity against
 the exact denoiser and an autodiff score, the velocity <-> denoiser conversions, the samplers, and a
 flow run as the teacher of a distillation."""
-import json
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +13,7 @@ from fdistill.data import gmm as gmm_lib
 from fdistill.denoiser import Denoiser, VelocityDenoiser, build_denoiser
 from fdistill.evaluation.samples import gmm_sample_metrics
 
-from tests.helpers import tiny_distill_config, tiny_score_config
+from tests.helpers import logged_rows, tiny_distill_config, tiny_score_config
 
 
 def mixture():
@@ -119,7 +118,7 @@ def test_a_flow_run_is_a_distillation_teacher(tmp_path):
     c.model.width, c.model.depth = 64, 2
     c.train.checkpoint_every, c.train.ema_decay, c.eval.num_steps = 600, 0.0, 16
     res = train.train_and_evaluate(c, str(tmp_path / "flow"), num_devices=1)
-    rows = [json.loads(line) for line in open(tmp_path / "flow" / "metrics.jsonl") if '"loss"' in line]
+    rows = logged_rows(tmp_path / "flow", "loss")
     assert rows[-1]["loss"] < rows[0]["loss"] and res["nfe"] == 31 and res["mode_coverage"] >= 0.5, res
     for name in ("gmm_fdistill", "gmm_kd", "gmm_cd"):
         d = tiny_distill_config(name, teacher=str(tmp_path / "flow"))

@@ -61,6 +61,11 @@ RUNS = {
                                             "Karras grid (sigma 0.017..5.9; 20..980, sigma 0.003..72, in the config)"),
                                            {**BATCH64, "distill.gen_index_min": 100, "distill.gen_index_max": 600},
                                            2400),
+    "js_cosine_ema_batch64_reg": (("cosine + EMA, batch 64, DMD's regression loss (weight 0.25, DMD's; MSE to the "
+                                   "teacher's 35-NFE ODE endpoint of 16 fresh noises per update)"),
+                                  {**BATCH64, "distill.lambda_reg": 0.25, "distill.reg_batch_size": 16}, 2400),
+    "js_cosine_ema_batch64_reg1": ("cosine + EMA, batch 64, DMD's regression loss with weight 1",
+                                   {**BATCH64, "distill.lambda_reg": 1.0, "distill.reg_batch_size": 16}, 2400),
     "js_cosine_ema_batch128": ("cosine + EMA, batch 128 (the samples of batch 64 over 4800 updates)",
                                {**COSINE_EMA, "train.batch_size": 128}, 2400),
     "js_cosine_ema_batch256": ("cosine + EMA, batch 256 (twice batch 128's samples)",

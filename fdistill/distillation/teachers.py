@@ -12,7 +12,7 @@ import os
 import jax
 import numpy as np
 
-from fdistill import runs
+from fdistill import diffusion, runs
 from fdistill.configs import ConfigError
 from fdistill.denoiser import build_denoiser, sample_chunked
 
@@ -111,3 +111,13 @@ def sample(teacher, frozen_teacher, shape, key, n: int, eval_config, diffusion_c
     return sample_chunked(teacher, frozen_teacher, shape, key, n, eval_config.num_steps, eval_config.sampler,
                           diffusion_config, eval_config.chunk, num_classes, labels)
 
+
+
+def ode_endpoint(teacher, frozen_teacher, z, kw: dict, eval_config, diffusion_config) -> jax.Array:
+    """The teacher's deterministic sample from the noise sigma_max z (EDM Algorithm 1 with
+    `config.eval`'s sampler and steps): the regression target of knowledge distillation (Luhman &
+    Luhman, arXiv 2101.02388) and of DMD's regression loss (arXiv 2311.18828, eq. 9). `kw` holds
+    the teacher's keyword arguments (the labels of a conditional teacher)."""
+    d = diffusion_config
+    return diffusion.sample(lambda x, s: teacher(frozen_teacher, x, s, **kw), z, eval_config.num_steps,
+                            sampler=eval_config.sampler, sigma_min=d.sigma_min, sigma_max=d.sigma_max, rho=d.rho)

@@ -23,6 +23,13 @@ h = (1 - p) h_f(r) / mean h_f + p h_g(r) / mean h_g with p = update / train.num_
 mass-covering f would find every mode early and a mode-seeking g sharpen them late (JS -> rkl on
 the 10-mode ring did not sharpen them: `experiments/results/student_quality.md`).
 
+With `distill.lambda_reg` > 0 (one-step student only) the generator also regresses the teacher's
+deterministic sample from the same noise, DMD's regression loss (arXiv 2311.18828, eq. 9; MSE here,
+LPIPS there), on `distill.reg_batch_size` fresh noises per update whose ODE endpoints are computed
+in the step (`teachers.ode_endpoint`, `config.eval`'s sampler):
+
+    L_G += lambda_reg mean_z ||G(z) - ODE_teacher(sigma_max z)||^2     (mean over features)
+
 With the reverse KL (h = 1) and lambda_gan = 0 this is exactly the DMD / VSD update (no
 discriminator is trained); DMD2 adds the GAN term. Three objectives, one code path:
 
@@ -45,6 +52,7 @@ from fdistill.evaluation.samples import MIN_EVAL_SAMPLES
 from fdistill.objectives.base import Objective, register
 
 CRITIC_SALT = 0xC1  # fold_in salt of the critic's own draws in the generator update (the oracle's samples)
+REGRESSION_SALT = 0x5E  # fold_in salt of the regression loss's noises (distill.lambda_reg)
 
 
 class DistillObjective(Objective):
@@ -65,6 +73,8 @@ class DistillObjective(Objective):
         critics.choice(dc.ratio_binning, losses.RATIO_BINNINGS, "config.distill.ratio_binning")
         if dc.lambda_gan < 0:
             raise ConfigError(f"config.distill.lambda_gan must be >= 0, got {dc.lambda_gan}")
+        if dc.lambda_reg < 0:
+            raise ConfigError(f"config.distill.lambda_reg must be >= 0, got {dc.lambda_reg}")
         if config.eval.num_samples < MIN_EVAL_SAMPLES:
             raise ConfigError(f"config.eval.num_samples must be >= {MIN_EVAL_SAMPLES}, got {config.eval.num_samples}")
         # The discriminator is needed for a non-trivial h(r) or for the GAN term; VSD/DMD need neither.
@@ -77,6 +87,7 @@ class DistillObjective(Objective):
         self.student = students.build(student_kind, self.teacher, self.levels, self.source.shape,
                                       self.source.num_classes, conditional, config)
         self.critic = critics.build(config, self.teacher, self.student, self.levels, self.use_disc)
+        self.reg_batch = self._regression_batch(config, student_kind)
         self.optimizers = self._optimizers(config)
         if (any(o.settings.decays for o in self.optimizers.values()) or self.levels.hi_end is not None
                 or self.div_end is not None):
@@ -84,6 +95,32 @@ class DistillObjective(Objective):
             self.trajectory_fields = ("train.num_steps",)
         label = f"{self.student.num_steps}-step {student_kind} ({self.div.name})"
         self.evaluator = evaluation.Evaluator(config, self.source, self.teacher, self.student, self.critic, label)
+
+    def _regression_batch(self, config, student_kind: str) -> int:
+        """The noises per update of DMD's regression loss (0 = no regression loss, lambda_reg = 0)."""
+        dc = config.distill
+        if dc.lambda_reg == 0:
+            return 0
+        if student_kind != "distill":
+            raise ConfigError(f"config.distill.lambda_reg={dc.lambda_reg} needs the one-step student (objective "
+                              f"'distill'), not {student_kind!r}; set it to 0")
+        if dc.gen_sigma != config.diffusion.sigma_max or not self.student.plain:
+            raise ConfigError(f"config.distill.lambda_reg={dc.lambda_reg} needs a generator that maps the ODE's "
+                              f"starting noise: config.distill.gen_sigma={dc.gen_sigma} equal to config.diffusion."
+                              f"sigma_max={config.diffusion.sigma_max} and a data-shaped z "
+                              f"({students.DATA_SHAPED_FLAGS})")
+        if not isinstance(dc.reg_batch_size, (int, np.integer)) or dc.reg_batch_size < 1:
+            raise ConfigError(f"config.distill.reg_batch_size must be an integer >= 1, got {dc.reg_batch_size!r}")
+        return int(dc.reg_batch_size)
+
+    def regression_draws(self, key, frozen) -> dict:
+        """Fresh noises, labels and the teacher's ODE endpoints (stop-gradient) of DMD's regression loss."""
+        k_z, k_lab = jax.random.split(key)
+        z = jax.random.normal(k_z, (self.reg_batch,) + self.student.latent_shape)
+        labels = self.student.draw_labels(k_lab, self.reg_batch)
+        target = teachers.ode_endpoint(self.teacher, frozen["teacher"], z, self.student.kw(labels), self.config.eval,
+                                       self.config.diffusion)
+        return {"z": z, "labels": labels, "target": jax.lax.stop_gradient(target)}
 
     def _optimizers(self, config) -> dict[str, ts.Optimizer]:
         dc = config.distill
@@ -149,6 +186,11 @@ class DistillObjective(Objective):
             w = jnp.ones(x.shape[:1], jnp.float32)
         l_dm = losses.dm_loss(x, d_real, d_fake, h, w)
         loss = l_dm + dc.lambda_gan * l_gan
+        if "regression" in draws:
+            reg = draws["regression"]
+            l_reg = jnp.mean((self.student.sample(gen_params, reg["z"], reg["labels"]) - reg["target"]) ** 2)
+            loss = loss + dc.lambda_reg * l_reg
+            metrics["loss_reg"] = l_reg
         metrics.update({"loss_dm": l_dm, "loss_gan": l_gan, "h/min": jnp.min(h), "h/mean": jnp.mean(h),
                         "h/max": jnp.max(h)})
         return loss, (metrics, bins, {"x": x, "x_t": x_t, "d_real": d_real, "d_fake": d_fake, "h": h, "w": w})
@@ -201,6 +243,8 @@ class DistillObjective(Objective):
         progress = self.progress(state)
         draws = {**self.student.draws(k_gen, b, progress), "progress": progress,
                  "critic_key": jax.random.fold_in(k_gen, CRITIC_SALT)}
+        if self.reg_batch:
+            draws["regression"] = self.regression_draws(jax.random.fold_in(k_gen, REGRESSION_SALT), frozen)
         (loss, (metrics, bins, _)), grads = jax.value_and_grad(self.generator_loss, has_aux=True)(
             state.params["gen"], state.params, frozen, draws, state.extra["ratio_bins"])
         state, opt_metrics = ts.apply_gradients(state, {"gen": grads}, self.optimizers)

@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 
 from fdistill import data as data_lib
-from fdistill import diffusion
 from fdistill import train_state as ts
 from fdistill.configs import ConfigError
 from fdistill.distillation import evaluation, students, teachers
@@ -55,10 +54,8 @@ class KnowledgeDistillation(Objective):
 
     def ode_endpoint(self, frozen_teacher, z, labels) -> jax.Array:
         """The teacher's deterministic sample from the noise sigma_max z."""
-        d, e = self.config.diffusion, self.config.eval
-        kw = self.student.kw(labels)
-        return diffusion.sample(lambda x, s: self.teacher(frozen_teacher, x, s, **kw), z, e.num_steps,
-                                sampler=e.sampler, sigma_min=d.sigma_min, sigma_max=d.sigma_max, rho=d.rho)
+        return teachers.ode_endpoint(self.teacher, frozen_teacher, z, self.student.kw(labels), self.config.eval,
+                                     self.config.diffusion)
 
     def loss(self, gen_params, frozen, z, labels) -> jax.Array:
         target = jax.lax.stop_gradient(self.ode_endpoint(frozen["teacher"], z, labels))
