@@ -96,6 +96,18 @@ def test_fingerprint_of_settings_keys_and_labels():
                                          {"key": jax.random.PRNGKey(1), "labels": labels}) != base
 
 
+def test_the_code_fingerprint_is_read_when_the_run_makes_its_cache():
+    """Not at the first evaluation, which may come after the source was edited under a long run."""
+    fp = eval_cache.code_fingerprint()
+    eval_cache.code_fingerprint.cache_clear()
+    try:
+        eval_cache.ResultCache(None)
+        assert eval_cache.code_fingerprint.cache_info().currsize == 1
+        assert eval_cache.code_fingerprint() == fp
+    finally:
+        eval_cache.code_fingerprint.cache_clear()
+
+
 def test_result_cache_round_trip_and_bad_files(tmp_path, capsys):
     d = str(tmp_path / "cache")
     result = {"teacher/fd": 1.25, "teacher/nfe": 35.0}

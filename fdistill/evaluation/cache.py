@@ -96,7 +96,9 @@ def inputs_fingerprint(settings: dict[str, Any], arrays: dict[str, Any] | None =
 @functools.cache
 def code_fingerprint() -> str:
     """SHA-256 of every .py file of the `fdistill` package and of the JAX, jaxlib and NumPy
-    versions: results computed by other code are not reused."""
+    versions: results computed by other code are not reused. Read once per process, when the first
+    `ResultCache` is made (a run's start, right after its imports), so that a source file edited
+    while a long run trains does not label that run's results as the edited code's."""
     import jaxlib
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,6 +141,7 @@ class ResultCache:
 
     def __init__(self, directory: str | None = None, writes: bool = True):
         self.directory, self.writes = directory, writes
+        code_fingerprint()  # the code this process imported (see its docstring)
 
     def _path(self, kind: str, fp: str) -> str:
         return os.path.join(self.directory, f"{kind}-{fp[:24]}.json")
