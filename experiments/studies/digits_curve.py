@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import textwrap
 import time
 
 from absl import app, flags, logging
@@ -66,6 +67,9 @@ RUNS = {
                                   {**BATCH64, "distill.lambda_reg": 0.25, "distill.reg_batch_size": 16}, 2400),
     "js_cosine_ema_batch64_reg1": ("cosine + EMA, batch 64, DMD's regression loss with weight 1",
                                    {**BATCH64, "distill.lambda_reg": 1.0, "distill.reg_batch_size": 16}, 2400),
+    "js_cosine_ema_batch256_reg": ("cosine + EMA, batch 256, DMD's regression loss (weight 0.25, 16 noises per update)",
+                                   {**COSINE_EMA, "train.batch_size": 256, "distill.lambda_reg": 0.25,
+                                    "distill.reg_batch_size": 16}, 2400),
     "js_cosine_ema_batch128": ("cosine + EMA, batch 128 (the samples of batch 64 over 4800 updates)",
                                {**COSINE_EMA, "train.batch_size": 128}, 2400),
     "js_cosine_ema_batch256": ("cosine + EMA, batch 256 (twice batch 128's samples)",
@@ -128,10 +132,11 @@ def plot(path: str, curves: dict, teacher_fd: float, metric: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(13, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 4.5))
     for name, rows in curves.items():
         rows = [r for r in rows if metric in r]
-        ax.plot([r["step"] for r in rows], [r[metric] for r in rows], "o-", ms=3, label=f"{name}: {describe(name)}")
+        label = textwrap.fill(f"{name}: {describe(name)}", 70, subsequent_indent="  ")  # a legend of readable width
+        ax.plot([r["step"] for r in rows], [r[metric] for r in rows], "o-", ms=3, label=label)
     ax.axhline(teacher_fd, color="k", lw=1, label=f"teacher, 35 NFE ({teacher_fd:.2f})")
     ax.axhline(GOAL * teacher_fd, color="k", ls="--", lw=1, label=f"goal, {GOAL:g} x teacher ({GOAL * teacher_fd:.2f})")
     ax.set_yscale("log")
