@@ -77,8 +77,8 @@ def test_dmd_regression_term_adds_lambda_times_the_mse_to_the_heun_endpoint():
 @pytest.mark.parametrize("name,distill,match", [
     ("gmm_fdistill", {"lambda_reg": -1.0}, r"lambda_reg must be >= 0, got -1"),
     ("gmm_fdistill", {"reg_batch_size": 0}, r"reg_batch_size must be an integer >= 1, got 0"),
-    ("gmm_fdistill", {"gen_sigma": 10.0}, r"gen_sigma=10.0 equal to config.diffusion.sigma_max=80"),
-    ("gmm_fdistill", {"latent_dim": 8}, r"a data-shaped z"),
+    ("gmm_fdistill", {"gen_sigma": 10.0}, r"gen_sigma=10.0 must equal config.diffusion.sigma_max=80"),
+    ("gmm_fdistill", {"latent_dim": 8}, r"needs a z of the data's shape"),
     ("gmm_dmd2_multistep", {}, r"needs the one-step student \(objective 'distill'\), not 'dmd2_multistep'"),
 ])
 def test_regression_loss_refuses_what_it_cannot_regress(name, distill, match):

@@ -104,11 +104,13 @@ class DistillObjective(Objective):
         if student_kind != "distill":
             raise ConfigError(f"config.distill.lambda_reg={dc.lambda_reg} needs the one-step student (objective "
                               f"'distill'), not {student_kind!r}; set it to 0")
-        if dc.gen_sigma != config.diffusion.sigma_max or not self.student.plain:
+        if dc.gen_sigma != config.diffusion.sigma_max:
             raise ConfigError(f"config.distill.lambda_reg={dc.lambda_reg} needs a generator that maps the ODE's "
-                              f"starting noise: config.distill.gen_sigma={dc.gen_sigma} equal to config.diffusion."
-                              f"sigma_max={config.diffusion.sigma_max} and a data-shaped z "
-                              f"({students.DATA_SHAPED_FLAGS})")
+                              f"starting noise: config.distill.gen_sigma={dc.gen_sigma} must equal "
+                              f"config.diffusion.sigma_max={config.diffusion.sigma_max}")
+        if not self.student.plain:
+            raise ConfigError(f"config.distill.lambda_reg={dc.lambda_reg} needs a z of the data's shape, the ODE's "
+                              f"starting noise ({students.DATA_SHAPED_FLAGS})")
         if not isinstance(dc.reg_batch_size, (int, np.integer)) or dc.reg_batch_size < 1:
             raise ConfigError(f"config.distill.reg_batch_size must be an integer >= 1, got {dc.reg_batch_size!r}")
         return int(dc.reg_batch_size)
