@@ -19,6 +19,7 @@ import errno
 import math
 import os
 import signal
+import sys
 import tempfile
 import time
 
@@ -162,8 +163,10 @@ class _StopFlag:
     (`compiling`) a signal is recorded too and `Stopped` raised when XLA has finished: JAX lets a
     signal interrupt the wait for a compilation, but XLA goes on compiling in its own thread, and a
     process that exits before that thread is done dies of a segmentation fault (status 139 instead
-    of 143/130). Elsewhere (setting up, the final evaluation after the last checkpoint was written)
-    nothing would be lost, and a signal raises `Stopped` at once."""
+    of 143/130); a second Ctrl-C there exits at once with 130 (`os._exit`: nothing to save).
+    Elsewhere (setting up, the final evaluation after the last checkpoint was written) nothing would
+    be lost, and a signal raises `Stopped` at once; if it lands in one of the evaluation's own
+    compilations the process may still end with 139 after the message, the checkpoint intact."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -199,7 +202,7 @@ class _StopFlag:
         name = signal.Signals(signum).name
         if self.in_compilation and not self.signum:
             self.signum = signum
-            tqdm.write(f"[fdistill] {name}: stopping once XLA has finished compiling the step (a compilation "
+            tqdm.write(f"[fdistill] {name}: stopping once XLA has finished compiling (a compilation "
                        "cannot be interrupted safely)" + (" - press Ctrl-C again to abort at once"
                                                            if signum == signal.SIGINT else ""))
             return
@@ -213,7 +216,13 @@ class _StopFlag:
             return
         if self.deferred and signum != signal.SIGINT:
             return  # already stopping
-        if self.deferred or self.in_compilation:
+        if self.in_compilation:  # nothing to save, and unwinding now would crash the exit (class docstring)
+            tqdm.write("[fdistill] aborted by a second Ctrl-C while compiling; nothing trained was lost; re-running "
+                       "the same command resumes")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(128 + signum)
+        if self.deferred:
             message = ("aborted by a second Ctrl-C without saving; re-running the same command resumes from the "
                        "latest checkpoint")
         else:
@@ -302,7 +311,8 @@ def _train_and_evaluate(config, wd: workdir_lib.Workdir, mesh, rules, stop: _Sto
             state, start = restored
             _log(is_main, f"resumed from {wd.checkpoints} at step {start}")
         else:
-            state = placement.init_state(objective, init_key, frozen)
+            with stop.compiling():
+                state = placement.init_state(objective, init_key, frozen)
         if objective.init_only:  # needed to create the state only: free their device memory
             placement = placement.without_frozen(objective.init_only)
             frozen = {k: v for k, v in frozen.items() if k not in objective.init_only}

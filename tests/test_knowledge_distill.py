@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fdistill import objectives, train
+from fdistill import objectives, train, workdir
 from fdistill.configs import ConfigError
 from fdistill.configs import load as load_config
 from tests.helpers import logged_rows, tiny_distill_config
@@ -74,8 +74,17 @@ def test_dmd_regression_term_adds_lambda_times_the_mse_to_the_heun_endpoint():
     assert "loss_reg" not in m0
 
 
+def test_the_regression_targets_sampler_cannot_change_on_resume():
+    """Like kd's: with lambda_reg > 0 the evaluation sampler makes the training targets."""
+    fields = objectives.build(tiny_regression(0.5)).trajectory_fields
+    assert {"eval.num_steps", "eval.sampler"} <= set(fields)
+    assert workdir.kind_of("eval.num_steps", fields) == "fixed"
+    assert workdir.kind_of("eval.num_steps", objectives.build(tiny_regression(0.0)).trajectory_fields) == "evaluation"
+
+
 @pytest.mark.parametrize("name,distill,match", [
     ("gmm_fdistill", {"lambda_reg": -1.0}, r"lambda_reg must be >= 0, got -1"),
+    ("gmm_fdistill", {"lambda_reg": float("nan")}, r"lambda_reg must be >= 0, got nan"),
     ("gmm_fdistill", {"reg_batch_size": 0}, r"reg_batch_size must be an integer >= 1, got 0"),
     ("gmm_fdistill", {"gen_sigma": 10.0}, r"gen_sigma=10.0 must equal config.diffusion.sigma_max=80"),
     ("gmm_fdistill", {"latent_dim": 8}, r"needs a z of the data's shape"),

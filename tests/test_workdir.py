@@ -212,18 +212,20 @@ def test_a_signal_stops_at_once_outside_the_loop_and_a_second_ctrl_c_aborts(tmp_
     assert signal.getsignal(signal.SIGINT) is previous
 
 
-COMPILE_AND_SIGTERM = """
+# Compiles for seconds under `_StopFlag.compiling` while timers send SIGNALS = [(seconds, signal), ...].
+COMPILE_UNDER_SIGNALS = """
 import os, signal, threading, time, jax, jax.numpy as jnp
 from fdistill import train
 
 def chain(x):  # thousands of ops: seconds of XLA compilation
-    for i in range(4000):
+    for i in range(6000):
         x = jnp.sin(x) * 1.0001 + i
     return x
 
 with train._StopFlag() as stop:
     lowered = jax.jit(chain).lower(jnp.ones(3))
-    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    for delay, sig in SIGNALS:
+        threading.Timer(delay, os.kill, (os.getpid(), sig)).start()
     t0 = time.perf_counter()
     with stop.compiling():
         lowered.compile()
@@ -235,13 +237,25 @@ def test_a_signal_during_compilation_stops_once_xla_has_finished_without_a_crash
     """JAX lets a signal interrupt the wait for a compilation while XLA goes on compiling in its own
     thread; a process that then exits dies of a segmentation fault (status 139). Under
     `_StopFlag.compiling` the signal waits for the compilation and the status is 143."""
-    env = dict(cli_env(), JAX_ENABLE_COMPILATION_CACHE="false")  # a cached executable would not compile
-    proc = subprocess.run([sys.executable, "-c", COMPILE_AND_SIGTERM], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=TIMEOUT_S)
-    out = proc.stdout + proc.stderr
+    out, status = compile_with_signals("[(0.5, signal.SIGTERM)]")
     assert "SIGTERM: stopping once XLA has finished compiling" in out, out[-3000:]  # it arrived while compiling
-    assert proc.returncode == 143 and "stopped by SIGTERM after compiling" in str(out), out[-3000:]
+    assert status == 143 and "stopped by SIGTERM after compiling" in out, out[-3000:]
     assert "not stopped" not in out and "Fatal Python error" not in out
+
+
+def test_a_second_ctrl_c_during_compilation_exits_130_at_once():
+    out, status = compile_with_signals("[(0.5, signal.SIGINT), (1.0, signal.SIGINT)]")
+    assert "SIGINT: stopping once XLA has finished compiling" in out, out[-3000:]
+    assert status == 130 and "aborted by a second Ctrl-C while compiling" in out, out[-3000:]
+    assert "not stopped" not in out and "Fatal Python error" not in out
+
+
+def compile_with_signals(signals: str) -> tuple[str, int]:
+    """Runs COMPILE_UNDER_SIGNALS with SIGNALS = `signals`; returns (stdout + stderr, exit status)."""
+    env = dict(cli_env(), JAX_ENABLE_COMPILATION_CACHE="false")  # a cached executable would not compile
+    proc = subprocess.run([sys.executable, "-c", f"import signal\nSIGNALS = {signals}\n" + COMPILE_UNDER_SIGNALS], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    return proc.stdout + proc.stderr, proc.returncode
 
 
 # ----- 6. clear errors -----------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ class DistillObjective(Objective):
         critics.choice(dc.ratio_binning, losses.RATIO_BINNINGS, "config.distill.ratio_binning")
         if dc.lambda_gan < 0:
             raise ConfigError(f"config.distill.lambda_gan must be >= 0, got {dc.lambda_gan}")
-        if dc.lambda_reg < 0:
+        if not dc.lambda_reg >= 0:  # also NaN
             raise ConfigError(f"config.distill.lambda_reg must be >= 0, got {dc.lambda_reg}")
         if config.eval.num_samples < MIN_EVAL_SAMPLES:
             raise ConfigError(f"config.eval.num_samples must be >= {MIN_EVAL_SAMPLES}, got {config.eval.num_samples}")
@@ -93,6 +93,8 @@ class DistillObjective(Objective):
                 or self.div_end is not None):
             # the learning rate decays to 0, the noise range moves, or the divergence changes, by num_steps
             self.trajectory_fields = ("train.num_steps",)
+        if self.reg_batch:  # the regression targets' sampler (as for kd): must not change on resume
+            self.trajectory_fields = (*self.trajectory_fields, "eval.num_steps", "eval.sampler")
         label = f"{self.student.num_steps}-step {student_kind} ({self.div.name})"
         self.evaluator = evaluation.Evaluator(config, self.source, self.teacher, self.student, self.critic, label)
 
