@@ -200,14 +200,21 @@ class _StopFlag:
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
-        if self.in_compilation and not self.signum:
-            self.signum = signum
-            tqdm.write(f"[fdistill] {name}: stopping once XLA has finished compiling (a compilation "
-                       "cannot be interrupted safely)" + (" - press Ctrl-C again to abort at once"
-                                                           if signum == signal.SIGINT else ""))
-            return
-        if self.in_compilation and signum != signal.SIGINT:
-            return  # already stopping
+        if self.in_compilation:
+            if not self.signum:
+                self.signum = signum
+                tqdm.write(f"[fdistill] {name}: stopping once XLA has finished compiling (a compilation "
+                           "cannot be interrupted safely)" + (" - press Ctrl-C again to abort at once"
+                                                               if signum == signal.SIGINT else ""))
+                return
+            if signum != signal.SIGINT:
+                return  # already stopping
+            # a second Ctrl-C: nothing to save, and unwinding now would crash the exit (class docstring)
+            tqdm.write("[fdistill] aborted by a second Ctrl-C while compiling; nothing trained was lost; re-running "
+                       "the same command resumes")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(128 + signum)
         if self.deferred and not self.signum:
             self.signum = signum
             if signum == signal.SIGINT:
@@ -216,12 +223,6 @@ class _StopFlag:
             return
         if self.deferred and signum != signal.SIGINT:
             return  # already stopping
-        if self.in_compilation:  # nothing to save, and unwinding now would crash the exit (class docstring)
-            tqdm.write("[fdistill] aborted by a second Ctrl-C while compiling; nothing trained was lost; re-running "
-                       "the same command resumes")
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(128 + signum)
         if self.deferred:
             message = ("aborted by a second Ctrl-C without saving; re-running the same command resumes from the "
                        "latest checkpoint")

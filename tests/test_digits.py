@@ -1,6 +1,5 @@
 """Digits data (TFDS builder, pipeline, resume), the classifier metrics, the generic TFDS source, and a
 tiny U-Net teacher and one-step student running a few steps on 8 devices."""
-import json
 import os
 
 import jax
@@ -13,6 +12,7 @@ from fdistill import data as data_lib
 from fdistill.configs import load as load_config
 from fdistill.data import digits, images
 from fdistill.evaluation import digits_classifier
+from tests.helpers import logged_rows
 
 
 @pytest.fixture(scope="module")
@@ -168,8 +168,7 @@ def tiny_teacher_config(data_dir, num_steps):
 
 
 def losses(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+    return {r["step"]: r["loss"] for r in logged_rows(workdir, "loss")}
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +225,7 @@ def test_tiny_student_runs_on_8_devices(data_dir, teacher_dir, tmp_path):
               "speedup"):
         assert np.isfinite(results[k]), k
     assert any(f.endswith(".png") for f in os.listdir(os.path.join(workdir, "plots")))
-    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    rows = logged_rows(workdir)
     assert all(np.isfinite(r["loss"]) and "disc/accuracy" in r for r in rows if "loss" in r)
 
 

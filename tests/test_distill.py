@@ -1,7 +1,6 @@
 """f-distill and its pieces: loss pieces against hand-written versions, the teacher, critic and
 one-step student alone, the reverse-KL gradient on a 1-D example by hand, density-ratio recovery,
 compile-once, 1 vs 8 devices, and a short distillation."""
-import json
 import os
 
 import chex
@@ -15,7 +14,7 @@ from fdistill import divergences, objectives, sharding
 from fdistill.configs import load as load_config
 from fdistill.data.gmm import GMM
 from fdistill.evaluation import ratio as ratio_lib
-from tests.helpers import tiny_distill_config
+from tests.helpers import logged_rows, tiny_distill_config
 from fdistill.distillation import losses, teachers
 
 
@@ -354,7 +353,7 @@ def test_short_distillation_improves_mode_coverage(tmp_path):
         assert np.isfinite(results[k]), k
     assert results["nfe"] == 1 and results["teacher/nfe"] == 2 * c.eval.num_steps - 1
     assert results["teacher/mode_coverage"] == 1.0
-    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    rows = logged_rows(tmp_path)
     assert any("h/max" in r and "loss_disc" in r and "loss_fake" in r for r in rows)
     assert os.listdir(tmp_path / "plots")
 

@@ -1,7 +1,6 @@
 """Preference optimisation and SFT of a Hugging Face checkpoint on TRL-format files
 (`fdistill.objectives.hf_language`), on a tiny random Llama and data the tests write."""
 import glob
-import json
 import types
 
 import chex
@@ -11,6 +10,7 @@ import pytest
 
 from fdistill import configs, objectives, placement, sharding, train
 from tests import hf_helpers
+from tests.helpers import logged_rows
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_dpo_learns_the_copy_task_in_50_steps(copy_task, tmp_path):
     assert 0 <= results["heldout/rewards/accuracies"] <= 1
     text = open(glob.glob(str(tmp_path / "run" / "plots" / "samples_*.txt"))[0]).read()
     assert "[prompt]" in text and "copy w" in text
-    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    rows = logged_rows(tmp_path / "run")
     assert {"loss", "rewards/accuracies", "rewards/margins", "logps/chosen"} <= set(rows[0])
 
 

@@ -112,7 +112,6 @@ def sample(teacher, frozen_teacher, shape, key, n: int, eval_config, diffusion_c
                           diffusion_config, eval_config.chunk, num_classes, labels)
 
 
-
 def ode_endpoint(teacher, frozen_teacher, z, kw: dict, eval_config, diffusion_config) -> jax.Array:
     """The teacher's deterministic sample from the noise sigma_max z (EDM Algorithm 1 with
     `config.eval`'s sampler and steps): the regression target of knowledge distillation (Luhman &
