@@ -65,6 +65,8 @@ RUNS = {
     "js_cosine_ema_batch64_reg": (("cosine + EMA, batch 64, DMD's regression loss (weight 0.25, DMD's; MSE to the "
                                    "teacher's 35-NFE ODE endpoint of 16 fresh noises per update)"),
                                   {**BATCH64, "distill.lambda_reg": 0.25, "distill.reg_batch_size": 16}, 2400),
+    "js_cosine_ema_batch64_reg0.1": ("cosine + EMA, batch 64, DMD's regression loss at weight 0.1 (16 noises per update)",
+                                     {**BATCH64, "distill.lambda_reg": 0.1, "distill.reg_batch_size": 16}, 2400),
     "js_cosine_ema_batch256_reg": ("cosine + EMA, batch 256, DMD's regression loss (weight 0.25, 16 noises per update)",
                                    {**COSINE_EMA, "train.batch_size": 256, "distill.lambda_reg": 0.25,
                                     "distill.reg_batch_size": 16}, 2400),
