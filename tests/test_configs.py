@@ -113,7 +113,7 @@ def test_every_digits_curve_run_is_a_valid_config():
         "    assert c.train.num_steps == steps and all(c[k.split('.')[0]][k.split('.')[1]] == v\n"
         "                                              for k, v in overrides.items()), name\n"
         "    assert d.describe(name + '_seed3') == d.describe(name) == d.RUNS[name][0]\n"
-        "    assert c.eval.num_samples == 16384\n"
+        "    assert c.eval.num_samples == 16384 and c.train.seed == 0 and d.run_of(name, 3).train.seed == 3\n"
         "new = {'a': [{'fd_digits': 5.0}, {'fd_digits': 4.0, 'fd_digits_inf': 3.0}]}\n"
         "both = {'teacher/fd_digits': 2.0, 'teacher/fd_digits_inf': 1.0}\n"
         "assert d.judged_metric(new, both) == 'fd_digits_inf'\n"
@@ -124,3 +124,13 @@ def test_every_digits_curve_run_is_a_valid_config():
                          timeout=300)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout.split()[-1]) >= 10
+
+
+@pytest.mark.parametrize("seeds", ["1,a", "0,0", "-1"])
+def test_digits_curve_refuses_a_malformed_seed_list(tmp_path, seeds):
+    """`--seed` takes distinct non-negative integers separated by commas; anything else stops before
+    any run starts, naming the flag."""
+    out = subprocess.run([sys.executable, "-m", "experiments.studies.digits_curve", "--workdir", str(tmp_path / "w"),
+                          f"--seed={seeds}"], check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "--seed=" in out.stderr and "e.g. --seed 0,1" in out.stderr, out.stderr
+    assert not (tmp_path / "w").exists()

@@ -125,6 +125,19 @@ def test_allowed_changes_are_recorded_and_evaluation_changes_reevaluate(tmp_path
     assert "already trained to step 20" in capsys.readouterr().out
 
 
+def test_a_setting_that_became_a_trajectory_field_does_not_evaluate_a_finished_run_again(tmp_path):
+    """A results.json written when `eval.num_steps` was an evaluation setting (before
+    `distill.lambda_reg` made it part of what is trained) is not stale because that field is now a
+    trajectory field; a real evaluation change is still reported."""
+    c = tiny_score_config(10)
+    wd = workdir.Workdir(str(tmp_path))
+    results = {"evaluated_with": workdir.evaluation_settings(c)}
+    assert "eval.num_steps" in results["evaluated_with"]
+    assert wd.stale_evaluation(results, c, ("eval.num_steps",)) == {}
+    c.eval.num_samples = 2 * c.eval.num_samples
+    assert list(wd.stale_evaluation(results, c, ("eval.num_steps",))) == ["eval.num_samples"]
+
+
 # ----- 2 and 5. corrupt checkpoints, one metrics row per step ------------------------------------------
 
 

@@ -3,14 +3,15 @@ the 35-NFE teacher's (issue "The main job's student is a curve"; results in
 `experiments/results/digits_curve.md`).
 
     python -m experiments.studies.digits_curve --workdir runs/digits_curve --teacher runs/digits_score \
-        [--runs js,js_cosine] [--num_steps N] [--eval_every 200] [--num_samples 16384] [--seed 0]
+        [--runs js,js_cosine] [--num_steps N] [--eval_every 200] [--num_samples 16384] [--seed 0[,1,...]]
 
 Each run is `ml_collections_configs/digits_fdistill.py` (the best one-step digits setting of the
 digits table: JS, lambda_gan 3e-3, discriminator on the fake score's bottleneck) with the overrides
 in RUNS, trained for the run's generator updates in RUNS (or `--num_steps`) with an evaluation of
 the student (`--num_samples` samples, 16384 by default: fd_digits_inf, fd_digits, precision, recall,
 class entropy) and a checkpoint every `--eval_every` updates (and every 10 minutes), in
-`WORKDIR/<run>` (`<run>_seed<N>` for `--seed N` > 0; re-running resumes or reuses finished runs).
+`WORKDIR/<run>` (`<run>_seed<N>` for a seed N > 0; `--seed 0,1` trains or reuses both seeds of each run and
+draws them on one curve; re-running resumes or reuses finished runs).
 Writes `WORKDIR/curve.md`, `WORKDIR/curve.json` (every evaluation) and `WORKDIR/curve.png`
 (fd_digits_inf against updates, with the teacher's and the goal's levels).
 
@@ -92,16 +93,17 @@ _NUM_STEPS = flags.DEFINE_integer("num_steps", None, "Generator updates per run 
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 200, "Updates between evaluations.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 16384, "Samples per evaluation (student and teacher); "
                                     "changing it on a finished run re-evaluates its last checkpoint.")
-_SEED = flags.DEFINE_integer("seed", 0, "Training seed (a seed other than 0 trains in WORKDIR/<run>_seed<N>).")
+_SEEDS = flags.DEFINE_list("seed", ["0"], "Training seeds, comma-separated (a seed other than 0 trains in "
+                           "WORKDIR/<run>_seed<N>).")
 flags.mark_flags_as_required(["workdir"])
 
 
-def run_of(name: str):
+def run_of(name: str, seed: int = 0):
     """The run's config: digits_fdistill.py, RUNS' overrides, the teacher, evaluations every `--eval_every`."""
     overrides = dict(RUNS[name][1])
     if _TEACHER.value:
         overrides["distill.teacher"] = os.path.abspath(_TEACHER.value)
-    c = run_config(configs.load("digits_fdistill"), _SEED.value, _NUM_STEPS.value or RUNS[name][2], overrides)
+    c = run_config(configs.load("digits_fdistill"), seed, _NUM_STEPS.value or RUNS[name][2], overrides)
     c.train.eval_every = c.train.checkpoint_every = _EVAL_EVERY.value  # an hour-long run resumes
     c.train.checkpoint_every_secs = 600  # and a killed one loses at most 10 minutes
     c.eval.num_samples = _NUM_SAMPLES.value
@@ -160,18 +162,24 @@ def main(argv):
         raise app.UsageError(f"--num_samples={_NUM_SAMPLES.value} must be >= {MIN_SAMPLES} (fd_digits_inf, which "
                              f"judges the goal, needs {frechet.FD_INF_SAMPLES_PER_DIM} x the {FEATURE_DIM} feature "
                              "dimensions)")
+    if not _SEEDS.value or not all(re.fullmatch(r"\d+", s) for s in _SEEDS.value) or len(set(_SEEDS.value)) < len(
+            _SEEDS.value):
+        raise app.UsageError(f"--seed={','.join(_SEEDS.value)!r}: expected distinct non-negative integers separated by "
+                             "commas, e.g. --seed 0,1")
+    seeds = [int(s) for s in _SEEDS.value]
     logging.set_verbosity(logging.WARNING)
     workdir = os.path.abspath(_WORKDIR.value)
     os.makedirs(workdir, exist_ok=True)
     t0 = time.perf_counter()
     curves, teacher = {}, {}
     for name in _RUNS.value:
-        label = name + (f"_seed{_SEED.value}" if _SEED.value else "")
-        sub = os.path.join(workdir, label)
-        print(f"[digits_curve] {name} -> {sub}", flush=True)
-        results = train_row(run_of(name), sub, name)
-        teacher.update({k: v for k, v in results.items() if k.startswith("teacher/")})
-        curves[label] = eval_curve(sub, "fd_digits")
+        for seed in seeds:
+            label = name + (f"_seed{seed}" if seed else "")
+            sub = os.path.join(workdir, label)
+            print(f"[digits_curve] {label} -> {sub}", flush=True)
+            results = train_row(run_of(name, seed), sub, label)
+            teacher.update({k: v for k, v in results.items() if k.startswith("teacher/")})
+            curves[label] = eval_curve(sub, "fd_digits")
     metric = judged_metric(curves, teacher)
     teacher_fd = teacher[f"teacher/{metric}"]
     lines = [f"# One-step digits students: {metric} against generator updates", "",
