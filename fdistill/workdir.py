@@ -430,16 +430,16 @@ class Workdir:
     def stale_evaluation(self, results: dict, config, trajectory_fields=()) -> dict[str, tuple[Any, Any]]:
         """{field: (evaluated with, now)} of the evaluation settings that changed since `results`
         (a results.json without `evaluated_with` was evaluated with config.json's settings). A field
-        recorded there that is now one of `trajectory_fields` (e.g. `eval.num_steps` once
-        `distill.lambda_reg` trains on the teacher's samples) is not an evaluation setting any more:
-        the resume check compares it, and it does not make a finished run evaluate again."""
+        recorded there that is no longer an evaluation setting (e.g. `eval.num_steps`, one of
+        `trajectory_fields` once `distill.lambda_reg` trains on the teacher's samples) is compared
+        by the resume check instead, and does not make a finished run evaluate again."""
         before = results.get("evaluated_with")
         if before is None:
             stored = configs.load_json(self.config_path) if os.path.exists(self.config_path) else config
             before = evaluation_settings(stored, trajectory_fields)
         now = evaluation_settings(config, trajectory_fields)
         return {k: (before.get(k, _ABSENT), now.get(k, _ABSENT)) for k in sorted(set(before) | set(now))
-                if k not in trajectory_fields and before.get(k, _ABSENT) != now.get(k, _ABSENT)}
+                if kind_of(k, trajectory_fields) == "evaluation" and before.get(k, _ABSENT) != now.get(k, _ABSENT)}
 
     def prepare_to_continue(self, step: int, evaluate_again: bool) -> None:
         """Before a run trains from `step` (or evaluates it again): results.json no longer describes

@@ -126,7 +126,7 @@ def test_every_digits_curve_run_is_a_valid_config():
     assert int(out.stdout.split()[-1]) >= 10
 
 
-@pytest.mark.parametrize("seeds", ["1,a", "0,0", "-1"])
+@pytest.mark.parametrize("seeds", ["1,a", "0,0", "0,00", "-1", ""])
 def test_digits_curve_refuses_a_malformed_seed_list(tmp_path, seeds):
     """`--seed` takes distinct non-negative integers separated by commas; anything else stops before
     any run starts, naming the flag."""

@@ -33,7 +33,7 @@ import time
 
 from absl import app, flags, logging
 
-from experiments.tables.common import check_choices, eval_curve, run_config, train_row
+from experiments.tables.common import check_choices, eval_curve, non_negative_ints, run_config, train_row
 from fdistill import configs
 from fdistill.evaluation import frechet
 from fdistill.evaluation.digits_classifier import FEATURE_DIM
@@ -66,7 +66,8 @@ RUNS = {
     "js_cosine_ema_batch64_reg": (("cosine + EMA, batch 64, DMD's regression loss (weight 0.25, DMD's; MSE to the "
                                    "teacher's 35-NFE ODE endpoint of 16 fresh noises per update)"),
                                   {**BATCH64, "distill.lambda_reg": 0.25, "distill.reg_batch_size": 16}, 2400),
-    "js_cosine_ema_batch64_reg0.1": ("cosine + EMA, batch 64, DMD's regression loss at weight 0.1 (16 noises per update)",
+    "js_cosine_ema_batch64_reg0.1": (("cosine + EMA, batch 64, DMD's regression loss at weight 0.1 (16 noises per "
+                                      "update)"),
                                      {**BATCH64, "distill.lambda_reg": 0.1, "distill.reg_batch_size": 16}, 2400),
     "js_cosine_ema_batch256_reg": ("cosine + EMA, batch 256, DMD's regression loss (weight 0.25, 16 noises per update)",
                                    {**COSINE_EMA, "train.batch_size": 256, "distill.lambda_reg": 0.25,
@@ -162,11 +163,9 @@ def main(argv):
         raise app.UsageError(f"--num_samples={_NUM_SAMPLES.value} must be >= {MIN_SAMPLES} (fd_digits_inf, which "
                              f"judges the goal, needs {frechet.FD_INF_SAMPLES_PER_DIM} x the {FEATURE_DIM} feature "
                              "dimensions)")
-    if not _SEEDS.value or not all(re.fullmatch(r"\d+", s) for s in _SEEDS.value) or len(set(_SEEDS.value)) < len(
-            _SEEDS.value):
-        raise app.UsageError(f"--seed={','.join(_SEEDS.value)!r}: expected distinct non-negative integers separated by "
-                             "commas, e.g. --seed 0,1")
-    seeds = [int(s) for s in _SEEDS.value]
+    seeds = non_negative_ints("seed", _SEEDS.value, "seed", " (e.g. --seed 0,1)")
+    if not seeds or len(set(seeds)) < len(seeds):
+        raise app.UsageError(f"--seed={','.join(_SEEDS.value)!r}: expected one or more distinct seeds, e.g. --seed 0,1")
     logging.set_verbosity(logging.WARNING)
     workdir = os.path.abspath(_WORKDIR.value)
     os.makedirs(workdir, exist_ok=True)

@@ -47,7 +47,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments.tables.common import run_config, summarise, train_seeds
+from experiments.tables.common import non_negative_ints, run_config, summarise, train_seeds
 from fdistill import diffusion, objectives
 from fdistill.configs import CONFIG_DIR
 
@@ -75,16 +75,7 @@ def row_name(n: int) -> str:
 
 def parse_sizes(values) -> list[int]:
     """--sizes as integers >= 0 (a usage error naming the flag otherwise)."""
-    sizes = []
-    for v in values:
-        try:
-            n = int(v)
-        except ValueError:
-            n = -1
-        if n < 0:
-            raise app.UsageError(f"--sizes={v!r}: every size must be an integer >= 0 (0 = fresh samples)")
-        sizes.append(n)
-    return sizes
+    return non_negative_ints("sizes", values, "size", " (0 = fresh samples)")
 
 
 def size_config(base, n: int, seed: int, num_steps: int, num_evals: int):

@@ -25,6 +25,23 @@ def check_choices(flag: str, values, allowed) -> None:
             raise app.UsageError(f"--{flag}={v!r} is not allowed; allowed: {list(allowed)}")
 
 
+def non_negative_ints(flag: str, values, what: str, hint: str = "") -> list[int]:
+    """A list flag's values as integers >= 0; a command-line usage error naming `--flag=value`
+    otherwise (checked before anything trains)."""
+    from absl import app
+
+    ints = []
+    for v in values:
+        try:
+            n = int(v)
+        except ValueError:
+            n = -1
+        if n < 0:
+            raise app.UsageError(f"--{flag}={v!r}: every {what} must be an integer >= 0{hint}")
+        ints.append(n)
+    return ints
+
+
 def train_row(config, workdir: str, row: str) -> dict:
     """Trains one table row's run (or resumes it, or reuses it when finished) with
     `fdistill.train.train_and_evaluate` and returns its results.
