@@ -328,8 +328,12 @@ def _train_and_evaluate(config, wd: workdir_lib.Workdir, mesh, rules, stop: _Sto
                 return results
             changed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in stale.items())
             _log(is_main, f"evaluation settings changed since results.json ({changed}): re-evaluating step {start}")
-        # From here on the workdir changes: its results no longer describe it until the end.
-        wd.prepare_to_continue(start, evaluate_again=start >= num_steps)
+        # Training changes the workdir from here on: its results no longer describe it until the end.
+        # A re-evaluation keeps results.json and its evaluation row until the new evaluation replaces
+        # them, so one that is interrupted loses nothing.
+        evaluate_again = start >= num_steps
+        if not evaluate_again:
+            wd.prepare_to_continue(start, evaluate_again=False)
 
         writer = MetricWriter(wd.path, is_main)
         pidx, pcount = jax.process_index(), jax.process_count()
@@ -394,7 +398,8 @@ def _train_and_evaluate(config, wd: workdir_lib.Workdir, mesh, rules, stop: _Sto
             message = f"stopped by {name}: saved step {step}; re-running the same command resumes"
             _log(is_main, message)
             raise Stopped(stop_signal, message, step=step, saved=True)
-        results = _evaluate(objective, state, frozen, eval_key, step, writer, wd.plots, is_main)
+        replace_old = (lambda: wd.prepare_to_continue(start, evaluate_again=True)) if evaluate_again else None
+        results = _evaluate(objective, state, frozen, eval_key, step, writer, wd.plots, is_main, replace_old)
         results["step"] = step
         results["evaluated_with"] = workdir_lib.evaluation_settings(config, trajectory)
         wd.write_results({k: _jsonable(v) for k, v in results.items()})
@@ -408,15 +413,18 @@ def _train_and_evaluate(config, wd: workdir_lib.Workdir, mesh, rules, stop: _Sto
             writer.close(quiet=not ok)
 
 
-def _evaluate(objective, state, frozen, key, step, writer, plot_dir, is_main) -> dict[str, float]:
+def _evaluate(objective, state, frozen, key, step, writer, plot_dir, is_main, before_write=None) -> dict[str, float]:
     """Runs the objective's evaluation on the mesh: the state and frozen networks stay where they
     are (sharded leaves are not gathered; samplers run on the mesh and their outputs come to the
     host, `denoiser.sample_in_chunks`). Every process computes the same numbers and draws the
     plots (drawing may sample on the mesh, which every process must join); process 0 writes them,
-    the others draw into a scratch directory that is removed."""
+    the others draw into a scratch directory that is removed. `before_write` (if given) runs once
+    the metrics are computed, before anything is written: a re-evaluation drops the old ones there."""
     t0 = time.perf_counter()
     metrics = {k: float(v) for k, v in objective.evaluate(state, frozen, key).items()}
     metrics["eval_seconds"] = time.perf_counter() - t0
+    if before_write is not None:
+        before_write()
     writer.write(step, metrics, prefix="eval/")
     if is_main:
         objective.plot(state, frozen, plot_dir, step)

@@ -10,8 +10,9 @@
   metrics.jsonl  one training row per logged step (and one `eval/` row per evaluation); rows after
                  the step a run resumes from are dropped before it trains
   results.json   the final evaluation of the latest checkpoint, with `step` and the evaluation
-                 settings it used (`evaluated_with`); removed as soon as a run trains or re-evaluates,
-                 so a workdir with results.json is a finished run
+                 settings it used (`evaluated_with`); removed as soon as a run trains, so a workdir
+                 with results.json is a finished run; a re-evaluation replaces it (and its metrics
+                 row) only once the new evaluation is computed, so an interrupted one loses nothing
   tb/, plots/    TensorBoard events, figures
   cache/         evaluation results that are pure functions of their inputs, e.g. a frozen teacher's
                  sample metrics (`fdistill.evaluation.cache`), reused by later invocations
@@ -442,8 +443,9 @@ class Workdir:
                 if kind_of(k, trajectory_fields) == "evaluation" and before.get(k, _ABSENT) != now.get(k, _ABSENT)}
 
     def prepare_to_continue(self, step: int, evaluate_again: bool) -> None:
-        """Before a run trains from `step` (or evaluates it again): results.json no longer describes
-        the workdir and metrics rows after `step` are dropped."""
+        """Before a run trains from `step`, or once its new evaluation of `step` is computed
+        (`evaluate_again`, which also drops the old evaluation rows at `step`): results.json no
+        longer describes the workdir and metrics rows after `step` are dropped."""
         if not self.is_main:
             return
         with contextlib.suppress(FileNotFoundError):

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from fdistill import checkpoint, configs, train, workdir
+from fdistill import checkpoint, configs, objectives, train, workdir
 from tests.helpers import REPO, cli_env, score_cli, tiny_distill_config, tiny_score_config
 
 TIMEOUT_S = 120
@@ -123,6 +123,35 @@ def test_allowed_changes_are_recorded_and_evaluation_changes_reevaluate(tmp_path
     workdir.write_json(path, old)
     train.train_and_evaluate(c, wd)
     assert "already trained to step 20" in capsys.readouterr().out
+
+
+def test_an_interrupted_re_evaluation_keeps_the_old_results(tmp_path, monkeypatch):
+    """Ctrl-C while a finished run is evaluated again (an evaluation setting changed) leaves its
+    results.json and final evaluation row as they were; the re-run evaluates and replaces them."""
+    wd = str(tmp_path / "run")
+    train.train_and_evaluate(tiny_score_config(10), wd)
+    before = snapshot(wd)
+    c = tiny_score_config(10)
+    c.eval.num_samples = 512
+    cls = type(objectives.build(c))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(cls, "evaluate", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            train.train_and_evaluate(c, wd)
+    after = snapshot(wd)
+    for name in ("results.json", "metrics.jsonl", "config.json"):
+        assert after[name] == before[name], name
+    assert json.loads(after["results.json"])["evaluated_with"]["eval.num_samples"] == 256
+
+    results = train.train_and_evaluate(c, wd)
+    assert results["evaluated_with"]["eval.num_samples"] == 512
+    with open(os.path.join(wd, "results.json")) as f:
+        assert json.load(f)["evaluated_with"]["eval.num_samples"] == 512
+    assert [r["step"] for r in read_rows(wd) if "eval/mmd" in r] == [10]  # replaced, not added
 
 
 def test_a_setting_that_became_a_trajectory_field_does_not_evaluate_a_finished_run_again(tmp_path):
