@@ -220,6 +220,7 @@ def distill() -> ConfigDict:
         lambda_gan=1e-3,  # generator GAN loss weight
         teacher_error_norm=True,  # DMD weight w = 1 / mean|x - D_real|
         lambda_reg=0.0,  # DMD's regression loss weight (one-step 'distill' only): MSE to the teacher's ODE endpoint
+        lambda_reg_end=optional(float),  # None = lambda_reg throughout; else it moves linearly to this by num_steps
         reg_batch_size=16,  # lambda_reg > 0: fresh noises per generator update whose ODE endpoints are computed
         num_sigmas=1000,  # Karras grid of the distillation noise levels
         gen_index_min=20,

@@ -74,6 +74,32 @@ def test_dmd_regression_term_adds_lambda_times_the_mse_to_the_heun_endpoint():
     assert "loss_reg" not in m0
 
 
+def test_regression_weight_moves_linearly_to_lambda_reg_end():
+    """With distill.lambda_reg_end the term is ((1 - p) lambda_reg + p lambda_reg_end) x MSE at
+    progress p; the run's length then shapes the training (train.num_steps cannot change on resume)."""
+    obj = objectives.build(tiny_regression(0.5, lambda_reg_end=0.1))
+    state, frozen = obj.init(jax.random.PRNGKey(0))
+    reg = obj.regression_draws(jax.random.PRNGKey(3), frozen)
+    mse = np.mean((np.asarray(obj.student.sample(state.params["gen"], reg["z"])) - np.asarray(reg["target"])) ** 2)
+    for p in (0.0, 0.25, 1.0):
+        draws = {**obj.student.draws(jax.random.PRNGKey(1), 64, p), "progress": p, "critic_key": jax.random.PRNGKey(2)}
+
+        def loss(draws):
+            return obj.generator_loss(state.params["gen"], state.params, frozen, draws, state.extra["ratio_bins"])
+
+        without, _ = loss(draws)
+        with_reg, (metrics, _, _) = loss({**draws, "regression": reg})
+        weight = (1 - p) * 0.5 + p * 0.1
+        np.testing.assert_allclose(float(metrics["lambda_reg"]), weight, rtol=1e-6)
+        np.testing.assert_allclose(float(with_reg - without), weight * mse, rtol=1e-4)
+    constant = {"gen_lr_schedule": "constant"}  # nothing else that depends on the run's length
+    assert "train.num_steps" in objectives.build(tiny_regression(0.5, lambda_reg_end=0.1, **constant)).trajectory_fields
+    assert "train.num_steps" not in objectives.build(tiny_regression(0.5, **constant)).trajectory_fields
+    # lambda_reg_end alone turns the term on (it grows from 0).
+    assert objectives.build(tiny_regression(0.0, lambda_reg_end=0.2)).reg_batch == 8
+    assert objectives.build(tiny_regression(0.0, lambda_reg_end=0.0)).reg_batch == 0
+
+
 def test_the_regression_targets_sampler_cannot_change_on_resume():
     """Like kd's: with lambda_reg > 0 the evaluation sampler makes the training targets."""
     fields = objectives.build(tiny_regression(0.5)).trajectory_fields
@@ -86,6 +112,9 @@ def test_the_regression_targets_sampler_cannot_change_on_resume():
     ("gmm_fdistill", {"lambda_reg": -1.0}, r"lambda_reg must be >= 0, got -1"),
     ("gmm_fdistill", {"lambda_reg": float("nan")}, r"lambda_reg must be >= 0, got nan"),
     ("gmm_fdistill", {"reg_batch_size": 0}, r"reg_batch_size must be an integer >= 1, got 0"),
+    ("gmm_fdistill", {"lambda_reg_end": -0.1}, r"lambda_reg_end must be >= 0 \(or None\), got -0.1"),
+    ("gmm_dmd2_multistep", {"lambda_reg": 0.0, "lambda_reg_end": 0.1},
+     r"lambda_reg=0.0 \(lambda_reg_end=0.1\) needs the one-step student"),
     ("gmm_fdistill", {"gen_sigma": 10.0}, r"gen_sigma=10.0 must equal config.diffusion.sigma_max=80"),
     ("gmm_fdistill", {"latent_dim": 8}, r"needs a z of the data's shape"),
     ("gmm_dmd2_multistep", {}, r"needs the one-step student \(objective 'distill'\), not 'dmd2_multistep'"),

@@ -69,6 +69,17 @@ RUNS = {
     "js_cosine_ema_batch64_reg0.1": (("cosine + EMA, batch 64, DMD's regression loss at weight 0.1 (16 noises per "
                                       "update)"),
                                      {**BATCH64, "distill.lambda_reg": 0.1, "distill.reg_batch_size": 16}, 2400),
+    "js_cosine_ema_batch64_reg0.05": (("cosine + EMA, batch 64, DMD's regression loss at weight 0.05 (16 noises per "
+                                       "update)"),
+                                      {**BATCH64, "distill.lambda_reg": 0.05, "distill.reg_batch_size": 16}, 2400),
+    "js_cosine_ema_batch64_reg0.1to0": (("cosine + EMA, batch 64, DMD's regression loss with a weight that falls "
+                                         "linearly from 0.1 to 0 over the run (16 noises per update)"),
+                                        {**BATCH64, "distill.lambda_reg": 0.1, "distill.lambda_reg_end": 0.0,
+                                         "distill.reg_batch_size": 16}, 2400),
+    "js_cosine_ema_batch128_reg0.1": (("cosine + EMA, batch 128, DMD's regression loss at weight 0.1 (16 noises per "
+                                       "update)"),
+                                      {**COSINE_EMA, "train.batch_size": 128, "distill.lambda_reg": 0.1,
+                                       "distill.reg_batch_size": 16}, 2400),
     "js_cosine_ema_batch256_reg": ("cosine + EMA, batch 256, DMD's regression loss (weight 0.25, 16 noises per update)",
                                    {**COSINE_EMA, "train.batch_size": 256, "distill.lambda_reg": 0.25,
                                     "distill.reg_batch_size": 16}, 2400),

@@ -30,6 +30,10 @@ in the step (`teachers.ode_endpoint`, `config.eval`'s sampler):
 
     L_G += lambda_reg mean_z ||G(z) - ODE_teacher(sigma_max z)||^2     (mean over features)
 
+With `distill.lambda_reg_end` set, the weight moves linearly from lambda_reg to it over training,
+lambda = (1 - p) lambda_reg + p lambda_reg_end with p = update / train.num_steps: the targets can
+set the class weights early and leave the distribution-matching term alone late.
+
 With the reverse KL (h = 1) and lambda_gan = 0 this is exactly the DMD / VSD update (no
 discriminator is trained); DMD2 adds the GAN term. Three objectives, one code path:
 
@@ -75,6 +79,8 @@ class DistillObjective(Objective):
             raise ConfigError(f"config.distill.lambda_gan must be >= 0, got {dc.lambda_gan}")
         if not dc.lambda_reg >= 0:  # also NaN
             raise ConfigError(f"config.distill.lambda_reg must be >= 0, got {dc.lambda_reg}")
+        if dc.lambda_reg_end is not None and not dc.lambda_reg_end >= 0:
+            raise ConfigError(f"config.distill.lambda_reg_end must be >= 0 (or None), got {dc.lambda_reg_end}")
         if config.eval.num_samples < MIN_EVAL_SAMPLES:
             raise ConfigError(f"config.eval.num_samples must be >= {MIN_EVAL_SAMPLES}, got {config.eval.num_samples}")
         # The discriminator is needed for a non-trivial h(r) or for the GAN term; VSD/DMD need neither.
@@ -90,8 +96,9 @@ class DistillObjective(Objective):
         self.reg_batch = self._regression_batch(config, student_kind)
         self.optimizers = self._optimizers(config)
         if (any(o.settings.decays for o in self.optimizers.values()) or self.levels.hi_end is not None
-                or self.div_end is not None):
-            # the learning rate decays to 0, the noise range moves, or the divergence changes, by num_steps
+                or self.div_end is not None or (self.reg_batch and dc.lambda_reg_end is not None)):
+            # the learning rate decays to 0, the noise range, the divergence or the regression weight moves,
+            # by num_steps
             self.trajectory_fields = ("train.num_steps",)
         if self.reg_batch:  # the regression targets' sampler (as for kd): must not change on resume
             self.trajectory_fields = (*self.trajectory_fields, "eval.num_steps", "eval.sampler")
@@ -99,23 +106,32 @@ class DistillObjective(Objective):
         self.evaluator = evaluation.Evaluator(config, self.source, self.teacher, self.student, self.critic, label)
 
     def _regression_batch(self, config, student_kind: str) -> int:
-        """The noises per update of DMD's regression loss (0 = no regression loss, lambda_reg = 0)."""
+        """The noises per update of DMD's regression loss (0 = none: lambda_reg 0, lambda_reg_end unset or 0)."""
         dc = config.distill
-        if dc.lambda_reg == 0:
+        if dc.lambda_reg == 0 and not dc.lambda_reg_end:
             return 0
+        what = f"config.distill.lambda_reg={dc.lambda_reg}" + (
+            f" (lambda_reg_end={dc.lambda_reg_end})" if dc.lambda_reg_end is not None else "")
         if student_kind != "distill":
-            raise ConfigError(f"config.distill.lambda_reg={dc.lambda_reg} needs the one-step student (objective "
+            raise ConfigError(f"{what} needs the one-step student (objective "
                               f"'distill'), not {student_kind!r}; set it to 0")
         if dc.gen_sigma != config.diffusion.sigma_max:
-            raise ConfigError(f"config.distill.lambda_reg={dc.lambda_reg} needs a generator that maps the ODE's "
+            raise ConfigError(f"{what} needs a generator that maps the ODE's "
                               f"starting noise: config.distill.gen_sigma={dc.gen_sigma} must equal "
                               f"config.diffusion.sigma_max={config.diffusion.sigma_max}")
         if not self.student.plain:
-            raise ConfigError(f"config.distill.lambda_reg={dc.lambda_reg} needs a z of the data's shape, the ODE's "
+            raise ConfigError(f"{what} needs a z of the data's shape, the ODE's "
                               f"starting noise ({students.DATA_SHAPED_FLAGS})")
         if not isinstance(dc.reg_batch_size, (int, np.integer)) or dc.reg_batch_size < 1:
             raise ConfigError(f"config.distill.reg_batch_size must be an integer >= 1, got {dc.reg_batch_size!r}")
         return int(dc.reg_batch_size)
+
+    def regression_weight(self, progress):
+        """The regression loss's weight at `progress` (update / train.num_steps; module docstring)."""
+        dc = self.dc
+        if dc.lambda_reg_end is None:
+            return dc.lambda_reg
+        return (1.0 - progress) * dc.lambda_reg + progress * dc.lambda_reg_end
 
     def regression_draws(self, key, frozen) -> dict:
         """Fresh noises, labels and the teacher's ODE endpoints (stop-gradient) of DMD's regression loss."""
@@ -193,8 +209,9 @@ class DistillObjective(Objective):
         if "regression" in draws:
             reg = draws["regression"]
             l_reg = jnp.mean((self.student.sample(gen_params, reg["z"], reg["labels"]) - reg["target"]) ** 2)
-            loss = loss + dc.lambda_reg * l_reg
-            metrics["loss_reg"] = l_reg
+            weight = self.regression_weight(draws["progress"])
+            loss = loss + weight * l_reg
+            metrics.update({"loss_reg": l_reg, "lambda_reg": jnp.asarray(weight, jnp.float32)})
         metrics.update({"loss_dm": l_dm, "loss_gan": l_gan, "h/min": jnp.min(h), "h/mean": jnp.mean(h),
                         "h/max": jnp.max(h)})
         return loss, (metrics, bins, {"x": x, "x_t": x_t, "d_real": d_real, "d_fake": d_fake, "h": h, "w": w})
