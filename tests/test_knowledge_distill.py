@@ -52,6 +52,16 @@ def tiny_regression(lambda_reg=0.5, **distill):
     return c
 
 
+def regression_term(obj, state, frozen, draws, reg):
+    """(generator loss with the regression draws `reg` minus without them, metrics without, metrics with)."""
+    def loss(draws):
+        return obj.generator_loss(state.params["gen"], state.params, frozen, draws, state.extra["ratio_bins"])
+
+    without, (m0, _, _) = loss(draws)
+    with_reg, (m1, _, _) = loss({**draws, "regression": reg})
+    return float(with_reg - without), m0, m1
+
+
 def test_dmd_regression_term_adds_lambda_times_the_mse_to_the_heun_endpoint():
     obj = objectives.build(tiny_regression(0.5))
     state, frozen = obj.init(jax.random.PRNGKey(0))
@@ -62,15 +72,11 @@ def test_dmd_regression_term_adds_lambda_times_the_mse_to_the_heun_endpoint():
     x = heun_endpoint_by_hand(frozen["teacher"], reg["z"])
     np.testing.assert_allclose(np.asarray(reg["target"]), x, rtol=1e-4, atol=1e-4)
 
-    def loss(draws):
-        return obj.generator_loss(state.params["gen"], state.params, frozen, draws, state.extra["ratio_bins"])
-
-    without, (m0, _, _) = loss(draws)
-    with_reg, (m1, _, _) = loss({**draws, "regression": reg})
+    added, m0, m1 = regression_term(obj, state, frozen, draws, reg)
     g = np.asarray(obj.student.sample(state.params["gen"], reg["z"]))
     mse = np.mean((g - x) ** 2)
     np.testing.assert_allclose(float(m1["loss_reg"]), mse, rtol=1e-4)
-    np.testing.assert_allclose(float(with_reg - without), 0.5 * mse, rtol=1e-4)
+    np.testing.assert_allclose(added, 0.5 * mse, rtol=1e-4)
     assert "loss_reg" not in m0
 
 
@@ -83,15 +89,10 @@ def test_regression_weight_moves_linearly_to_lambda_reg_end():
     mse = np.mean((np.asarray(obj.student.sample(state.params["gen"], reg["z"])) - np.asarray(reg["target"])) ** 2)
     for p in (0.0, 0.25, 1.0):
         draws = {**obj.student.draws(jax.random.PRNGKey(1), 64, p), "progress": p, "critic_key": jax.random.PRNGKey(2)}
-
-        def loss(draws):
-            return obj.generator_loss(state.params["gen"], state.params, frozen, draws, state.extra["ratio_bins"])
-
-        without, _ = loss(draws)
-        with_reg, (metrics, _, _) = loss({**draws, "regression": reg})
+        added, _, metrics = regression_term(obj, state, frozen, draws, reg)
         weight = (1 - p) * 0.5 + p * 0.1
         np.testing.assert_allclose(float(metrics["lambda_reg"]), weight, rtol=1e-6)
-        np.testing.assert_allclose(float(with_reg - without), weight * mse, rtol=1e-4)
+        np.testing.assert_allclose(added, weight * mse, rtol=1e-4)
     constant = {"gen_lr_schedule": "constant"}  # nothing else that depends on the run's length
     assert "train.num_steps" in objectives.build(tiny_regression(0.5, lambda_reg_end=0.1, **constant)).trajectory_fields
     assert "train.num_steps" not in objectives.build(tiny_regression(0.5, **constant)).trajectory_fields

@@ -41,6 +41,13 @@ from fdistill.evaluation.digits_classifier import FEATURE_DIM
 # run -> (what it changes, overrides of digits_fdistill.py, generator updates unless --num_steps)
 COSINE_EMA = {"distill.gen_lr_schedule": "cosine", "distill.gen_ema_decay": 0.995}
 BATCH64 = {**COSINE_EMA, "train.batch_size": 64}
+
+
+def regression(weight: float) -> dict:
+    """DMD's regression loss at `weight`, on 16 fresh noises per generator update."""
+    return {"distill.lambda_reg": weight, "distill.reg_batch_size": 16}
+
+
 RUNS = {
     "js": ("digits_fdistill.py as it is (constant learning rates)", {}, 2400),
     "js_cosine": ("generator learning rate decays to 0 (cosine)", {"distill.gen_lr_schedule": "cosine"}, 2400),
@@ -65,24 +72,21 @@ RUNS = {
                                            2400),
     "js_cosine_ema_batch64_reg": (("cosine + EMA, batch 64, DMD's regression loss (weight 0.25, DMD's; MSE to the "
                                    "teacher's 35-NFE ODE endpoint of 16 fresh noises per update)"),
-                                  {**BATCH64, "distill.lambda_reg": 0.25, "distill.reg_batch_size": 16}, 2400),
+                                  {**BATCH64, **regression(0.25)}, 2400),
     "js_cosine_ema_batch64_reg0.1": (("cosine + EMA, batch 64, DMD's regression loss at weight 0.1 (16 noises per "
                                       "update)"),
-                                     {**BATCH64, "distill.lambda_reg": 0.1, "distill.reg_batch_size": 16}, 2400),
+                                     {**BATCH64, **regression(0.1)}, 2400),
     "js_cosine_ema_batch64_reg0.05": (("cosine + EMA, batch 64, DMD's regression loss at weight 0.05 (16 noises per "
                                        "update)"),
-                                      {**BATCH64, "distill.lambda_reg": 0.05, "distill.reg_batch_size": 16}, 2400),
+                                      {**BATCH64, **regression(0.05)}, 2400),
     "js_cosine_ema_batch64_reg0.1to0": (("cosine + EMA, batch 64, DMD's regression loss with a weight that falls "
                                          "linearly from 0.1 to 0 over the run (16 noises per update)"),
-                                        {**BATCH64, "distill.lambda_reg": 0.1, "distill.lambda_reg_end": 0.0,
-                                         "distill.reg_batch_size": 16}, 2400),
+                                        {**BATCH64, **regression(0.1), "distill.lambda_reg_end": 0.0}, 2400),
     "js_cosine_ema_batch128_reg0.1": (("cosine + EMA, batch 128, DMD's regression loss at weight 0.1 (16 noises per "
                                        "update)"),
-                                      {**COSINE_EMA, "train.batch_size": 128, "distill.lambda_reg": 0.1,
-                                       "distill.reg_batch_size": 16}, 2400),
+                                      {**COSINE_EMA, "train.batch_size": 128, **regression(0.1)}, 2400),
     "js_cosine_ema_batch256_reg": ("cosine + EMA, batch 256, DMD's regression loss (weight 0.25, 16 noises per update)",
-                                   {**COSINE_EMA, "train.batch_size": 256, "distill.lambda_reg": 0.25,
-                                    "distill.reg_batch_size": 16}, 2400),
+                                   {**COSINE_EMA, "train.batch_size": 256, **regression(0.25)}, 2400),
     "js_cosine_ema_batch128": ("cosine + EMA, batch 128 (the samples of batch 64 over 4800 updates)",
                                {**COSINE_EMA, "train.batch_size": 128}, 2400),
     "js_cosine_ema_batch256": ("cosine + EMA, batch 256 (twice batch 128's samples)",
