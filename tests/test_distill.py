@@ -491,6 +491,28 @@ def test_the_noise_range_moves_from_gen_index_max_to_gen_index_max_end():
     assert np.isfinite(float(metrics["loss"]))
 
 
+def test_critic_schedules_count_generator_updates():
+    """A critic steps `fake_updates_per_gen` = K times per generator update (its optimiser's count is K n
+    after n updates), so its warm-up and cosine decay run over K times its own steps: at generator update
+    g every network's rate is lr w(g) with w = g / warmup_steps during the warm-up, then
+    (1 + cos(pi (g - warmup) / (num_steps - warmup))) / 2, reaching 0 at train.num_steps."""
+    c = tiny_config("js", fake_updates_per_gen=3)
+    c.train.lr_schedule, c.train.num_steps, c.train.warmup_steps = "cosine", 10, 2
+    obj = objectives.build(c)
+    state, frozen = obj.init(jax.random.PRNGKey(0))
+    step = jax.jit(obj.train_step)
+    for i in range(2):
+        state, _ = step(state, frozen, obj.batch(i))
+    counts = {k: {int(v) for _, v in optax.tree_utils.tree_get_all_with_path(state.opt_state[k], "count")}
+              for k in ("gen", "fake", "disc")}  # Adam's and the schedule's counts
+    assert counts == {"gen": {2}, "fake": {6}, "disc": {6}}, counts
+    per_update = {"gen": 1, "fake": 3, "disc": 3}
+    for g, w in [(1, 0.5), (2, 1.0), (6, 0.5), (10, 0.0)]:
+        for name, k in per_update.items():
+            sched = obj.optimizers[name].settings.schedule()
+            np.testing.assert_allclose(float(sched(k * g)), c.train.learning_rate * w, atol=1e-9, err_msg=(name, g))
+
+
 def test_divergence_end_moves_h_from_one_divergence_to_another():
     """divergence='js', divergence_end='rkl': h = (1 - p) h_js / mean h_js + p at progress p (the
     normalised rkl weight is exactly 1), on one fixed batch and discriminator; an unknown name fails
