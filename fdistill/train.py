@@ -14,7 +14,6 @@ since the last save, so a kill -9 loses at most that much training.
 from __future__ import annotations
 
 import collections
-import contextlib
 import errno
 import math
 import os
@@ -154,26 +153,38 @@ def _tree_all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+XLA_COMPILER_MODULE = "jax._src.compiler"  # the JAX module whose frame waits while XLA compiles
+POLL_SECONDS = 0.2  # how often a signal that arrived during a compilation checks whether it has finished
+
+
+def _in_xla_compilation(frame) -> bool:
+    """Whether a signal handler's `frame` (the main thread's innermost Python frame) is JAX's
+    compiler waiting for XLA: the only Python frame on the stack while XLA compiles."""
+    return frame is not None and frame.f_globals.get("__name__") == XLA_COMPILER_MODULE
+
+
 class _StopFlag:
     """SIGTERM and SIGINT (Ctrl-C) for the length of one run.
 
     While the loop has progress that is not yet saved (`deferred`), the first signal is recorded in
     `signum`: the loop saves a checkpoint at the next step and raises `Stopped`; a repeated SIGTERM
-    is ignored and a second Ctrl-C aborts at once without saving. While the step compiles
-    (`compiling`) a signal is recorded too and `Stopped` raised when XLA has finished: JAX lets a
-    signal interrupt the wait for a compilation, but XLA goes on compiling in its own thread, and a
-    process that exits before that thread is done dies of a segmentation fault (status 139 instead
-    of 143/130); a second Ctrl-C there exits at once with 130 (`os._exit`: nothing to save).
-    Elsewhere (setting up, the final evaluation after the last checkpoint was written) nothing would
-    be lost, and a signal raises `Stopped` at once; if it lands in one of the evaluation's own
-    compilations the process may still end with 139 after the message, the checkpoint intact."""
+    is ignored and a second Ctrl-C aborts at once without saving. Elsewhere (setting up, the final
+    evaluation after the last checkpoint was written) nothing would be lost, and a signal raises
+    `Stopped` at once, unless it lands while XLA compiles (the train step's compilation or one of
+    the evaluation's): JAX lets a signal interrupt the wait for a compilation, but XLA goes on
+    compiling in its own thread, and a process that exits before that thread is done dies of a
+    segmentation fault (status 139 instead of 143/130). There the signal is recorded, a SIGALRM
+    timer (its handler installed for the wait only) checks every POLL_SECONDS whether the main thread has left JAX's compiler, and `Stopped`
+    is raised then; a second Ctrl-C during that wait exits at once with 130 (`os._exit`: nothing
+    to save, and unwinding would crash the exit). A second Ctrl-C of the loop's deferral that lands
+    in a compilation (a mid-run evaluation's) exits the same way."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.signum = 0
         self.deferred = False
-        self.in_compilation = False
+        self.waiting_for_xla = False
         self._previous = {}
 
     def __enter__(self):
@@ -184,56 +195,72 @@ class _StopFlag:
                 pass
         return self
 
-    @contextlib.contextmanager
-    def compiling(self):
-        """Defers a signal until the compilation inside the block has finished (see the class)."""
-        self.in_compilation = True
-        try:
-            yield
-        finally:
-            self.in_compilation = False
-        if self.signum:
-            message = (f"stopped by {signal.Signals(self.signum).name} after compiling; nothing trained was lost; "
-                       "re-running the same command resumes")
-            tqdm.write(f"[fdistill] {message}")
-            raise Stopped(self.signum, message)
-
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
-        if self.in_compilation:
-            if not self.signum:
-                self.signum = signum
-                tqdm.write(f"[fdistill] {name}: stopping once XLA has finished compiling (a compilation "
-                           "cannot be interrupted safely)" + (" - press Ctrl-C again to abort at once"
-                                                               if signum == signal.SIGINT else ""))
-                return
-            if signum != signal.SIGINT:
-                return  # already stopping
-            # a second Ctrl-C: nothing to save, and unwinding now would crash the exit (class docstring)
-            tqdm.write("[fdistill] aborted by a second Ctrl-C while compiling; nothing trained was lost; re-running "
-                       "the same command resumes")
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(128 + signum)
-        if self.deferred and not self.signum:
+        if self.signum and signum != signal.SIGINT:
+            return  # already stopping
+        if self.signum:  # a second Ctrl-C
+            if self.waiting_for_xla:
+                self._exit_at_once(signum, "aborted by a second Ctrl-C while compiling; nothing trained was lost; "
+                                   "re-running the same command resumes")
+            message = ("aborted by a second Ctrl-C without saving; re-running the same command resumes from the "
+                       "latest checkpoint")
+            if _in_xla_compilation(frame):
+                self._exit_at_once(signum, message)
+            tqdm.write(f"[fdistill] {message}")
+            raise Stopped(signum, message)
+        again = " - press Ctrl-C again to abort at once" if signum == signal.SIGINT else ""
+        if self.deferred:
             self.signum = signum
             if signum == signal.SIGINT:
                 tqdm.write("[fdistill] Ctrl-C: saving a checkpoint at the next step, then stopping "
                            "(press Ctrl-C again to abort at once without saving)")
             return
-        if self.deferred and signum != signal.SIGINT:
-            return  # already stopping
-        if self.deferred:
-            message = ("aborted by a second Ctrl-C without saving; re-running the same command resumes from the "
-                       "latest checkpoint")
-        else:
-            message = f"stopped by {name}; nothing trained was lost; re-running the same command resumes"
+        if _in_xla_compilation(frame):
+            self.signum, self.waiting_for_xla = signum, True
+            tqdm.write(f"[fdistill] {name}: stopping once XLA has finished compiling (a compilation "
+                       f"cannot be interrupted safely){again}")
+            if signal.SIGALRM not in self._previous:  # taken only for this wait; __exit__ gives it back
+                self._previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, self._poll)
+            signal.setitimer(signal.ITIMER_REAL, POLL_SECONDS, POLL_SECONDS)
+            return
+        message = f"stopped by {name}; nothing trained was lost; re-running the same command resumes"
         tqdm.write(f"[fdistill] {message}")
         raise Stopped(signum, message)
 
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+    def _poll(self, signum, frame):
+        """SIGALRM while a signal waits for a compilation: stops once it has finished."""
+        if self.waiting_for_xla and not _in_xla_compilation(frame):
+            self._stop_after_compiling()
+
+    def _stop_after_compiling(self):
+        """Raises `Stopped` for the signal that waited for a compilation, or leaves it to the loop to
+        save and stop if the loop has begun meanwhile (`deferred`)."""
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        self.waiting_for_xla = False
+        if self.deferred:
+            return
+        message = (f"stopped by {signal.Signals(self.signum).name} after compiling; nothing trained was lost; "
+                   "re-running the same command resumes")
+        tqdm.write(f"[fdistill] {message}")
+        raise Stopped(self.signum, message)
+
+    @staticmethod
+    def _exit_at_once(signum, message):
+        tqdm.write(f"[fdistill] {message}")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + signum)
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if self.waiting_for_xla and exc_type is None:  # the block ended before the timer saw the end
+                self._stop_after_compiling()
+        finally:
+            if signal.SIGALRM in self._previous:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
 
 
 def train_and_evaluate(config, workdir: str, num_devices: int | None = None, force_new: bool = False) -> dict:
@@ -312,8 +339,7 @@ def _train_and_evaluate(config, wd: workdir_lib.Workdir, mesh, rules, stop: _Sto
             state, start = restored
             _log(is_main, f"resumed from {wd.checkpoints} at step {start}")
         else:
-            with stop.compiling():
-                state = placement.init_state(objective, init_key, frozen)
+            state = placement.init_state(objective, init_key, frozen)
         if objective.init_only:  # needed to create the state only: free their device memory
             placement = placement.without_frozen(objective.init_only)
             frozen = {k: v for k, v in frozen.items() if k not in objective.init_only}
@@ -341,8 +367,7 @@ def _train_and_evaluate(config, wd: workdir_lib.Workdir, mesh, rules, stop: _Sto
         if step < num_steps:
             batch = sharding.shard_batch(objective.batch(step, pidx, pcount), mesh)
             t0 = time.perf_counter()
-            with stop.compiling():
-                compiled = placement.jit_step(objective).lower(state, frozen, batch).compile()
+            compiled = placement.jit_step(objective).lower(state, frozen, batch).compile()
             _log(is_main, f"compiled the {objective.name} step in {time.perf_counter() - t0:.1f}s; "
                  + _describe_compiled(compiled))
 

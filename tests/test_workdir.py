@@ -254,7 +254,9 @@ def test_a_signal_stops_at_once_outside_the_loop_and_a_second_ctrl_c_aborts(tmp_
     assert signal.getsignal(signal.SIGINT) is previous
 
 
-# Compiles for seconds under `_StopFlag.compiling` while timers send SIGNALS = [(seconds, signal), ...].
+# Compiles for seconds under `_StopFlag` while timers send SIGNALS = [(seconds, signal), ...]: the
+# function is traced and lowered first, so the signals land in XLA's compilation, which is started
+# explicitly (AOT, as the train step is) or by the first call (as the evaluation's functions are).
 COMPILE_UNDER_SIGNALS = """
 import os, signal, threading, time, jax, jax.numpy as jnp
 from fdistill import train
@@ -265,21 +267,24 @@ def chain(x):  # thousands of ops: seconds of XLA compilation
     return x
 
 with train._StopFlag() as stop:
-    lowered = jax.jit(chain).lower(jnp.ones(3))
+    stop.deferred = DEFERRED
+    jitted = jax.jit(chain)
+    lowered = jitted.lower(jnp.ones(3))  # a later call reuses this trace and lowering
     for delay, sig in SIGNALS:
         threading.Timer(delay, os.kill, (os.getpid(), sig)).start()
     t0 = time.perf_counter()
-    with stop.compiling():
-        lowered.compile()
+    lowered.compile() if AOT else jitted(jnp.ones(3))
+    time.sleep(1.0)  # the stop comes within train.POLL_SECONDS of the compilation's end
     print("not stopped", time.perf_counter() - t0)
 """
 
 
-def test_a_signal_during_compilation_stops_once_xla_has_finished_without_a_crash():
+@pytest.mark.parametrize("aot", [True, False], ids=["aot", "first_call"])
+def test_a_signal_during_compilation_stops_once_xla_has_finished_without_a_crash(aot):
     """JAX lets a signal interrupt the wait for a compilation while XLA goes on compiling in its own
-    thread; a process that then exits dies of a segmentation fault (status 139). Under
-    `_StopFlag.compiling` the signal waits for the compilation and the status is 143."""
-    out, status = compile_with_signals("[(0.5, signal.SIGTERM)]")
+    thread; a process that then exits dies of a segmentation fault (status 139). Under `_StopFlag`
+    a signal that lands in a compilation waits for it, and the status is 143."""
+    out, status = compile_with_signals("[(0.5, signal.SIGTERM)]", aot=aot)
     assert "SIGTERM: stopping once XLA has finished compiling" in out, out[-3000:]  # it arrived while compiling
     assert status == 143 and "stopped by SIGTERM after compiling" in out, out[-3000:]
     assert "not stopped" not in out and "Fatal Python error" not in out
@@ -292,10 +297,20 @@ def test_a_second_ctrl_c_during_compilation_exits_130_at_once():
     assert "not stopped" not in out and "Fatal Python error" not in out
 
 
-def compile_with_signals(signals: str) -> tuple[str, int]:
+def test_in_the_loop_a_second_ctrl_c_during_a_compilation_exits_130_at_once():
+    """In the loop (a mid-run evaluation's compilation) the first Ctrl-C asks for a checkpoint; a second
+    one aborts without saving, and inside a compilation it exits at once instead of unwinding."""
+    out, status = compile_with_signals("[(0.5, signal.SIGINT), (1.0, signal.SIGINT)]", deferred=True)
+    assert "Ctrl-C: saving a checkpoint at the next step" in out, out[-3000:]
+    assert status == 130 and "aborted by a second Ctrl-C without saving" in out, out[-3000:]
+    assert "not stopped" not in out and "Fatal Python error" not in out
+
+
+def compile_with_signals(signals: str, aot: bool = True, deferred: bool = False) -> tuple[str, int]:
     """Runs COMPILE_UNDER_SIGNALS with SIGNALS = `signals`; returns (stdout + stderr, exit status)."""
     env = dict(cli_env(), JAX_ENABLE_COMPILATION_CACHE="false")  # a cached executable would not compile
-    proc = subprocess.run([sys.executable, "-c", f"import signal\nSIGNALS = {signals}\n" + COMPILE_UNDER_SIGNALS], cwd=REPO, env=env,
+    header = f"import signal\nSIGNALS = {signals}\nAOT = {aot}\nDEFERRED = {deferred}\n"
+    proc = subprocess.run([sys.executable, "-c", header + COMPILE_UNDER_SIGNALS], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=TIMEOUT_S)
     return proc.stdout + proc.stderr, proc.returncode
 

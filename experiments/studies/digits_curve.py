@@ -79,6 +79,10 @@ RUNS = {
     "js_cosine_ema_batch64_reg0.05": (("cosine + EMA, batch 64, DMD's regression loss at weight 0.05 (16 noises per "
                                        "update)"),
                                       {**BATCH64, **regression(0.05)}, 2400),
+    "js_cosine_ema_batch64_reg0.1_critics_cosine": (("cosine + EMA, batch 64, regression weight 0.1, and the "
+                                                     "critics' learning rates decay to 0 too (cosine)"),
+                                                    {**BATCH64, **regression(0.1), "train.lr_schedule": "cosine"},
+                                                    2400),
     "js_cosine_ema_batch64_reg0.1to0": (("cosine + EMA, batch 64, DMD's regression loss with a weight that falls "
                                          "linearly from 0.1 to 0 over the run (16 noises per update)"),
                                         {**BATCH64, **regression(0.1), "distill.lambda_reg_end": 0.0}, 2400),

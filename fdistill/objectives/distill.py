@@ -11,7 +11,8 @@ The pieces (`fdistill.distillation`): the *teacher* gives D_real; the *critic* g
 fake score) and log r (a discriminator) and is trained on the student's samples; the *student
 sampler* says how the generator samples and which point x an update differentiates; the
 *evaluator* scores samples. One `train_step` does `distill.fake_updates_per_gen` critic updates
-followed by one generator update (two time-scale rule); `state.step` counts generator updates.
+followed by one generator update (two time-scale rule); `state.step` counts generator updates, and
+so do the three networks' learning-rate schedules (warm-up, cosine decay to 0 at train.num_steps).
 The generator loss, per update (FastGen `f_distill.py` conventions, `distillation.losses`):
 
     x, x_t = x + sigma n        the student's training point
