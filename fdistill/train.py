@@ -174,9 +174,9 @@ class _StopFlag:
     the evaluation's): JAX lets a signal interrupt the wait for a compilation, but XLA goes on
     compiling in its own thread, and a process that exits before that thread is done dies of a
     segmentation fault (status 139 instead of 143/130). There the signal is recorded, a SIGALRM
-    timer (its handler installed for the wait only) checks every POLL_SECONDS whether the main thread has left JAX's compiler, and `Stopped`
-    is raised then; a second Ctrl-C during that wait exits at once with 130 (`os._exit`: nothing
-    to save, and unwinding would crash the exit). A second Ctrl-C of the loop's deferral that lands
+    timer (its handler installed for the wait only) checks every POLL_SECONDS whether the main
+    thread has left JAX's compiler, and `Stopped` is raised then; a second Ctrl-C during that wait
+    exits at once with 130 (`os._exit`: nothing to save, and unwinding would crash the exit). A second Ctrl-C of the loop's deferral that lands
     in a compilation (a mid-run evaluation's) exits the same way."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -209,7 +209,6 @@ class _StopFlag:
                 self._exit_at_once(signum, message)
             tqdm.write(f"[fdistill] {message}")
             raise Stopped(signum, message)
-        again = " - press Ctrl-C again to abort at once" if signum == signal.SIGINT else ""
         if self.deferred:
             self.signum = signum
             if signum == signal.SIGINT:
@@ -218,6 +217,7 @@ class _StopFlag:
             return
         if _in_xla_compilation(frame):
             self.signum, self.waiting_for_xla = signum, True
+            again = " - press Ctrl-C again to abort at once" if signum == signal.SIGINT else ""
             tqdm.write(f"[fdistill] {name}: stopping once XLA has finished compiling (a compilation "
                        f"cannot be interrupted safely){again}")
             if signal.SIGALRM not in self._previous:  # taken only for this wait; __exit__ gives it back

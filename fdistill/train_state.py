@@ -69,10 +69,15 @@ class OptimizerSettings:
     ema_decay: float = 0.0
 
     @classmethod
-    def from_config(cls, train_config, **overrides) -> "OptimizerSettings":
+    def from_config(cls, train_config, updates_per_step: int = 1, **overrides) -> "OptimizerSettings":
         """The settings named in `config.train` (fields of this class), with `overrides` (None values
-        are ignored, so an unset per-network option falls back to `config.train`)."""
+        are ignored, so an unset per-network option falls back to `config.train`). An optimiser that
+        steps `updates_per_step` times per training step (a distillation critic, DDPO's inner updates)
+        gets `num_steps` and `warmup_steps` scaled by it, so that its schedule counts training steps."""
         values = {f.name: train_config[f.name] for f in dataclasses.fields(cls) if f.name in train_config}
+        for field in ("num_steps", "warmup_steps"):
+            if field in values:
+                values[field] = int(values[field]) * int(updates_per_step)
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)
         settings.check()

@@ -314,6 +314,7 @@ def test_find_on_a_one_step_student(student_dir, tmp_path):
 def test_ddpo_step_compiles_once_and_a_short_run_raises_the_reward(score_run_dir, tmp_path):
     c = rl_config(score_run_dir, "ddpo", steps=30, lr=1e-4)
     obj = objectives.build(c)
+    assert obj.optimizer.settings.num_steps == 30 * c.rl.inner_updates  # the schedule counts rounds
     state, frozen = obj.init(jax.random.PRNGKey(0))
     chex.clear_trace_counter()
     step = jax.jit(chex.assert_max_traces(obj.train_step, n=1))

@@ -62,6 +62,9 @@ def test_settings_from_config_overrides_and_errors():
     c = tiny_score_config().train
     s = ts.OptimizerSettings.from_config(c, learning_rate=None, grad_clip=0.0)
     assert s.learning_rate == c.learning_rate and s.grad_clip == 0.0
+    c.warmup_steps = 5  # an optimiser stepping 3 times per training step: its schedule counts training steps
+    s3 = ts.OptimizerSettings.from_config(c, updates_per_step=3)
+    assert (s3.num_steps, s3.warmup_steps) == (3 * c.num_steps, 15)
     for bad in ({"learning_rate": 0.0}, {"ema_decay": 1.0}, {"grad_clip": -1.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             ts.OptimizerSettings.from_config(c, **bad)

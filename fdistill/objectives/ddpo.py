@@ -146,7 +146,9 @@ class DDPO(pg.RewardObjective):
         self.num_rows = max(self.num_classes, 1)
         self.policy = AncestralSampler(sampler.denoiser, int(r.ddpo_steps), config.diffusion, float(r.ddpo_eta),
                                        self.num_classes)
-        self.optimizer = ts.Optimizer(ts.OptimizerSettings.from_config(config.train))
+        # rl.inner_updates Adam updates per round: the schedule counts rounds (train.num_steps)
+        self.optimizer = ts.Optimizer(ts.OptimizerSettings.from_config(config.train,
+                                                                       updates_per_step=int(r.inner_updates)))
         self.name = f"DDPO ({self.policy.num_steps}-step ancestral, eta {r.ddpo_eta:g})"
 
     def frozen(self):

@@ -145,14 +145,11 @@ class DistillObjective(Objective):
 
     def _optimizers(self, config) -> dict[str, ts.Optimizer]:
         """AdamW of the generator and of the two critics. Every schedule is counted in generator updates:
-        a critic's optimiser steps `fake_updates_per_gen` times per generator update, so its warm-up and
-        its decay to 0 (`train.lr_schedule`, `train.warmup_steps`, `train.num_steps`) run over that
-        many times more of its own steps, and all three rates reach 0 at the run's last update."""
-        dc, tc = config.distill, config.train
-        opt = lambda **kw: ts.Optimizer(ts.OptimizerSettings.from_config(tc, **kw))  # noqa: E731
-        critic = {"num_steps": int(tc.num_steps) * self.critic_updates,
-                  "warmup_steps": int(tc.warmup_steps) * self.critic_updates,
-                  "grad_clip": dc.critic_grad_clip, "ema_decay": 0.0}
+        a critic's optimiser steps `fake_updates_per_gen` times per generator update (`updates_per_step`),
+        so all three rates reach 0 at the run's last update."""
+        dc = config.distill
+        opt = lambda **kw: ts.Optimizer(ts.OptimizerSettings.from_config(config.train, **kw))  # noqa: E731
+        critic = {"updates_per_step": self.critic_updates, "grad_clip": dc.critic_grad_clip, "ema_decay": 0.0}
         return {"gen": opt(learning_rate=dc.lr_gen, lr_schedule=dc.gen_lr_schedule, ema_decay=dc.gen_ema_decay),
                 "fake": opt(learning_rate=dc.lr_fake, **critic),
                 "disc": opt(learning_rate=dc.lr_disc, **critic)}
